@@ -1,0 +1,46 @@
+# Two entry points: `make demo` (the main job) and `make test` (the whole suite).
+# Both create or refresh .venv and install what they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch first and pinned: an unpinned torch pulls several GB of CUDA packages.
+TORCH_PIN := torch==2.13.0
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test venv test-deps apt-deps lint bench-merge bench-sft bench-operator clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Reinstall when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH_PIN)
+	$(BIN)/pip install -q -e '.[operator,trainer,local]'
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[operator,trainer,local,test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Debian packages the tests use: a real Prometheus server and promtool.
+apt-deps:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+	  ( $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null )
+
+test-deps: apt-deps $(VENV)/.installed-test
+
+demo: venv
+	$(BIN)/mot demo $(DEMO_ARGS)
+
+test: test-deps
+	$(BIN)/ruff check operator trainer tests bench
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: test-deps
+	$(BIN)/ruff check operator trainer tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info
