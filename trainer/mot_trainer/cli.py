@@ -1,0 +1,91 @@
+"""`mot-train`: the only command a MoT Job runs. Dispatches to sft, merge and eval.
+
+Exit codes are the contract with the operator: 0 only after the output is complete, 2 for invalid
+input (the operator never retries it), anything else is retryable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from mot_trainer.errors import InvalidInput
+
+COMMANDS = {
+    "sft": ("mot_trainer.sft", "fine-tune a model on one teacher's chain-of-thought data"),
+    "merge": ("mot_trainer.merge", "merge checkpoints in weight space, streaming tensor by tensor"),
+    "eval": ("mot_trainer.eval", "exact-match accuracy and held-out loss on problems with answers"),
+}
+
+EXIT_OK, EXIT_RETRYABLE, EXIT_INVALID = 0, 1, 2
+_DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+log = logging.getLogger("mot_trainer")
+
+
+def termination_log_path() -> str | None:
+    path = os.environ.get("MOT_TERMINATION_LOG")
+    if path:
+        return path
+    return _DEFAULT_TERMINATION_LOG if os.path.exists(_DEFAULT_TERMINATION_LOG) else None
+
+
+def write_termination_message(message: str) -> None:
+    """One line for `kubectl describe` / the operator; never let this mask the real outcome."""
+    path = termination_log_path()
+    if not path:
+        return
+    try:
+        with open(path, "w") as f:
+            f.write(" ".join(message.split())[:4000])
+    except OSError as exc:
+        log.warning("cannot write termination message to %s: %s", path, exc)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mot-train", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default=os.environ.get("MOT_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: bad options are invalid input
+        if exc.code not in (0, None):
+            write_termination_message("invalid arguments: see usage above")
+            return EXIT_INVALID
+        return EXIT_OK
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        summary = importlib.import_module(args._module).run(args)
+    except InvalidInput as exc:
+        log.error("invalid input: %s", exc)
+        write_termination_message(f"invalid input: {exc}")
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        write_termination_message("interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - everything else may succeed on retry
+        log.exception("failed")
+        write_termination_message(f"{type(exc).__name__}: {exc}")
+        return EXIT_RETRYABLE
+    if isinstance(summary, dict):
+        import json
+
+        write_termination_message(json.dumps(summary, sort_keys=True))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
