@@ -1,0 +1,38 @@
+"""Session fixtures: a tiny Qwen2-shaped model folder and a small arithmetic chain-of-thought JSONL.
+
+Built offline at test time by `mot_trainer.tiny` (BPE tokenizer trained in about a second; hidden
+size 64, 2 layers), so every part's tests can train, merge and evaluate a real model on CPU.
+"""
+
+import json
+
+import pytest
+
+FIXTURES = ("tiny_model", "tiny_data", "tiny_records")
+
+
+@pytest.fixture(scope="session")
+def tiny_records():
+    """48 "steps"-style addition records: {prompt, response, answer}."""
+    from mot_trainer.tiny import arithmetic_records
+
+    return arithmetic_records(48, seed=0, style="steps")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Path of a randomly initialised tiny HF model folder (tokenizer with chat template included)."""
+    import torch
+    from mot_trainer.tiny import arithmetic_records, build_tiny_model, corpus_texts
+
+    torch.set_num_threads(1)
+    corpus = arithmetic_records(300, seed=100, style="steps") + arithmetic_records(300, seed=101, style="short")
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), corpus_texts(corpus), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, tiny_records):
+    """Path of a JSONL file with the `tiny_records` (one teacher's CoT data)."""
+    path = tmp_path_factory.mktemp("tiny-data") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in tiny_records))
+    return path
