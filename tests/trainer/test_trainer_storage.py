@@ -1,0 +1,198 @@
+"""mot_trainer.storage against a real SeaweedFS server: round trips, manifest last, incomplete
+folders refused, transient errors retried."""
+
+import http.client
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+import pytest
+from mot_trainer import storage
+from mot_trainer.errors import InvalidInput
+from mot_trainer.manifest import MANIFEST_NAME, read_checkpoint_manifest, write_manifest
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    return s3_server
+
+
+@pytest.fixture
+def bucket(s3_env, request):
+    return s3_env.make_bucket("storage-" + request.node.name.replace("_", "-").lower()[:40])
+
+
+def make_checkpoint(folder, big=3 << 20):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text('{"model_type": "test"}')
+    (folder / "model.safetensors").write_bytes(bytes(range(251)) * (big // 251))
+    (folder / "tokenizer").mkdir(exist_ok=True)
+    (folder / "tokenizer" / "vocab.txt").write_text("a\nb\n")
+    return write_manifest(folder, kind="sft", inputs={}, params={}, metrics={"final_loss": 1.0})
+
+
+def test_uri_helpers():
+    assert storage.is_s3("s3://b/k") and not storage.is_s3("/tmp/x")
+    assert storage.join("s3://b/run/", "round-1", "/merged/") == "s3://b/run/round-1/merged"
+    assert storage.join("/tmp/a", "b") == "/tmp/a/b"
+    assert storage.split_s3("s3://b/a/c") == ("b", "a/c")
+
+
+def test_checkpoint_round_trip(tmp_path, bucket):
+    manifest = make_checkpoint(tmp_path / "src")
+    uri = storage.join(bucket, "ns/run/round-1/branch-a")
+    assert not storage.exists(uri)
+    assert read_checkpoint_manifest(uri) is None
+    storage.upload_checkpoint(tmp_path / "src", uri)
+    assert storage.exists(uri) and storage.exists(storage.join(uri, "config.json"))
+    assert read_checkpoint_manifest(uri) == manifest
+    local = storage.download_dir(uri, tmp_path / "dst")
+    for rel in ("config.json", "model.safetensors", "tokenizer/vocab.txt", MANIFEST_NAME):
+        assert (local / rel).read_bytes() == (tmp_path / "src" / rel).read_bytes(), rel
+    assert not list(local.rglob("*.partial"))
+
+
+def test_single_objects(bucket, tmp_path):
+    uri = storage.join(bucket, "x/eval.json")
+    storage.write_json(uri, {"accuracy": 0.5})
+    assert storage.read_json(uri) == {"accuracy": 0.5}
+    assert storage.read_bytes(uri).endswith(b"\n")
+    with pytest.raises(FileNotFoundError, match="no such object"):
+        storage.read_bytes(storage.join(bucket, "x/missing.json"))
+    local = tmp_path / "deep" / "eval.json"
+    storage.write_json(str(local), {"a": 1})
+    assert storage.read_json(str(local)) == {"a": 1} and storage.exists(str(local))
+
+
+def test_folder_without_manifest_is_refused(tmp_path, bucket):
+    make_checkpoint(tmp_path / "src")
+    uri = storage.join(bucket, "half-written")
+    # What a crashed writer leaves behind: files, no manifest.
+    storage.write_bytes(storage.join(uri, "config.json"), b"{}")
+    with pytest.raises(InvalidInput, match="incomplete"):
+        storage.download_dir(uri, tmp_path / "dst")
+    # The same without verification (a user's base model): everything is fetched.
+    assert (storage.download_dir(uri, tmp_path / "raw", verify=False) / "config.json").read_bytes() == b"{}"
+
+
+def test_tampered_object_is_refused(tmp_path, bucket):
+    make_checkpoint(tmp_path / "src")
+    uri = storage.join(bucket, "tampered")
+    storage.upload_checkpoint(tmp_path / "src", uri)
+    storage.write_bytes(storage.join(uri, "tokenizer/vocab.txt"), b"a\nc\n")
+    with pytest.raises(InvalidInput, match=r"vocab.txt: sha256 .* does not match"):
+        storage.download_dir(uri, tmp_path / "dst")
+
+
+def test_local_checkpoint_copy_and_verify(tmp_path):
+    make_checkpoint(tmp_path / "src")
+    storage.upload_checkpoint(tmp_path / "src", str(tmp_path / "copy"))
+    assert storage.download_dir(str(tmp_path / "copy"), tmp_path / "unused") == tmp_path / "copy"
+    (tmp_path / "copy" / "config.json").write_text('{"model_type": "tesT"}')
+    with pytest.raises(InvalidInput, match="config.json: sha256"):
+        storage.download_dir(str(tmp_path / "copy"), tmp_path / "unused")
+    with pytest.raises(InvalidInput, match="incomplete"):
+        storage.upload_checkpoint(tmp_path / "unused-empty", str(tmp_path / "x"))
+
+
+class FlakyProxy:
+    """An HTTP proxy in front of the real S3 server that fails chosen requests and records the order
+    of the requests it forwards."""
+
+    def __init__(self, upstream: str):
+        self.upstream = urlsplit(upstream).netloc
+        self.failures = []  # "503" or "drop", consumed one per request
+        self.forwarded = []  # (method, path)
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _handle(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                with proxy.lock:
+                    failure = proxy.failures.pop(0) if proxy.failures else None
+                if failure == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                if failure == "503":
+                    payload = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                with proxy.lock:
+                    proxy.forwarded.append((self.command, self.path))
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
+                conn.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for key, value in resp.getheaders():
+                    if key.lower() not in ("transfer-encoding", "content-length", "connection"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.block_on_close = False  # keep-alive connections from boto3 stay open
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def flaky(s3_env, monkeypatch):
+    proxy = FlakyProxy(s3_env.endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    yield proxy
+    proxy.close()
+
+
+def test_transient_errors_are_retried(tmp_path, bucket, flaky, monkeypatch):
+    manifest = make_checkpoint(tmp_path / "src", big=1 << 20)
+    uri = storage.join(bucket, "flaky")
+    flaky.failures = ["503", "drop"]
+    storage.upload_checkpoint(tmp_path / "src", uri)
+    assert flaky.failures == []  # all injected failures were hit, and retried past
+    flaky.failures = ["drop"]
+    local = storage.download_dir(uri, tmp_path / "dst")
+    assert json.loads((local / MANIFEST_NAME).read_text()) == manifest
+    # Without retries the same failure surfaces: the proxy really injects it.
+    monkeypatch.setenv("MOT_S3_MAX_ATTEMPTS", "1")
+    flaky.failures = ["503"]
+    with pytest.raises(Exception, match="SlowDown"):
+        storage.read_bytes(storage.join(uri, "config.json"))
+
+
+def test_manifest_is_removed_first_and_uploaded_last(tmp_path, bucket, flaky):
+    make_checkpoint(tmp_path / "src")
+    uri = storage.join(bucket, "ordered")
+    storage.upload_checkpoint(tmp_path / "src", uri)
+    storage.upload_checkpoint(tmp_path / "src", uri)  # a retry overwrites the same folder
+    writes = [(m, p.split("?")[0]) for m, p in flaky.forwarded if m in ("PUT", "POST", "DELETE")]
+    manifest_path = f"/{storage.split_s3(uri)[0]}/ordered/{MANIFEST_NAME}"
+    for attempt in (writes[: len(writes) // 2], writes[len(writes) // 2 :]):
+        assert attempt[0] == ("DELETE", manifest_path)
+        assert attempt[-1] == ("PUT", manifest_path)
+        assert {p for _, p in attempt[1:-1]} >= {manifest_path.replace(MANIFEST_NAME, "config.json")}
+        assert manifest_path not in {p for _, p in attempt[1:-1]}
