@@ -1,0 +1,149 @@
+"""The demo's synthetic reasoning task: multi-digit addition with a column-by-column chain of thought.
+
+The student is pre-trained on short additions (2-3 digits) and the teachers teach longer ones
+(4 digits). Every teacher writes the same CoT format, each with its own kind and rate of noise:
+the earlier experiments (docs/demo.md) found that merging branches trained on different CoT formats
+mixes the formats and destroys exact match, while same-format teachers with independent noise is the
+regime where averaging can help.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Teacher:
+    name: str
+    carry_drop_rate: float  # a carry is forgotten; the wrong sum is then carried through consistently
+    answer_typo_rate: float  # steps right, one digit of the final answer wrong
+    description: str
+
+
+TEACHERS = (
+    Teacher("careful", 0.0, 0.05, "almost clean: 5 % of final answers have one wrong digit"),
+    Teacher("hasty", 0.15, 0.0, "forgets one carry in 15 % of problems that carry, then adds on consistently"),
+    Teacher("sloppy", 0.0, 0.20, "correct steps, but 20 % of final answers have one wrong digit"),
+)
+
+
+def prompt_for(a: int, b: int) -> str:
+    return f"What is {a} + {b}?"
+
+
+def solve(a: int, b: int, *, drop_carry_at: int | None = None) -> tuple[str, int]:
+    """Column addition from the right. Returns (chain of thought, the answer the CoT arrives at)."""
+    xs, ys = str(a)[::-1], str(b)[::-1]
+    steps, digits, carry = [], [], 0
+    for i in range(max(len(xs), len(ys))):
+        x = int(xs[i]) if i < len(xs) else 0
+        y = int(ys[i]) if i < len(ys) else 0
+        total = x + y + carry
+        steps.append(f"{x}+{y}+{carry}={total}, write {total % 10} carry {total // 10}.")
+        digits.append(str(total % 10))
+        carry = 0 if i == drop_carry_at else total // 10
+    if carry:
+        steps.append(f"carry {carry}, write {carry}.")
+        digits.append(str(carry))
+    answer = int("".join(reversed(digits)))
+    return " ".join(steps), answer
+
+
+def response_for(cot: str, answer: int) -> str:
+    return f"{cot} Answer: {answer}"
+
+
+def _typo(answer: int, rng: random.Random) -> int:
+    s = list(str(answer))
+    i = rng.randrange(len(s))
+    s[i] = rng.choice([d for d in "0123456789" if d != s[i] and not (i == 0 and d == "0")])
+    return int("".join(s))
+
+
+def random_problem(rng: random.Random, digits: int) -> tuple[int, int]:
+    lo, hi = 10 ** (digits - 1), 10**digits - 1
+    return rng.randint(lo, hi), rng.randint(lo, hi)
+
+
+def clean_example(a: int, b: int) -> dict:
+    cot, answer = solve(a, b)
+    assert answer == a + b
+    return {"prompt": prompt_for(a, b), "response": response_for(cot, answer), "answer": str(answer)}
+
+
+def teacher_example(teacher: Teacher, a: int, b: int, rng: random.Random) -> dict:
+    """One teacher's answer; `answer` is the reference (true) answer, the response may be wrong."""
+    drop = None
+    if rng.random() < teacher.carry_drop_rate:
+        # Only a column that really carries makes a wrong answer.
+        carrying = [i for i in range(len(str(max(a, b)))) if _column_carries(a, b, i)]
+        drop = rng.choice(carrying) if carrying else None
+    cot, answer = solve(a, b, drop_carry_at=drop)
+    if rng.random() < teacher.answer_typo_rate:
+        answer = _typo(answer, rng)
+    return {"prompt": prompt_for(a, b), "response": response_for(cot, answer), "answer": str(a + b)}
+
+
+def _column_carries(a: int, b: int, i: int) -> bool:
+    _, carry = divmod(a % 10**i + b % 10**i, 10**i)
+    return (a // 10**i % 10) + (b // 10**i % 10) + carry >= 10
+
+
+def disjoint_problems(rng: random.Random, digits: int, n: int, taken: set) -> list[tuple[int, int]]:
+    out = []
+    while len(out) < n:
+        p = random_problem(rng, digits)
+        if p not in taken:
+            taken.add(p)
+            out.append(p)
+    return out
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def noise_rate(rows: list[dict]) -> float:
+    """Share of rows whose final answer differs from the reference (a check on the generators)."""
+    wrong = sum(1 for r in rows if r["response"].rsplit("Answer: ", 1)[1] != r["answer"])
+    return wrong / max(1, len(rows))
+
+
+def build_task(
+    out_dir: Path,
+    *,
+    seed: int,
+    teachers: tuple[Teacher, ...] = TEACHERS,
+    per_teacher: int = 200,
+    eval_size: int = 200,
+    digits: int = 4,
+) -> dict[str, Path]:
+    """Teacher CoT files (each teacher answers its own problems), and a held-out eval set with
+    reference answers and clean reference responses (for held-out loss). Problems never overlap."""
+    rng = random.Random(seed)
+    taken: set = set()
+    files = {}
+    eval_problems = disjoint_problems(random.Random(10_000 + seed), digits, eval_size, taken)
+    files["eval"] = write_jsonl(out_dir / "eval.jsonl", (clean_example(a, b) for a, b in eval_problems))
+    for teacher in teachers:
+        problems = disjoint_problems(rng, digits, per_teacher, taken)
+        rows = [teacher_example(teacher, a, b, rng) for a, b in problems]
+        files[teacher.name] = write_jsonl(out_dir / f"teacher-{teacher.name}.jsonl", rows)
+    return files
+
+
+def pretraining_rows(seed: int, n: int = 4000, digits: tuple[int, ...] = (1, 2, 3)) -> list[dict]:
+    """Clean short additions for the student's pre-training: it learns the format and the carries,
+    but has never seen the demo's longer problems."""
+    rng = random.Random(seed)
+    return [clean_example(*random_problem(rng, rng.choice(digits))) for _ in range(n)]

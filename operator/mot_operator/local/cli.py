@@ -1,0 +1,168 @@
+"""`mot run FILE.yaml`: the MoTRun manifest that `kubectl apply` takes, run on this machine.
+
+Exit codes: 0 the run succeeded (report written), 1 it failed (the failing stage and the trainer's
+reason are printed), 2 the manifest is invalid (the message names the field), 130 interrupted
+(run the same command again to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import yaml
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class ManifestError(Exception):
+    """The manifest file cannot be used; the message names the file and field."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", metavar="FILE.yaml", help="a MoTRun manifest (the same file kubectl applies)")
+    parser.add_argument("--parallel", type=int, default=None,
+                        help="branches trained at once (default: number of GPUs, or 1 on CPU)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per process (default: CPU cores / --parallel)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="status, logs, report and (unless the manifest sets storage.uri) checkpoints; "
+                             "default ./mot-runs/<name>")
+    parser.add_argument("--compare", action="store_true",
+                        help="also run the STD and MTD baselines at the same SFT steps and compare")
+    parser.add_argument("--no-branch-eval", dest="eval_branches", action="store_false",
+                        help="evaluate only the merged models, not every branch checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no live progress, only the report")
+
+
+def load_manifest(path: Path) -> dict:
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{path}: not valid YAML: {exc}") from exc
+    runs = [d for d in docs if isinstance(d, dict) and d.get("kind") == "MoTRun"]
+    if len(runs) != 1:
+        raise ManifestError(f"{path}: kind: expected exactly one MoTRun document, found {len(runs)}")
+    run = runs[0]
+    name = (run.get("metadata") or {}).get("name")
+    if not isinstance(name, str) or not name:
+        raise ManifestError(f"{path}: metadata.name: required")
+    if not isinstance(run.get("spec"), dict):
+        raise ManifestError(f"{path}: spec: required, an object")
+    return run
+
+
+def localize_spec(spec: dict, base_dir: Path, default_storage: Path) -> dict:
+    """Relative paths in the manifest are relative to the manifest's folder; storage defaults to a
+    local folder. Hub ids and s3:// URIs are left alone."""
+    spec = copy.deepcopy(spec)
+
+    def local(value):
+        if not isinstance(value, str) or "://" in value or os.path.isabs(value):
+            return value
+        candidate = base_dir / value
+        return str(candidate.resolve()) if candidate.exists() or value.startswith(".") else value
+
+    spec["student"] = local(spec.get("student"))
+    for teacher in spec.get("teachers") or []:
+        if isinstance(teacher, dict) and "dataset" in teacher:
+            teacher["dataset"] = local(teacher["dataset"])
+    if isinstance(spec.get("evaluation"), dict) and "dataset" in spec["evaluation"]:
+        spec["evaluation"]["dataset"] = local(spec["evaluation"]["dataset"])
+    store = spec.setdefault("storage", {})
+    if isinstance(store, dict):
+        uri = store.get("uri")
+        if not uri:
+            store["uri"] = str(default_storage.resolve())
+        elif "://" not in uri and not os.path.isabs(uri):
+            store["uri"] = str((base_dir / uri).resolve())
+    return spec
+
+
+def storage_env(spec: dict) -> None:
+    """The manifest's S3 endpoint settings for the trainers (credentials come from the environment)."""
+    store = spec.get("storage") or {}
+    if store.get("endpoint"):
+        os.environ["AWS_ENDPOINT_URL"] = store["endpoint"]
+    if store.get("pathStyle", True):
+        os.environ.setdefault("MOT_S3_PATH_STYLE", "true")
+
+
+def _raise_interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: stop children, keep progress
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    from mot_operator.spec import SpecError, parse_spec
+
+    path = Path(args.manifest)
+    try:
+        manifest = load_manifest(path)
+    except ManifestError as exc:
+        print(f"error: invalid MoTRun manifest: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    meta = manifest["metadata"]
+    workdir = (args.workdir or Path("mot-runs") / meta["name"]).resolve()
+    spec_dict = localize_spec(manifest["spec"], path.resolve().parent, workdir / "storage")
+    try:
+        spec = parse_spec(spec_dict)
+    except SpecError as exc:
+        field = getattr(exc, "field", "")
+        print(f"error: invalid MoTRun manifest {path}: {exc}" if field and field in str(exc)
+              else f"error: invalid MoTRun manifest {path}: {field}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    return run_spec(meta, spec, spec_dict, workdir, parallel=args.parallel, threads=args.threads,
+                    compare=args.compare, quiet=args.quiet, eval_branches=args.eval_branches)
+
+
+def run_spec(meta: dict, spec, spec_dict: dict, workdir: Path, *, parallel=None, threads=None,
+             compare=False, quiet=False, eval_branches=True) -> int:
+    from mot_operator.local import report
+    from mot_operator.local.progress import Progress
+    from mot_operator.local.runner import LocalRunner, Options, collect_results, detect_gpus, split_threads
+    from mot_operator.planner import RunRef
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    storage_env(spec_dict)
+    gpus = detect_gpus()
+    parallel, threads = split_threads(parallel, threads, gpus, os.cpu_count() or 1)
+    progress = Progress(stream=open(os.devnull, "w") if quiet else sys.stdout)  # noqa: SIM115
+    ref = RunRef(namespace=meta.get("namespace") or "local", name=meta["name"])
+    runner = LocalRunner(ref, spec, workdir, Options(parallel=parallel, threads=threads, compare=compare,
+                                                     eval_branches=eval_branches, gpus=gpus, progress=progress))
+    print(f"mot run {ref.namespace}/{ref.name}: {parallel} at a time, {threads} thread(s) each, "
+          f"{gpus} GPU(s); workdir {workdir}", flush=True)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        phase = runner.run()
+    except KeyboardInterrupt:
+        runner.stop_children()
+        print(f"\ninterrupted: progress kept in {runner.state_path}; run the same command again to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    results = collect_results(runner)
+    (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    print()
+    print(report.render_text(results))
+    md, png = report.write_report(results, workdir)
+    print(f"\nreport: {md}\nplot:   {png}")
+    if phase != "Succeeded":
+        print(f"run {phase}: {_failure_reason(runner)}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _failure_reason(runner) -> str:
+    for cond in runner.status.get("conditions") or []:
+        if cond.get("type") == "Failed" and cond.get("status") == "True":
+            return f"{cond.get('reason')}: {cond.get('message')}"
+    return runner.status.get("message") or "see the logs under " + str(runner.logs)
