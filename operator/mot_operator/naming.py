@@ -1,0 +1,120 @@
+"""Deterministic names, labels and checkpoint URIs for a run's Jobs.
+
+Names are a pure function of (run, round, teacher or stage, attempt), so an executor that restarts
+recomputes the same name and a create answering AlreadyExists means the Job is already there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+MAX_NAME = 63
+# Indexed Job Pods get the hostname "<job>-<index>", which must also fit in 63 characters.
+MAX_INDEXED_JOB_NAME = 56
+HASH_LEN = 8
+STAGES = ("sft", "merge", "eval")
+
+LABEL_RUN = "mot.dev/run"
+LABEL_ROUND = "mot.dev/round"
+LABEL_TEACHER = "mot.dev/teacher"
+LABEL_STAGE = "mot.dev/stage"
+LABEL_ATTEMPT = "mot.dev/attempt"
+LABEL_JOB_NAME = "batch.kubernetes.io/job-name"
+LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+APP_NAME = "mot-operator"
+
+_INVALID = re.compile(r"[^a-z0-9-]+")
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:HASH_LEN]
+
+
+def shorten(name: str, limit: int = MAX_NAME) -> str:
+    """`name` if it fits, else a prefix plus a hash of the whole name (still unique, still DNS-1123)."""
+    if len(name) <= limit:
+        return name
+    head = name[: limit - HASH_LEN - 1].rstrip("-.")
+    return f"{head}-{_digest(name)}"
+
+
+def dns_label(text: str, limit: int = MAX_NAME) -> str:
+    """A DNS-1123 label from arbitrary text (lowercase, '-' for anything else, hashed when long)."""
+    clean = _INVALID.sub("-", text.lower()).strip("-") or "x"
+    if clean != text:  # keep different inputs apart after cleaning
+        clean = f"{clean}-{_digest(text)}"
+    return shorten(clean, limit)
+
+
+def job_name(run: str, round_: int, stage: str, attempt: int, teacher: str | None = None,
+             limit: int = MAX_NAME) -> str:
+    """`<run>-r<round>-sft-<teacher>-a<attempt>`, `<run>-r<round>-merge-a<attempt>`, `...-eval-a<n>`."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}")
+    if (stage == "sft") != (teacher is not None):
+        raise ValueError("a teacher is given for sft Jobs and only for them")
+    parts = [run, f"r{round_}", stage] + ([teacher] if teacher else []) + [f"a{attempt}"]
+    return shorten("-".join(parts), limit)
+
+
+def service_name(job: str) -> str:
+    """Headless Service of a multi-node Job: a DNS-1035 label (must start with a letter)."""
+    return job if job[0].isalpha() else shorten(f"j{job}")
+
+
+def label_value(text: str) -> str:
+    """A valid label value (<= 63 characters, alphanumeric at both ends)."""
+    value = shorten(text)
+    return value.strip("-_.")
+
+
+def run_labels(run: str) -> dict[str, str]:
+    return {
+        LABEL_RUN: label_value(run),
+        "app.kubernetes.io/name": "mot-trainer",
+        "app.kubernetes.io/instance": label_value(run),
+        "app.kubernetes.io/managed-by": APP_NAME,
+        "app.kubernetes.io/part-of": APP_NAME,
+    }
+
+
+def job_labels(run: str, round_: int, stage: str, attempt: int, teacher: str | None = None) -> dict[str, str]:
+    labels = run_labels(run)
+    labels.update({
+        LABEL_ROUND: str(round_),
+        LABEL_STAGE: stage,
+        LABEL_ATTEMPT: str(attempt),
+        "app.kubernetes.io/component": "branch" if stage == "sft" else stage,
+    })
+    if teacher:
+        labels[LABEL_TEACHER] = teacher
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint layout: <uri>/<namespace>/<run>/round-<r>/{branch-<teacher>/, merged/, eval.json}
+
+
+def _join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def run_uri(storage_uri: str, namespace: str, run: str) -> str:
+    return _join(storage_uri, namespace, run)
+
+
+def round_uri(storage_uri: str, namespace: str, run: str, round_: int) -> str:
+    return _join(run_uri(storage_uri, namespace, run), f"round-{round_}")
+
+
+def branch_uri(storage_uri: str, namespace: str, run: str, round_: int, teacher: str) -> str:
+    return _join(round_uri(storage_uri, namespace, run, round_), f"branch-{teacher}")
+
+
+def merged_uri(storage_uri: str, namespace: str, run: str, round_: int) -> str:
+    return _join(round_uri(storage_uri, namespace, run, round_), "merged")
+
+
+def eval_uri(storage_uri: str, namespace: str, run: str, round_: int) -> str:
+    return _join(round_uri(storage_uri, namespace, run, round_), "eval.json")

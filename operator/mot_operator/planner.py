@@ -1,0 +1,515 @@
+"""The MoT state machine, pure: (spec, status, observed Jobs, now) -> new status and actions.
+
+Both executors (the Kopf controller and the local runner) observe their Jobs, call `plan`, write
+the returned status, then create/suspend/resume/delete what it says. Status is written first, so
+an executor restarted at any moment finds every Job it may have created named in status (names are
+deterministic): a Job named there but not observed is simply created again (AlreadyExists = adopt).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from . import naming
+from .spec import MoTRunSpec, RoleResources, SpecError
+
+PHASES = ("Pending", "Running", "Merging", "Evaluating", "Succeeded", "Failed", "Suspended")
+TERMINAL = ("Succeeded", "Failed")
+JOB_STATES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
+ACTIVE_JOB_STATES = ("Pending", "Running", "Suspended")
+CONDITION_TYPES = ("Ready", "Progressing", "Succeeded", "Failed", "Suspended")
+MAX_BACKOFF_SECONDS = 600.0
+_STAGE_NOUN = {"sft": "Branch", "merge": "Merge", "eval": "Eval"}
+
+
+@dataclass(frozen=True)
+class RunRef:
+    namespace: str
+    name: str
+    uid: str = ""
+    generation: int = 1
+
+
+@dataclass
+class ObservedJob:
+    name: str
+    stage: str
+    round: int
+    teacher: str | None
+    attempt: int
+    state: str
+    permanent: bool = False
+    message: str = ""
+    metrics: dict | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+@dataclass
+class JobRequest:
+    name: str
+    stage: str
+    round: int
+    teacher: str | None
+    attempt: int
+    args: list[str]
+    output_uri: str
+    resources: RoleResources
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    status: dict
+    create: list[JobRequest] = field(default_factory=list)
+    suspend: list[str] = field(default_factory=list)
+    resume: list[str] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+
+
+def timestamp(moment: datetime) -> str:
+    """RFC 3339 in UTC with a Z, as Kubernetes writes times."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_timestamp(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def backoff_seconds(spec: MoTRunSpec, failed_attempt: int) -> float:
+    """Wait before attempt n+1 after attempt n failed: base, doubling, capped."""
+    return min(spec.retry_backoff_seconds * 2.0 ** (failed_attempt - 1), MAX_BACKOFF_SECONDS)
+
+
+def plan(run: RunRef, spec: MoTRunSpec, status: dict, jobs: list[ObservedJob], now: datetime) -> Plan:
+    """Decide the run's next status and actions. Pure: no I/O, no clock."""
+    return _Planner(run, spec, status, jobs, now).run()
+
+
+def plan_invalid(run: RunRef, status: dict, error: SpecError, now: datetime) -> Plan:
+    """A spec that cannot be parsed fails the run, naming the field (the spec is immutable)."""
+    status = copy.deepcopy(status or {})
+    if status.get("phase") in TERMINAL:
+        return Plan(status=status)
+    status.setdefault("startTime", timestamp(now))
+    status.update(phase="Failed", completionTime=timestamp(now), message=f"invalid spec: {error}",
+                  failure={"stage": "spec", "reason": str(error)})
+    status["observedGeneration"] = run.generation
+    _set_conditions(status, "Failed", "InvalidSpec", status["message"], now, run.generation)
+    return Plan(status=status, events=[Event("Warning", "Failed", status["message"])])
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument vectors (argv after `mot-train`), per the trainer CLI contract
+
+
+def _num(value: float) -> str:
+    return repr(float(value))
+
+
+def sft_args(spec: MoTRunSpec, round_: int, teacher: str, init: str, out: str) -> list[str]:
+    t = spec.training
+    data = spec.teacher(teacher).dataset
+    args = ["sft", "--init", init, "--data", data, "--out", out,
+            "--steps", str(t.steps), "--learning-rate", _num(t.learning_rate),
+            "--lr-schedule", t.lr_schedule, "--warmup-ratio", _num(t.warmup_ratio),
+            "--adam-beta1", _num(t.adam_beta1), "--adam-beta2", _num(t.adam_beta2),
+            "--weight-decay", _num(t.weight_decay), "--micro-batch-size", str(t.micro_batch_size),
+            "--grad-accum", str(t.grad_accum), "--max-seq-length", str(t.max_seq_length),
+            "--seed", str(t.seed + round_ - 1), "--precision", t.precision]
+    if t.gradient_checkpointing:
+        args.append("--gradient-checkpointing")
+    if t.packing:
+        args.append("--packing")
+    if t.threads:
+        args += ["--threads", str(t.threads)]
+    return args
+
+
+def merge_args(spec: MoTRunSpec, inputs: list[str], weights: list[float], base: str, out: str) -> list[str]:
+    m = spec.merge
+    args = ["merge", "--inputs", *inputs, "--out", out, "--weights", *map(_num, weights),
+            "--method", m.method, "--shard-size", m.parameters.shard_size]
+    if m.method != "average":
+        args += ["--base", base, "--scale", _num(m.parameters.scale)]
+    if m.method in ("ties", "dare"):
+        args += ["--density", _num(m.parameters.density)]
+    if m.method == "dare":
+        args += ["--seed", str(m.parameters.seed)]
+    return args
+
+
+def eval_args(spec: MoTRunSpec, model: str, out: str) -> list[str]:
+    e = spec.evaluation
+    args = ["eval", "--model", model, "--data", e.dataset, "--out", out,
+            "--samples", str(e.samples), "--max-new-tokens", str(e.max_new_tokens),
+            "--temperature", _num(e.temperature), "--seed", str(spec.training.seed)]
+    if e.threads:
+        args += ["--threads", str(e.threads)]
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class _Planner:
+    def __init__(self, run: RunRef, spec: MoTRunSpec, status: dict, jobs: list[ObservedJob], now: datetime):
+        self.run_ref = run
+        self.spec = spec
+        self.status = copy.deepcopy(status or {})
+        self.jobs = {j.name: j for j in jobs}
+        self.now = now
+        self.out = Plan(status=self.status)
+        self.may_start = not spec.suspend
+        self.failure_reason: str | None = None
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def event(self, reason: str, message: str, warning: bool = False) -> None:
+        self.out.events.append(Event("Warning" if warning else "Normal", reason, message))
+
+    def requeue(self, seconds: float) -> None:
+        seconds = max(seconds, 0.0)
+        current = self.out.requeue_after
+        self.out.requeue_after = seconds if current is None else min(current, seconds)
+
+    def uri(self, kind: str, round_: int, teacher: str | None = None) -> str:
+        base, ns, name = self.spec.storage.uri, self.run_ref.namespace, self.run_ref.name
+        if kind == "sft":
+            return naming.branch_uri(base, ns, name, round_, teacher)
+        if kind == "merge":
+            return naming.merged_uri(base, ns, name, round_)
+        return naming.eval_uri(base, ns, name, round_)
+
+    def record(self, round_: int) -> dict:
+        rounds = self.status.setdefault("rounds", [])
+        for rec in rounds:
+            if rec.get("round") == round_:
+                return rec
+        init = self.spec.student if round_ == 1 else self.record(round_ - 1).get("mergedCheckpoint")
+        rec = {"round": round_, "init": init, "startTime": timestamp(self.now), "branches": {}}
+        rounds.append(rec)
+        rounds.sort(key=lambda r: r["round"])
+        return rec
+
+    def active_jobs(self, min_round: int = 0) -> list[str]:
+        return sorted(j.name for j in self.jobs.values()
+                      if j.state in ACTIVE_JOB_STATES and j.round >= min_round)
+
+    # -- main ---------------------------------------------------------------------------------
+
+    def run(self) -> Plan:
+        s = self.status
+        if s.get("phase") in TERMINAL:
+            # Final: never restarted. Only stop anything a crash left running.
+            self.out.delete = self.active_jobs()
+            return self.out
+        if not s.get("phase"):
+            s.update(phase="Pending", startTime=timestamp(self.now), round=1, rounds=[])
+        if not self.spec.storage.uri:
+            self.fail("spec", None, 0, "spec.storage.uri is not set and the operator has no default storage URI",
+                      code="StorageNotSet", round_=s["round"])
+            return self.finish()
+        self.handle_suspension()
+        if s["round"] > self.spec.rounds:
+            self.shorten()
+            return self.finish()
+        while True:
+            outcome = self.advance_round(s["round"])
+            if outcome != "done":
+                break
+            if s["round"] >= self.spec.rounds:
+                self.succeed()
+                break
+            s["round"] += 1
+        return self.finish()
+
+    def handle_suspension(self) -> None:
+        s = self.status
+        if self.spec.suspend:
+            self.out.suspend = sorted(j.name for j in self.jobs.values() if j.state in ("Pending", "Running"))
+            if s.get("phase") != "Suspended":
+                self.event("Suspended", "spec.suspend is true: no new Jobs; running Jobs suspended")
+            return
+        if s.get("phase") == "Suspended":
+            self.event("Resumed", "spec.suspend is false: resuming where the run stopped")
+        if not self.spec.queue_name:  # with Kueue, admission (un)suspends Jobs
+            self.out.resume = sorted(j.name for j in self.jobs.values() if j.state == "Suspended")
+
+    def shorten(self) -> None:
+        """`rounds` was lowered below the round in progress: the last kept round's merge is final."""
+        s = self.status
+        self.out.delete = self.active_jobs(min_round=self.spec.rounds + 1)
+        s["rounds"] = [r for r in s.get("rounds", []) if r["round"] <= self.spec.rounds]
+        s["round"] = self.spec.rounds
+        self.event("RoundsChanged", f"spec.rounds lowered to {self.spec.rounds}: stopping after round "
+                   f"{self.spec.rounds}")
+        self.succeed()
+
+    def advance_round(self, round_: int) -> str:
+        rec = self.record(round_)
+        if not rec.get("init"):
+            self.fail("spec", None, 0, f"round {round_} has no starting checkpoint", round_=round_,
+                      code="MissingCheckpoint")
+            return "failed"
+        branch_states = [self.advance_stage(rec, "sft", t.name) for t in self.spec.teachers]
+        if "failed" in branch_states:
+            return "failed"
+        if "waiting" in branch_states:
+            self.set_phase("Running", self.branch_message(rec))
+            return "waiting"
+        outcome = self.advance_stage(rec, "merge")
+        if outcome != "done":
+            if outcome == "waiting":
+                self.set_phase("Merging", f"round {self.display()}: merging {len(self.spec.teachers)} branches")
+            return outcome
+        rec["mergedCheckpoint"] = rec["merge"]["checkpoint"]
+        if self.spec.evaluation is not None:
+            outcome = self.advance_stage(rec, "eval")
+            if outcome != "done":
+                if outcome == "waiting":
+                    self.set_phase("Evaluating", f"round {self.display()}: evaluating the merged model")
+                return outcome
+            if rec["eval"].get("score") is not None:
+                rec["evalScore"] = rec["eval"]["score"]
+        if not rec.get("completionTime"):
+            rec["completionTime"] = timestamp(self.now)
+            score = f", eval score {rec['evalScore']:.4g}" if rec.get("evalScore") is not None else ""
+            self.event("RoundCompleted", f"round {round_}/{self.spec.rounds} completed: merged model "
+                       f"{rec['mergedCheckpoint']}{score}")
+        return "done"
+
+    def branch_message(self, rec: dict) -> str:
+        done = sum(1 for b in rec["branches"].values() if b.get("state") == "Succeeded")
+        retrying = [t for t, b in rec["branches"].items() if b.get("state") == "Retrying"]
+        text = f"round {self.display()}: {done}/{len(self.spec.teachers)} branches succeeded"
+        if retrying:
+            text += f"; retrying {', '.join(sorted(retrying))}"
+        return text
+
+    # -- one stage (a branch, the merge or the eval of a round) -------------------------------
+
+    def advance_stage(self, rec: dict, stage: str, teacher: str | None = None) -> str:
+        """Move one stage on; returns "done", "waiting" or "failed"."""
+        round_ = rec["round"]
+        container = rec["branches"] if stage == "sft" else rec
+        key = teacher if stage == "sft" else stage
+        entry = container.get(key)
+        if entry is None:
+            if self.may_start:
+                container[key] = self.start(rec, stage, teacher, attempt=1)
+            return "waiting"
+        state = entry.get("state")
+        if state == "Succeeded":
+            return "done"
+        if state == "Failed":
+            self.fail(stage, teacher, entry.get("attempt", 0), entry.get("message", ""), round_=round_)
+            return "failed"
+        if state == "Retrying":
+            retry_at = parse_timestamp(entry["retryAt"])
+            if self.now < retry_at:
+                self.requeue((retry_at - self.now).total_seconds())
+                return "waiting"
+            if self.may_start:
+                previous = entry["attempt"]
+                container[key] = self.start(rec, stage, teacher, attempt=previous + 1)
+                self.event(f"{_STAGE_NOUN[stage]}Retried",
+                           f"{self.describe(stage, teacher, round_)}: attempt {previous + 1} of "
+                           f"{self.spec.max_retries + 1} started ({container[key]['job']})")
+            return "waiting"
+        job = self.jobs.get(entry["job"])
+        if job is None:
+            # Named in status but not observed: created before a restart, or not yet. Create it
+            # again under the same name; the executor treats AlreadyExists as adopt.
+            if self.may_start:
+                self.out.create.append(self.request(rec, stage, teacher, entry["attempt"]))
+            return "waiting"
+        if job.started_at and not entry.get("startTime"):
+            entry["startTime"] = timestamp(job.started_at)
+        if job.state == "Succeeded":
+            entry["state"] = "Succeeded"
+            entry["completionTime"] = timestamp(job.finished_at or self.now)
+            entry.pop("message", None)
+            metrics = job.metrics or {}
+            if stage == "sft" and metrics.get("final_loss") is not None:
+                entry["loss"] = float(metrics["final_loss"])
+            if stage == "eval" and metrics.get("accuracy") is not None:
+                entry["score"] = float(metrics["accuracy"])
+            return "done"
+        if job.state == "Failed":
+            return self.job_failed(rec, container, key, entry, job, stage, teacher)
+        entry["state"] = job.state
+        return "waiting"
+
+    def job_failed(self, rec, container, key, entry, job, stage, teacher) -> str:
+        round_ = rec["round"]
+        attempt = entry["attempt"]
+        entry["completionTime"] = timestamp(job.finished_at or self.now)
+        entry["message"] = job.message or "the Job failed without a message"
+        what = self.describe(stage, teacher, round_)
+        noun = _STAGE_NOUN[stage]
+        if job.permanent or attempt > self.spec.max_retries:
+            entry["state"] = "Failed"
+            why = "invalid input (exit code 2), not retried" if job.permanent else "no retries left"
+            self.event(f"{noun}Failed", f"{what}: attempt {attempt} failed ({why}): {entry['message']}",
+                       warning=True)
+            self.fail(stage, teacher, attempt, entry["message"], round_=round_, permanent=job.permanent)
+            return "failed"
+        wait = backoff_seconds(self.spec, attempt)
+        entry["state"] = "Retrying"
+        entry["retryAt"] = timestamp(self.now + timedelta(seconds=wait))
+        self.event(f"{noun}Failed", f"{what}: attempt {attempt} of {self.spec.max_retries + 1} failed: "
+                   f"{entry['message']}; retrying in {wait:g}s", warning=True)
+        if wait <= 0:
+            return self.advance_stage(rec, stage, teacher)
+        self.requeue(wait)
+        return "waiting"
+
+    def start(self, rec: dict, stage: str, teacher: str | None, attempt: int) -> dict:
+        """Record a new attempt (status first) and ask for its Job."""
+        request = self.request(rec, stage, teacher, attempt)
+        self.out.create.append(request)
+        if attempt == 1:
+            what = self.describe(stage, teacher, rec["round"])
+            if stage == "sft":
+                self.event("BranchStarted", f"{what} started from {rec['init']} ({request.name})")
+            else:
+                self.event(f"{_STAGE_NOUN[stage]}Started", f"{what} started ({request.name})")
+        return {"job": request.name, "attempt": attempt, "state": "Pending", "checkpoint": request.output_uri}
+
+    def request(self, rec: dict, stage: str, teacher: str | None, attempt: int) -> JobRequest:
+        round_ = rec["round"]
+        limit = naming.MAX_NAME
+        if stage == "sft" and self.spec.resources.branch.nodes > 1:
+            limit = naming.MAX_INDEXED_JOB_NAME
+        name = naming.job_name(self.run_ref.name, round_, stage, attempt, teacher, limit=limit)
+        out = self.uri(stage, round_, teacher)
+        if stage == "sft":
+            args = sft_args(self.spec, round_, teacher, rec["init"], out)
+            resources = self.spec.resources.branch
+        elif stage == "merge":
+            teachers = self.spec.teachers
+            inputs = [rec["branches"][t.name]["checkpoint"] for t in teachers]
+            args = merge_args(self.spec, inputs, [t.weight for t in teachers], rec["init"], out)
+            resources = self.spec.resources.merge
+        else:
+            args = eval_args(self.spec, rec["merge"]["checkpoint"], out)
+            resources = self.spec.resources.eval
+        return JobRequest(name=name, stage=stage, round=round_, teacher=teacher, attempt=attempt,
+                          args=args, output_uri=out, resources=resources)
+
+    def describe(self, stage: str, teacher: str | None, round_: int) -> str:
+        if stage == "sft":
+            return f"branch {teacher!r} of round {round_}"
+        return f"{'merge' if stage == 'merge' else 'evaluation'} of round {round_}"
+
+    # -- terminal transitions -----------------------------------------------------------------
+
+    def fail(self, stage: str, teacher: str | None, attempts: int, reason: str, *, round_: int,
+             permanent: bool = False, code: str | None = None) -> None:
+        """The run is Failed: say which stage, after how many attempts, and the trainer's reason."""
+        s = self.status
+        if stage in _STAGE_NOUN:
+            tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
+            extra = ", invalid input: not retried" if permanent else ""
+            message = f"{self.describe(stage, teacher, round_)} failed after {tries}{extra}: {reason}"
+        else:
+            message = reason
+        s.update(phase="Failed", completionTime=timestamp(self.now), message=message)
+        s["failure"] = {"stage": stage, "round": round_, "attempts": attempts, "reason": reason}
+        if teacher:
+            s["failure"]["teacher"] = teacher
+        self.failure_reason = code or f"{_STAGE_NOUN.get(stage, 'Run')}Failed"
+        self.out.create = []
+        self.out.suspend = []
+        self.out.resume = []
+        self.out.delete = self.active_jobs()
+        self.event("Failed", message, warning=True)
+
+    def succeed(self) -> None:
+        s = self.status
+        last = self.record(s["round"])
+        s.update(phase="Succeeded", completionTime=timestamp(self.now), finalModel=last["mergedCheckpoint"],
+                 message=f"succeeded after {s['round']} rounds: final model {last['mergedCheckpoint']}")
+        s.pop("failure", None)
+        self.out.create = []
+        self.event("Succeeded", s["message"])
+
+    def set_phase(self, phase: str, message: str) -> None:
+        if self.spec.suspend:
+            phase, message = "Suspended", f"suspended at {message}"
+        elif phase == "Running" and not self.started_any():
+            phase = "Pending"
+        self.status["phase"] = phase
+        self.status["message"] = message
+
+    def started_any(self) -> bool:
+        for rec in self.status.get("rounds", []):
+            entries = list(rec.get("branches", {}).values()) + [rec.get("merge"), rec.get("eval")]
+            if any(e and e.get("state") != "Pending" for e in entries):
+                return True
+        return False
+
+    def display(self) -> str:
+        return f"{self.status['round']}/{self.spec.rounds}"
+
+    def finish(self) -> Plan:
+        s = self.status
+        s["roundDisplay"] = self.display()
+        s["teacherCount"] = len(self.spec.teachers)
+        s["observedGeneration"] = self.run_ref.generation
+        phase = s["phase"]
+        if phase == "Failed":
+            reason = self.failure_reason or "Failed"
+        elif phase == "Succeeded":
+            reason = "Succeeded"
+        elif phase == "Suspended":
+            reason = "Suspended"
+        elif any(b.get("state") == "Retrying" for rec in s.get("rounds", []) for b in
+                 list(rec.get("branches", {}).values()) + [rec.get("merge") or {}, rec.get("eval") or {}]):
+            reason = "Retrying"
+        else:
+            reason = {"Pending": "Pending", "Running": "BranchesRunning"}.get(phase, phase)
+        _set_conditions(s, phase, reason, s.get("message", ""), self.now, self.run_ref.generation)
+        return self.out
+
+
+def _set_conditions(status: dict, phase: str, reason: str, message: str, now: datetime, generation: int) -> None:
+    progressing = phase in ("Pending", "Running", "Merging", "Evaluating")
+    wanted = {
+        "Ready": (phase != "Failed", "Succeeded" if phase == "Succeeded" else
+                  (reason if phase == "Failed" else "Accepted")),
+        "Progressing": (progressing, reason),
+        "Succeeded": (phase == "Succeeded", reason if phase == "Succeeded" else "NotSucceeded"),
+        "Failed": (phase == "Failed", reason if phase == "Failed" else "NotFailed"),
+        "Suspended": (phase == "Suspended", "Suspended" if phase == "Suspended" else "NotSuspended"),
+    }
+    old = {c.get("type"): c for c in status.get("conditions", [])}
+    conditions = []
+    for kind in CONDITION_TYPES:
+        flag, why = wanted[kind]
+        value = "True" if flag else "False"
+        previous = old.get(kind, {})
+        changed = previous.get("status") != value
+        conditions.append({
+            "type": kind,
+            "status": value,
+            "reason": why,
+            "message": message if flag or kind == "Ready" else "",
+            "lastTransitionTime": timestamp(now) if changed or "lastTransitionTime" not in previous
+            else previous["lastTransitionTime"],
+            "observedGeneration": generation,
+        })
+    status["conditions"] = conditions
