@@ -2,9 +2,9 @@
 
 - STD: the student fine-tuned on one teacher's data alone, once per teacher.
 - MTD: the student fine-tuned on the union of all teachers' data.
-Each trains rounds × steps-per-branch steps (the paper: MoT 5 × 50, baselines 250), with the MoT
-branches' own hyperparameters (the planner's round-1 arguments are the template), then is evaluated
-with the run's own eval arguments. Outputs go under `<run>/baselines/`.
+Each trains rounds × steps-per-branch steps (the paper: MoT 5 × 50 per branch, baselines 250) with
+the branches' own hyperparameters (the planner's round-1 arguments, so nothing is restated here),
+then is evaluated with the run's eval arguments. Outputs go under `<run>/baselines/`.
 """
 
 from __future__ import annotations
@@ -14,19 +14,10 @@ import json
 import random
 
 from mot_trainer import storage
-from mot_trainer.errors import InvalidInput
 
 
-def total_steps_args(sft_args: list[str], rounds: int) -> tuple[list[str], int | None]:
-    """The branch args with the step budget multiplied by the number of rounds."""
-    from mot_operator.local.runner import get_flag, set_flag
-
-    if (steps := get_flag(sft_args, "--steps")) is not None:
-        total = int(steps) * rounds
-        return set_flag(sft_args, "--steps", total), total
-    if (epochs := get_flag(sft_args, "--epochs")) is not None:
-        return set_flag(sft_args, "--epochs", float(epochs) * rounds), None
-    raise InvalidInput("cannot size the baselines: the branch arguments carry neither --steps nor --epochs")
+def total_steps(spec) -> int:
+    return spec.training.steps * spec.rounds
 
 
 def read_records(uri: str) -> list[dict]:
@@ -39,7 +30,7 @@ def read_records(uri: str) -> list[dict]:
 
 
 def union_dataset(data_uris: list[str], out_uri: str, seed: int = 0) -> str:
-    """All teachers' records, shuffled with a fixed seed, as one JSONL object (idempotent)."""
+    """All teachers' records, shuffled with a fixed seed, as one JSONL object (written once)."""
     if storage.exists(out_uri):
         return out_uri
     rows = [row for uri in data_uris for row in read_records(uri)]
@@ -48,55 +39,50 @@ def union_dataset(data_uris: list[str], out_uri: str, seed: int = 0) -> str:
     return out_uri
 
 
-def schedule_baselines(runner, sft_template, eval_template, base: str) -> None:
-    """Adds the baseline SFT jobs once round 1's branches are known, and their evals once trained."""
-    from mot_operator.local.runner import LocalJob, get_flag, set_flag
+def baseline_sft_args(spec, data_uri: str, out: str) -> list[str]:
+    from mot_operator.local.runner import set_flag
+    from mot_operator.planner import sft_args
 
-    rounds = int(runner.spec.rounds)
-    first = sorted((j for j in runner.jobs.values() if j.role == "mot" and j.stage == "sft" and j.round == 1),
-                   key=lambda j: j.teacher)
-    if not first:
-        return
-    data = {j.teacher: get_flag(j.args, "--data") for j in first}
-    targets = {f"std-{t}": uri for t, uri in data.items()}
-    mtd_data = storage.join(base, "baselines", "mtd-data.jsonl")
-    targets["mtd"] = mtd_data
+    args = sft_args(spec, 1, spec.teachers[0].name, spec.student, out)
+    return set_flag(set_flag(args, "--data", data_uri), "--steps", total_steps(spec))
+
+
+def schedule_baselines(runner) -> None:
+    """Adds the baseline SFT jobs, and each one's eval once it is trained."""
+    from mot_operator.local.runner import LocalJob
+
+    spec = runner.spec
+    base = storage.join(runner.run_uri(), "baselines")
+    targets = {f"std-{t.name}": t.dataset for t in spec.teachers}
+    targets["mtd"] = storage.join(base, "mtd-data.jsonl")
     for label, data_uri in targets.items():
         name = f"baseline-{label}"
         if name not in runner.jobs:
             if label == "mtd":
-                union_dataset(list(data.values()), mtd_data)
-            args, total = total_steps_args(sft_template.args, rounds)
-            out = storage.join(base, "baselines", label)
-            args = set_flag(set_flag(args, "--data", data_uri), "--out", out)
-            job = LocalJob(name=name, stage="sft", round=0, teacher=None, attempt=1, args=args, output_uri=out,
-                           role="baseline", label=f"baseline {label.upper() if label == 'mtd' else label}"
-                           + (f" ({total} steps)" if total else ""))
-            runner._add(job)
-            if runner._output_complete(job):
-                runner._mark_succeeded(job, "found complete")
+                union_dataset([t.dataset for t in spec.teachers], data_uri)
+            out = storage.join(base, label)
+            runner.add_job(LocalJob(name=name, stage="sft", round=0, teacher=None, attempt=1,
+                                    args=baseline_sft_args(spec, data_uri, out), output_uri=out, role="baseline",
+                                    label=f"baseline {label.upper() if label == 'mtd' else label} "
+                                          f"({total_steps(spec)} steps)"))
         trained = runner.jobs[name]
-        if trained.state == "Succeeded":
-            runner._add_eval(f"baseline-eval-{label}", eval_template, trained.output_uri,
-                             storage.join(base, "baselines", f"eval-{label}.json"), 0, None,
-                             f"eval baseline {label}", role="baseline")
+        if trained.state == "Succeeded" and spec.evaluation is not None:
+            runner.add_eval(f"baseline-eval-{label}", trained.output_uri, storage.join(base, f"eval-{label}.json"),
+                            0, None, f"eval baseline {label}", role="baseline")
 
 
 def baseline_results(runner) -> dict:
     """{label: {kind, steps, loss, eval}} from the finished baseline jobs."""
-    from mot_operator.local.runner import get_flag
-
     out = {}
     for job in runner.jobs.values():
         if job.role != "baseline" or job.stage != "sft":
             continue
         label = job.name.removeprefix("baseline-")
         ev = runner.jobs.get(f"baseline-eval-{label}")
-        steps = get_flag(job.args, "--steps")
-        out[label.upper() if label == "mtd" else label] = {
+        out["MTD" if label == "mtd" else label] = {
             "kind": "MTD" if label == "mtd" else "STD",
-            "steps": int(steps) if steps else None,
-            "loss": (job.metrics or {}).get("final_loss"),
+            "steps": total_steps(runner.spec),
+            "loss": (job.metrics or {}).get("final_loss") if job.state == "Succeeded" else None,
             "eval": ev.metrics if ev and ev.state == "Succeeded" else None,
         }
     return out

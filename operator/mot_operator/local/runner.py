@@ -242,7 +242,7 @@ class LocalRunner:
             else:
                 job.state, job.pid = "Failed", None
                 job.permanent = rc == 2
-                job.message = message or f"exit code {rc} without a complete output; see {proc.log_path}"
+                job.message = message or f"exit code {rc} without a complete output: {_last_line(proc.log_path)}"
                 self.progress.finish(name, f"FAILED (exit {rc}): {job.message[:160]}")
 
     def _tail(self, name: str, proc: _Proc) -> None:
@@ -397,47 +397,53 @@ class LocalRunner:
     def mot_jobs(self, stage: str, state: str = "Succeeded") -> list[LocalJob]:
         return [j for j in self.jobs.values() if j.role == "mot" and j.stage == stage and j.state == state]
 
-    def _eval_template(self) -> LocalJob | None:
-        evals = [j for j in self.jobs.values() if j.role == "mot" and j.stage == "eval"]
-        return min(evals, key=lambda j: j.order) if evals else None
-
-    def _sft_template(self) -> LocalJob | None:
-        first = [j for j in self.jobs.values() if j.role == "mot" and j.stage == "sft" and j.round == 1]
-        return min(first, key=lambda j: j.order) if first else None
-
     def run_uri(self) -> str:
-        out = self._sft_template().output_uri
-        # <uri>/<ns>/<run>/round-1/branch-<t> -> <uri>/<ns>/<run>
-        return out.rstrip("/").rsplit("/", 2)[0]
+        from mot_operator import naming
+
+        return naming.run_uri(self.spec.storage.uri, self.run_ref.namespace, self.run_ref.name)
 
     def schedule_extras(self) -> None:
-        template = self._eval_template()
-        sft = self._sft_template()
-        if template is None or sft is None:
-            return  # no evaluation in the spec (or not yet known): the report shows losses only
-        base = self.run_uri()
-        student = get_flag(sft.args, "--init")
-        self._add_eval("eval-start", template, student, storage.join(base, "report", "eval-start.json"), 0, None,
-                       "eval start")
-        for job in self.mot_jobs("sft") if self.opt.eval_branches else []:
-            out = storage.join(base, "report", f"eval-round-{job.round}-branch-{job.teacher}.json")
-            self._add_eval(f"eval-r{job.round}-{job.teacher}", template, job.output_uri, out, job.round,
-                           job.teacher, f"r{job.round} eval branch {job.teacher}")
+        """Report-only evals (the student, then every finished branch) and, with --compare, baselines.
+        Without `spec.evaluation` there is nothing to score: the report shows losses only."""
+        if self.status.get("phase") == "Failed":
+            return
         if self.opt.compare:
             from mot_operator.local.baselines import schedule_baselines
 
-            schedule_baselines(self, sft, template, base)
+            schedule_baselines(self)
+        if self.spec.evaluation is None:
+            return
+        base = self.run_uri()
+        self.add_eval("eval-start", self.spec.student, storage.join(base, "report", "eval-start.json"), 0, None,
+                      "eval start (student)")
+        for job in self.mot_jobs("sft") if self.opt.eval_branches else []:
+            out = storage.join(base, "report", f"eval-round-{job.round}-branch-{job.teacher}.json")
+            self.add_eval(f"eval-r{job.round}-{job.teacher}", job.output_uri, out, job.round, job.teacher,
+                          f"r{job.round} eval branch {job.teacher}")
 
-    def _add_eval(self, name, template: LocalJob, model: str, out: str, rnd: int, teacher, label,
-                  role: str = "report") -> None:
+    def add_eval(self, name, model: str, out: str, rnd: int, teacher, label, role: str = "report") -> None:
+        from mot_operator.planner import eval_args
+
         if name in self.jobs:
             return
-        args = set_flag(set_flag(template.args, "--model", model), "--out", out)
-        job = LocalJob(name=name, stage="eval", round=rnd, teacher=teacher, attempt=1, args=args,
-                       output_uri=out, role=role, label=label)
+        job = LocalJob(name=name, stage="eval", round=rnd, teacher=teacher, attempt=1,
+                       args=eval_args(self.spec, model, out), output_uri=out, role=role, label=label)
+        self.add_job(job)
+
+    def add_job(self, job: LocalJob) -> None:
+        """Adds an extra job, already done when its output is complete (a resumed run)."""
         self._add(job)
         if self._output_complete(job):
             self._mark_succeeded(job, "found complete")
+
+
+def _last_line(path: Path) -> str:
+    """The last non-empty log line (a traceback's error) when a process left no termination message."""
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return f"see {path}"
+    return f"{lines[-1].strip()[:300]} (log: {path})" if lines else f"see {path}"
 
 
 def _terminate(popens: list[subprocess.Popen]) -> None:
@@ -461,7 +467,7 @@ def _terminate(popens: list[subprocess.Popen]) -> None:
 
 def collect_results(runner: LocalRunner) -> dict:
     """The report's input (see report.py) from the finished jobs."""
-    from mot_operator.local.baselines import baseline_results, total_steps_args
+    from mot_operator.local.baselines import baseline_results, total_steps
 
     def done(name: str) -> dict | None:
         job = runner.jobs.get(name)
@@ -482,8 +488,7 @@ def collect_results(runner: LocalRunner) -> dict:
             entry["merged"]["checkpoint"] = job.output_uri
         elif job.stage == "eval":
             entry["merged"]["eval"] = job.metrics
-    sft = runner._sft_template()
-    total = total_steps_args(sft.args, int(runner.spec.rounds))[1] if sft else None
+    total = total_steps(runner.spec)
     start = done("eval-start")
     return {
         "run": f"{runner.run_ref.namespace}/{runner.run_ref.name}",
