@@ -1,0 +1,345 @@
+"""Kopf handlers: a level-based controller for MoTRuns.
+
+One daemon per MoTRun loops: observe its Jobs (from an in-memory index fed by a watch), call the
+pure planner, write the status, then create/suspend/resume/delete Jobs. Job and Pod events wake the
+daemon at once, so reactions do not wait for a timer; a periodic resync covers anything missed.
+Kopf keeps its own bookkeeping in annotations; our status holds only the run's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import kopf
+
+from . import jobs as jobrender
+from . import metrics, naming
+from .planner import (
+    TERMINAL,
+    ObservedJob,
+    Plan,
+    RunRef,
+    parse_timestamp,
+    plan,
+    plan_invalid,
+)
+from .spec import GROUP, PLURAL, VERSION, SpecError, parse_spec
+
+RESYNC_SECONDS = 30.0
+ERROR_RETRY_SECONDS = 5.0
+MESSAGE_LIMIT = 1024
+log = logging.getLogger("mot_operator.controller")
+
+
+@dataclass
+class ControllerState:
+    """What the handlers share: operator config, the Kubernetes API, and per-run wake-ups."""
+
+    config: jobrender.OperatorConfig = field(default_factory=jobrender.OperatorConfig)
+    api: object = None  # a KubeApi; set by `mot operator` before Kopf starts
+    wakers: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
+    ready: bool = False
+
+    def wake(self, namespace: str, run_label: str) -> None:
+        for (ns, name), event in list(self.wakers.items()):
+            if ns == namespace and naming.label_value(name) == run_label:
+                event.set()
+
+
+STATE = ControllerState()
+
+
+# ---------------------------------------------------------------------------------------------
+# The Kubernetes API calls the controller makes (the official client, run in threads)
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class KubeApi:
+    """Status patch, Job/Service create (AlreadyExists = adopt), Job suspend/resume/delete."""
+
+    def __init__(self, api_client=None):
+        from kubernetes import client
+
+        self._client = api_client or client.ApiClient()
+        self.batch = client.BatchV1Api(self._client)
+        self.core = client.CoreV1Api(self._client)
+        self.custom = client.CustomObjectsApi(self._client)
+
+    @staticmethod
+    def _status(error) -> int | None:
+        return getattr(error, "status", None)
+
+    async def patch_status(self, namespace: str, name: str, patch: dict) -> None:
+        await asyncio.to_thread(
+            self.custom.patch_namespaced_custom_object_status, GROUP, VERSION, namespace, PLURAL, name,
+            {"status": patch}, _content_type=MERGE_PATCH, _preload_content=False)
+
+    async def create(self, obj: dict) -> bool:
+        """True when created; False when it already exists (a deterministic name: adopt it)."""
+        from kubernetes.client.exceptions import ApiException
+
+        namespace = obj["metadata"]["namespace"]
+        call = self.batch.create_namespaced_job if obj["kind"] == "Job" else self.core.create_namespaced_service
+        try:
+            await asyncio.to_thread(call, namespace, obj, _preload_content=False)
+        except ApiException as error:
+            if self._status(error) == 409:
+                return False
+            raise
+        return True
+
+    async def set_suspend(self, namespace: str, job: str, suspend: bool) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            await asyncio.to_thread(self.batch.patch_namespaced_job, job, namespace, {"spec": {"suspend": suspend}},
+                                    _content_type=MERGE_PATCH, _preload_content=False)
+        except ApiException as error:
+            if self._status(error) != 404:
+                raise
+
+    async def delete_job(self, namespace: str, job: str) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            await asyncio.to_thread(self.batch.delete_namespaced_job, job, namespace,
+                                    propagation_policy="Background", _preload_content=False)
+        except ApiException as error:
+            if self._status(error) != 404:
+                raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Observing Jobs and Pods (pure functions of their bodies)
+
+
+def _termination(pod: dict) -> dict | None:
+    """The trainer container's terminated state: exit code and one-line message."""
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    for cs in statuses:
+        if cs.get("name") != jobrender.CONTAINER and len(statuses) > 1:
+            continue
+        term = ((cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated"))
+        if term:
+            return {"exit_code": term.get("exitCode"), "message": (term.get("message") or "").strip()}
+    return None
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return (lines[-1] if lines else "")[:MESSAGE_LIMIT]
+
+
+def observe_job(job: dict, pods: list[dict] = ()) -> ObservedJob | None:
+    """An ObservedJob from a Job body (labels + status) and its Pods' termination messages."""
+    meta = job.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    try:
+        stage = labels[naming.LABEL_STAGE]
+        round_ = int(labels[naming.LABEL_ROUND])
+        attempt = int(labels[naming.LABEL_ATTEMPT])
+    except (KeyError, ValueError):
+        return None  # not one of ours, or labels edited by hand
+    status = job.get("status") or {}
+    true = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+    terms = [t for t in (_termination(p) for p in pods) if t]
+    failed_terms = [t for t in terms if t["exit_code"] not in (0, None)]
+    started = status.get("startTime")
+    finished = None
+    permanent = False
+    metrics_ = None
+    message = ""
+    if "Complete" in true or "SuccessCriteriaMet" in true:
+        state = "Succeeded"
+        finished = status.get("completionTime") or true.get("Complete", true.get("SuccessCriteriaMet")).get(
+            "lastTransitionTime")
+        for term in terms:
+            try:
+                parsed = json.loads(_last_line(term["message"]) or "null")
+            except ValueError:
+                continue
+            if isinstance(parsed, dict):
+                metrics_ = parsed
+                break
+    elif "Failed" in true or "FailureTarget" in true:
+        state = "Failed"
+        cond = true.get("Failed") or true.get("FailureTarget")
+        finished = cond.get("lastTransitionTime")
+        permanent = cond.get("reason") == "PodFailurePolicy" or any(
+            t["exit_code"] == jobrender.EXIT_INVALID_INPUT for t in failed_terms)
+        source = failed_terms or terms
+        message = _last_line(source[0]["message"]) if source else ""
+        if not message:
+            message = f"{cond.get('reason') or 'Failed'}: {cond.get('message') or 'the Job failed'}"[:MESSAGE_LIMIT]
+    elif (job.get("spec") or {}).get("suspend"):
+        state = "Suspended"
+    elif status.get("active") or status.get("ready"):
+        state = "Running"
+    else:
+        state = "Pending"
+    return ObservedJob(
+        name=meta.get("name", ""), stage=stage, round=round_, teacher=labels.get(naming.LABEL_TEACHER),
+        attempt=attempt, state=state, permanent=permanent, message=message, metrics=metrics_,
+        started_at=parse_timestamp(started) if started else None,
+        finished_at=parse_timestamp(finished) if finished else None,
+    )
+
+
+def merge_patch(old, new):
+    """RFC 7386 merge patch turning `old` into `new` (None deletes a key; lists are replaced)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return new
+    patch = {}
+    for key in old.keys() - new.keys():
+        patch[key] = None
+    for key, value in new.items():
+        if key not in old:
+            patch[key] = value
+        elif old[key] != value:
+            patch[key] = merge_patch(old[key], value)
+    return patch
+
+
+# ---------------------------------------------------------------------------------------------
+# One reconciliation
+
+
+def _snapshot(value):
+    """A plain copy of a Kopf body/index value (they are read-only mappings)."""
+    if hasattr(value, "items"):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_snapshot(v) for v in value]
+    return value
+
+
+def observed_jobs(namespace: str, run_name: str, job_index, pod_index) -> list[ObservedJob]:
+    found = []
+    for job in job_index.get((namespace, naming.label_value(run_name)), []):
+        pods = list(pod_index.get((namespace, job["metadata"]["name"]), []))
+        obs = observe_job(job, pods)
+        if obs is not None:
+            found.append(obs)
+    return found
+
+
+async def reconcile(body: dict, status: dict, job_index, pod_index, state: ControllerState,
+                    now: datetime | None = None) -> tuple[dict, Plan]:
+    """Observe, plan, write status, act. Returns the status now stored and the plan."""
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    run = RunRef(namespace=namespace, name=name, uid=meta.get("uid", ""), generation=meta.get("generation") or 1)
+    now = now or datetime.now(UTC)
+    spec_dict = jobrender.with_defaults(body.get("spec") or {}, state.config)
+    try:
+        spec = parse_spec(spec_dict)
+    except SpecError as error:
+        spec = None
+        result = plan_invalid(run, status, error, now)
+    else:
+        result = plan(run, spec, status, observed_jobs(namespace, name, job_index, pod_index), now)
+
+    api = state.api
+    if result.status != status:
+        await api.patch_status(namespace, name, merge_patch(status, result.status))
+        metrics.record_transitions(status, result.status)
+    metrics.record_plan(result)
+    for event in result.events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message[:MESSAGE_LIMIT])
+    for request in result.create:
+        for obj in jobrender.render(request, spec, run, state.config):
+            if await api.create(obj) and obj["kind"] == "Job":
+                metrics.job_created(request.stage)
+    for job in result.suspend:
+        await api.set_suspend(namespace, job, True)
+    for job in result.resume:
+        await api.set_suspend(namespace, job, False)
+    for job in result.delete:
+        await api.delete_job(namespace, job)
+    metrics.observe_run(namespace, name, result.status, progressed=result.status != status)
+    return result.status, result
+
+
+# ---------------------------------------------------------------------------------------------
+# Kopf handlers
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_):
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+
+
+@kopf.index("batch", "v1", "jobs", labels={naming.LABEL_RUN: kopf.PRESENT})
+def job_index(namespace, name, labels, body, **_):
+    return {(namespace, labels[naming.LABEL_RUN]): _snapshot(body)}
+
+
+@kopf.index("", "v1", "pods", labels={naming.LABEL_RUN: kopf.PRESENT})
+def pod_index(namespace, labels, body, **_):
+    job = labels.get(naming.LABEL_JOB_NAME) or labels.get("job-name")
+    if not job:
+        return None
+    return {(namespace, job): {"metadata": {"name": body["metadata"]["name"]}, "status": _snapshot(body.get("status") or {})}}
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={naming.LABEL_RUN: kopf.PRESENT})
+def job_changed(namespace, labels, **_):
+    STATE.wake(namespace, labels[naming.LABEL_RUN])
+
+
+@kopf.on.event("", "v1", "pods", labels={naming.LABEL_RUN: kopf.PRESENT})
+def pod_changed(namespace, labels, **_):
+    STATE.wake(namespace, labels[naming.LABEL_RUN])
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def run_changed(type, namespace, name, **_):
+    if type == "DELETED":
+        metrics.forget_run(namespace, name)
+    event = STATE.wakers.get((namespace, name))
+    if event is not None:
+        event.set()
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=1.0)
+async def run_daemon(stopped, namespace, name, body, job_index, pod_index, logger, **_):
+    """Reconcile one MoTRun until it is terminal (then stop: terminal runs are never restarted)."""
+    key = (namespace, name)
+    wake = STATE.wakers.setdefault(key, asyncio.Event())
+    # This daemon is the only writer of the run's status: what it last wrote is newer than a body
+    # the watch has not delivered yet.
+    status = _snapshot(body.get("status") or {})
+    try:
+        while not stopped:
+            wake.clear()
+            delay = RESYNC_SECONDS
+            if body.get("metadata", {}).get("deletionTimestamp"):
+                return
+            try:
+                status, result = await reconcile(_snapshot(body), status, job_index, pod_index, STATE)
+                if status.get("phase") in TERMINAL and not result.delete:
+                    logger.info(f"MoTRun {namespace}/{name} is {status['phase']}: {status.get('message', '')}")
+                    return
+                if result.requeue_after is not None:
+                    delay = min(delay, max(result.requeue_after, 0.05))
+            except Exception as error:  # noqa: BLE001 - keep the loop alive, count and retry
+                metrics.RECONCILE_ERRORS.inc()
+                logger.exception(f"reconcile of {namespace}/{name} failed: {error}")
+                status = _snapshot(body.get("status") or {})  # our view may be off: re-read
+                delay = ERROR_RETRY_SECONDS
+            try:  # a Job/Pod/MoTRun event wakes us at once; stop waits at most 1 s (cancellation)
+                await asyncio.wait_for(wake.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+    finally:
+        STATE.wakers.pop(key, None)
+

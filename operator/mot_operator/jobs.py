@@ -1,0 +1,204 @@
+"""Render the batch/v1 Job (and, for multi-node branches, the headless Service) of a JobRequest."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from . import naming
+from .planner import JobRequest, RunRef
+from .spec import API_VERSION, KIND, MoTRunSpec, RoleResources
+
+CONTAINER = "trainer"
+EXIT_INVALID_INPUT = 2
+RENDEZVOUS_PORT = 29500
+UID = 1000
+ANNOTATION_OUTPUT = "mot.dev/output"
+COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """Operator-wide defaults for what a MoTRun leaves unset (flags/env of `mot operator`)."""
+
+    default_image: str = "ghcr.io/mot-operator/mot-trainer:0.1.0"
+    default_storage_uri: str | None = None
+    default_storage_endpoint: str | None = None
+    default_credentials_secret: str | None = None
+
+
+def with_defaults(spec_dict: dict, config: OperatorConfig) -> dict:
+    """The spec with the operator's storage defaults filled in where the MoTRun has none."""
+    spec_dict = copy.deepcopy(spec_dict)
+    storage = spec_dict.setdefault("storage", {})
+    for key, value in (("uri", config.default_storage_uri), ("endpoint", config.default_storage_endpoint),
+                       ("credentialsSecret", config.default_credentials_secret)):
+        if value and not storage.get(key):
+            storage[key] = value
+    if not storage:
+        del spec_dict["storage"]
+    return spec_dict
+
+
+def owner_reference(run: RunRef) -> dict:
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": run.name, "uid": run.uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _env(spec: MoTRunSpec, config: OperatorConfig) -> list[dict]:
+    env = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/hf"},
+           {"name": "TMPDIR", "value": "/tmp"},
+           {"name": "MOT_S3_PATH_STYLE", "value": "true" if spec.storage.path_style else "false"}]
+    endpoint = spec.storage.endpoint or config.default_storage_endpoint
+    if endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": endpoint})
+    secret = spec.storage.credentials_secret or config.default_credentials_secret
+    if secret:
+        for key, optional in (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_REGION", True)):
+            ref = {"name": secret, "key": key}
+            if optional:
+                ref["optional"] = True
+            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    return env
+
+
+def _multinode_env(job: str, namespace: str, resources: RoleResources) -> list[dict]:
+    """torchrun reads PET_*; accelerate and hand-written launchers read the plain names."""
+    master = f"{job}-0.{naming.service_name(job)}.{namespace}.svc"
+    nproc = str(max(resources.gpus, 1))
+    env = []
+    for prefix in ("", "PET_"):
+        env += [
+            {"name": f"{prefix}MASTER_ADDR", "value": master},
+            {"name": f"{prefix}MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+            {"name": f"{prefix}NNODES", "value": str(resources.nodes)},
+            {"name": f"{prefix}NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}},
+            {"name": f"{prefix}NPROC_PER_NODE", "value": nproc},
+        ]
+    env.append({"name": "WORLD_SIZE", "value": str(resources.nodes * int(nproc))})
+    return env
+
+
+def _resources(resources: RoleResources) -> dict:
+    requests, limits = {}, {}
+    if resources.cpu:
+        requests["cpu"] = resources.cpu
+    if resources.memory:
+        requests["memory"] = limits["memory"] = resources.memory
+    if resources.gpus:
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(resources.gpus)
+    out = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def render_job(request: JobRequest, spec: MoTRunSpec, run: RunRef, config: OperatorConfig) -> dict:
+    res = request.resources
+    multinode = request.stage == "sft" and res.nodes > 1
+    labels = naming.job_labels(run.name, request.round, request.stage, request.attempt, request.teacher)
+    job_meta_labels = dict(labels)
+    if spec.queue_name:
+        job_meta_labels[naming.LABEL_QUEUE] = spec.queue_name
+
+    env = _env(spec, config)
+    if multinode:
+        env += _multinode_env(request.name, run.namespace, res)
+        command = ["torchrun", "--module", "mot_trainer.cli"]
+    else:
+        command = ["mot-train"]
+    volumes = [{"name": "scratch", "emptyDir": {}}]
+    mounts = [{"name": "scratch", "mountPath": "/tmp"}]
+    if res.gpus:
+        # NCCL and data loaders need more shared memory than the container default.
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+
+    container = {
+        "name": CONTAINER,
+        "image": spec.image or config.default_image,
+        "command": command,
+        "args": list(request.args),
+        "env": env,
+        "resources": _resources(res),
+        "volumeMounts": mounts,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]}},
+    }
+    if multinode:
+        container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
+    pod_spec = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "volumes": volumes,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+    }
+    if spec.service_account_name:
+        pod_spec["serviceAccountName"] = spec.service_account_name
+    if res.priority_class_name:
+        pod_spec["priorityClassName"] = res.priority_class_name
+    if res.node_selector:
+        pod_spec["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in res.tolerations]
+    if multinode:
+        pod_spec["subdomain"] = naming.service_name(request.name)
+
+    job_spec = {
+        "backoffLimit": 0,  # retries are new attempts (new Jobs) decided by the planner
+        "podFailurePolicy": {"rules": [
+            # Preemption/eviction/node drain is not the trainer's fault: do not count it.
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            # Invalid input: fail at once, the planner never retries it.
+            {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                                  "values": [EXIT_INVALID_INPUT]}},
+        ]},
+        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+    }
+    if multinode:
+        job_spec.update(completionMode="Indexed", completions=res.nodes, parallelism=res.nodes)
+    if spec.queue_name:
+        job_spec["suspend"] = True  # Kueue admits the Job by unsuspending it
+    if spec.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if spec.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": request.name,
+            "namespace": run.namespace,
+            "labels": job_meta_labels,
+            "annotations": {ANNOTATION_OUTPUT: request.output_uri},
+            "ownerReferences": [owner_reference(run)],
+        },
+        "spec": job_spec,
+    }
+
+
+def render_service(request: JobRequest, run: RunRef) -> dict | None:
+    """Headless Service giving a multi-node Job's Pods stable DNS names (rank 0 is the master)."""
+    if request.stage != "sft" or request.resources.nodes <= 1:
+        return None
+    labels = naming.job_labels(run.name, request.round, request.stage, request.attempt, request.teacher)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": naming.service_name(request.name), "namespace": run.namespace,
+                     "labels": labels, "ownerReferences": [owner_reference(run)]},
+        "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                 "selector": {naming.LABEL_JOB_NAME: request.name},
+                 "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}]},
+    }
+
+
+def render(request: JobRequest, spec: MoTRunSpec, run: RunRef, config: OperatorConfig) -> list[dict]:
+    """Everything to create for a request, Service first."""
+    service = render_service(request, run)
+    return ([service] if service else []) + [render_job(request, spec, run, config)]
