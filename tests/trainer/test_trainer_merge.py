@@ -1,0 +1,292 @@
+"""`mot-train merge`: every method against a reference formula written here independently (numpy,
+float64), refusals with exit code 2, sharded output that transformers loads, inputs and output on S3."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from mot_trainer import cli, storage
+from mot_trainer.manifest import MANIFEST_NAME, verify_folder, write_manifest
+from safetensors.torch import load_file, save_file
+
+torch.set_num_threads(1)
+
+SHAPES = {"a.weight": (7, 5), "a.bias": (11,), "b.weight": (3, 4, 2)}
+
+
+def write_checkpoint(folder, tensors, *, config=None, manifest=True):
+    """A model folder: safetensors weights, side files, and (normally) the manifest, last."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config or {"model_type": "test"}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64, "from": folder.name}))
+    if manifest:
+        write_manifest(folder, kind="sft", inputs={}, params={}, metrics={})
+    return str(folder)
+
+
+def random_tensors(seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=g).to(dtype) for name, shape in SHAPES.items()}
+
+
+def merge(*args):
+    """Run the real CLI in-process; returns its exit code."""
+    return cli.main(["merge", *map(str, args)])
+
+
+@pytest.fixture
+def termination_log(tmp_path, monkeypatch):
+    path = tmp_path / "termination-log"
+    monkeypatch.setenv("MOT_TERMINATION_LOG", str(path))
+    return path
+
+
+def np64(t):
+    return t.to(torch.float64).numpy()
+
+
+def test_weighted_average_matches_independent_computation(tmp_path, termination_log):
+    tensors = [random_tensors(seed) for seed in range(3)]
+    inputs = [write_checkpoint(tmp_path / f"in{i}", t) for i, t in enumerate(tensors)]
+    weights = [1.0, 2.0, 0.5]
+    assert merge("--inputs", *inputs, "--weights", *weights, "--out", tmp_path / "out") == 0
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(out) == set(SHAPES)
+    for name in SHAPES:
+        expected = sum(w * np64(t[name]) for w, t in zip(weights, tensors, strict=True)) / sum(weights)
+        assert out[name].dtype == torch.float32 and out[name].shape == SHAPES[name]
+        np.testing.assert_allclose(np64(out[name]), expected, rtol=0, atol=1e-6)
+    manifest = verify_folder(tmp_path / "out")
+    assert manifest["kind"] == "merge" and manifest["inputs"]["models"] == inputs
+    assert manifest["params"]["method"] == "average" and manifest["params"]["weights"] == weights
+    assert manifest["metrics"]["tensors"] == len(SHAPES)
+    assert json.loads(termination_log.read_text()) == {
+        "inputs": 3, "tensors": 3, "method": "average", "wall_seconds": pytest.approx(0, abs=60)}
+    # Side files come from the first input.
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["from"] == "in0"
+
+
+def test_uniform_bf16_average_is_fp32_sum_rounded_once(tmp_path):
+    tensors = [random_tensors(seed, torch.bfloat16) for seed in range(4)]
+    inputs = [write_checkpoint(tmp_path / f"in{i}", t) for i, t in enumerate(tensors)]
+    assert merge("--inputs", *inputs, "--out", tmp_path / "out") == 0
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    for name in SHAPES:
+        exact = sum(np64(t[name]) for t in tensors) / 4  # bf16 values: exact in float64
+        assert out[name].dtype == torch.bfloat16
+        assert torch.equal(out[name], torch.from_numpy(exact).to(torch.float32).to(torch.bfloat16))
+
+
+def with_base(tmp_path, k=3):
+    base = random_tensors(100)
+    inputs = []
+    for i in range(k):
+        delta = random_tensors(i)
+        inputs.append({n: base[n] + 0.1 * delta[n] for n in SHAPES})
+    paths = [write_checkpoint(tmp_path / f"in{i}", t) for i, t in enumerate(inputs)]
+    return base, inputs, paths, write_checkpoint(tmp_path / "base", base, manifest=False)
+
+
+def test_task_arithmetic_matches_reference(tmp_path):
+    base, inputs, paths, base_path = with_base(tmp_path)
+    weights, scale = [1.0, 1.0, 2.0], 1.7
+    assert merge("--method", "task-arithmetic", "--base", base_path, "--inputs", *paths,
+                 "--weights", *weights, "--scale", scale, "--out", tmp_path / "out") == 0
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    for name in SHAPES:
+        b = np64(base[name])
+        expected = b + scale * sum(w * (np64(x[name]) - b) for w, x in zip(weights, inputs, strict=True)) / 4.0
+        np.testing.assert_allclose(np64(out[name]), expected, rtol=0, atol=1e-5)
+
+
+def ties_reference(base, inputs, weights, density, scale):
+    deltas = []
+    for x in inputs:
+        d = (x - base).ravel()
+        k = int(density * d.size)
+        keep = np.argsort(-np.abs(d))[:k]
+        trimmed = np.zeros_like(d)
+        trimmed[keep] = d[keep]
+        deltas.append(trimmed)
+    elected = np.sign(sum(w * d for w, d in zip(weights, deltas, strict=True)))
+    num = np.zeros_like(deltas[0])
+    den = np.zeros_like(deltas[0])
+    for w, d in zip(weights, deltas, strict=True):
+        agree = np.sign(d) == elected
+        num += np.where(agree, w * d, 0.0)
+        den += np.where(agree, w, 0.0)
+    merged = np.divide(num, den, out=np.zeros_like(num), where=den != 0)
+    return base + scale * merged.reshape(base.shape)
+
+
+def test_ties_matches_reference(tmp_path):
+    base, inputs, paths, base_path = with_base(tmp_path)
+    weights, density, scale = [1.0, 2.0, 1.0], 0.4, 1.3
+    assert merge("--method", "ties", "--base", base_path, "--inputs", *paths, "--weights", *weights,
+                 "--density", density, "--scale", scale, "--out", tmp_path / "out") == 0
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    for name in SHAPES:
+        expected = ties_reference(np64(base[name]), [np64(x[name]) for x in inputs], weights, density, scale)
+        np.testing.assert_allclose(np64(out[name]), expected, rtol=0, atol=1e-5)
+
+
+def test_dare_drops_and_rescales(tmp_path):
+    """With constant differences 1 and 10 from the base, each output element reveals which of the two
+    differences DARE kept: check the formula element by element and the kept fraction."""
+    shapes = {"w": (400, 50)}
+    base = {"w": torch.randn(shapes["w"], generator=torch.Generator().manual_seed(5))}
+    paths = [write_checkpoint(tmp_path / f"in{i}", {"w": base["w"] + d}) for i, d in enumerate((1.0, 10.0))]
+    base_path = write_checkpoint(tmp_path / "base", base)
+    density, scale, weights = 0.3, 0.5, [1.0, 3.0]
+    for out, seed in (("out1", 7), ("out2", 7), ("out3", 8)):
+        assert merge("--method", "dare", "--base", base_path, "--inputs", *paths, "--weights", *weights,
+                     "--density", density, "--scale", scale, "--seed", seed, "--out", tmp_path / out) == 0
+    got = {o: load_file(tmp_path / o / "model.safetensors")["w"] for o in ("out1", "out2", "out3")}
+    assert torch.equal(got["out1"], got["out2"]) and not torch.equal(got["out1"], got["out3"])
+    # Undo base and scaling: the remainder is (w1*m1*1 + w2*m2*10) / (density * (w1 + w2)).
+    combo = (np64(got["out1"]) - np64(base["w"])) / scale * density * sum(weights)
+    kept = {(m1, m2): m1 * weights[0] * 1.0 + m2 * weights[1] * 10.0 for m1 in (0, 1) for m2 in (0, 1)}
+    nearest = np.stack([np.abs(combo - v) for v in kept.values()]).argmin(axis=0)
+    masks = np.array(list(kept))[nearest]  # (..., 2) inferred kept flags per input
+    np.testing.assert_allclose(combo, np.array(list(kept.values()))[nearest], rtol=0, atol=2e-4)
+    n = masks[..., 0].size
+    for i in range(2):
+        fraction = masks[..., i].mean()
+        assert abs(fraction - density) < 4 * (density * (1 - density) / n) ** 0.5, (i, fraction)
+    assert abs((masks[..., 0] * masks[..., 1]).mean() - density**2) < 0.02  # independent masks
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda t: t.update({"b.weight": torch.zeros(3, 4, 3)}), r"in1.*'b.weight' has shape \[3, 4, 3\]"),
+        (lambda t: t.update({"a.bias": t["a.bias"].half()}), r"in1.*'a.bias' has dtype F16"),
+        (lambda t: t.pop("a.bias"), r"in1.*lacks tensor 'a.bias'"),
+        (lambda t: t.update({"extra": torch.zeros(2)}), r"in1.*has tensor 'extra'"),
+    ],
+)
+def test_mismatched_inputs_are_refused(tmp_path, termination_log, change, message):
+    first, second = random_tensors(0), random_tensors(1)
+    change(second)
+    inputs = [write_checkpoint(tmp_path / "in0", first), write_checkpoint(tmp_path / "in1", second)]
+    assert merge("--inputs", *inputs, "--out", tmp_path / "out") == 2
+    assert termination_log.read_text().startswith("invalid input:")
+    assert __import__("re").search(message, termination_log.read_text())
+    assert not (tmp_path / "out" / MANIFEST_NAME).exists()
+
+
+def test_tampered_or_incomplete_input_is_refused(tmp_path, termination_log):
+    inputs = [write_checkpoint(tmp_path / f"in{i}", random_tensors(i)) for i in range(2)]
+    weights = tmp_path / "in1" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF  # same size, different bytes: only the sha256 can tell
+    weights.write_bytes(bytes(data))
+    assert merge("--inputs", *inputs, "--out", tmp_path / "out") == 2
+    assert "in1/model.safetensors: sha256" in termination_log.read_text()
+    assert not (tmp_path / "out" / MANIFEST_NAME).exists()  # nothing published
+
+    (tmp_path / "in1" / MANIFEST_NAME).unlink()
+    assert merge("--inputs", *inputs, "--out", tmp_path / "out") == 2
+    assert "incomplete" in termination_log.read_text()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "ties"], "--base"),
+        (["--weights", "1"], "--weights: 1 weights for 2 inputs"),
+        (["--weights", "1", "-1"], "non-negative"),
+        (["--shard-size", "lots"], "--shard-size"),
+        (["--method", "dare", "--base", "BASE", "--density", "0"], "--density"),
+    ],
+)
+def test_bad_options_are_invalid_input(tmp_path, termination_log, args, message):
+    inputs = [write_checkpoint(tmp_path / f"in{i}", random_tensors(i)) for i in range(2)]
+    args = [str(tmp_path / "in0") if a == "BASE" else a for a in args]
+    assert merge("--inputs", *inputs, "--out", tmp_path / "out", *args) == 2
+    assert message in termination_log.read_text()
+
+
+def tiny_llm_variants(tmp_path, count, *, tied):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=tied, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path / "base")
+    paths = []
+    for i in range(count):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        folder = tmp_path / f"variant{i}"
+        model.save_pretrained(folder)
+        if tied and i == 0:  # some writers keep the shared head: it must not break the merge
+            state = load_file(folder / "model.safetensors")
+            state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+            save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        write_manifest(folder, kind="sft", inputs={}, params={}, metrics={})
+        paths.append(str(folder))
+    return paths
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_sharded_output_loads_with_transformers_and_generates(tmp_path, tied):
+    from transformers import AutoModelForCausalLM
+
+    paths = tiny_llm_variants(tmp_path, 3, tied=tied)
+    out = tmp_path / "merged"
+    assert merge("--inputs", *paths, "--out", out, "--shard-size", "20KB") == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and all((out / s).stat().st_size < 20_000 + 12_000 for s in shards)
+    assert ("lm_head.weight" in index["weight_map"]) == (not tied)
+    assert (out / "generation_config.json").exists() and (out / "config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    variants = [AutoModelForCausalLM.from_pretrained(p) for p in paths]
+    expected = {n: sum(v.state_dict()[n] for v in variants) / 3 for n in model.state_dict()}
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6)
+    generated = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 7)
+
+    # A rerun into the same folder with one shard replaces the old shards and index.
+    assert merge("--inputs", *paths, "--out", out) == 0
+    assert sorted(p.name for p in out.glob("*.safetensors*")) == ["model.safetensors"]
+    verify_folder(out)
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+
+
+def test_merge_over_s3(tmp_path, s3_server, monkeypatch):
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MOT_TERMINATION_LOG", str(tmp_path / "term"))
+    bucket = s3_server.make_bucket("merge-test")
+    tensors = [random_tensors(seed) for seed in range(2)]
+    uris = [f"{bucket}/ns/run/round-1/branch-t{i}" for i in range(2)]
+    for i, t in enumerate(tensors):
+        storage.upload_checkpoint(write_checkpoint(tmp_path / f"in{i}", t), uris[i])
+    out = f"{bucket}/ns/run/round-1/merged"
+    mot_train = os.path.join(os.path.dirname(sys.executable), "mot-train")  # the installed entry point
+    result = subprocess.run([mot_train, "merge", "--inputs", *uris, "--out", out],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "term").read_text())["inputs"] == 2
+    merged = load_file(storage.download_dir(out, tmp_path / "dl") / "model.safetensors")
+    for name in SHAPES:
+        np.testing.assert_allclose(np64(merged[name]), (np64(tensors[0][name]) + np64(tensors[1][name])) / 2,
+                                   rtol=0, atol=1e-6)
+    # An input prefix without a manifest is refused with exit code 2.
+    result = subprocess.run([mot_train, "merge", "--inputs", uris[0], f"{bucket}/nothing-here",
+                             "--out", f"{bucket}/out2"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "nothing-here" in (tmp_path / "term").read_text()
+    assert not storage.exists(f"{bucket}/out2/{MANIFEST_NAME}")

@@ -1,0 +1,249 @@
+"""`mot-train merge`: merge checkpoints in weight space, streaming tensor by tensor.
+
+Inputs must be complete checkpoints (a valid mot-manifest.json). Tensors are read by header offset
+and merged in fp32 in slices of at most SLICE_ELEMENTS elements (whole tensors for methods that need
+per-tensor statistics), so peak memory stays near a few slices whatever the model size and the
+number of inputs. The output is written as shards as it goes, then the manifest last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import math
+import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from mot_trainer import storage
+from mot_trainer.errors import InvalidInput
+from mot_trainer.manifest import MANIFEST_NAME, verify_file, verify_folder, write_manifest
+
+log = logging.getLogger(__name__)
+
+METHODS = {
+    "average": "mot_trainer.merge.average",
+    "task-arithmetic": "mot_trainer.merge.task_arithmetic",
+    "ties": "mot_trainer.merge.ties",
+    "dare": "mot_trainer.merge.dare",
+}
+SLICE_ELEMENTS = 8 << 20  # 32 MiB of fp32 per input slice
+TIED_HEAD = "lm_head.weight"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--inputs", nargs="+", required=True, metavar="URI",
+                        help="checkpoint folders (local or s3://), each with a valid mot-manifest.json")
+    parser.add_argument("--out", required=True, metavar="URI", help="output folder (local or s3://)")
+    parser.add_argument("--weights", nargs="+", type=float, metavar="W",
+                        help="one weight per input (default uniform); normalised to sum 1")
+    parser.add_argument("--method", choices=sorted(METHODS), default="average")
+    parser.add_argument("--base", metavar="URI",
+                        help="the round's starting weights; required by task-arithmetic, ties and dare")
+    parser.add_argument("--scale", type=float, default=1.0, help="lambda: multiplies the merged difference")
+    parser.add_argument("--density", type=float, default=0.5, help="ties/dare: fraction of each difference kept")
+    parser.add_argument("--seed", type=int, default=0, help="dare: seed of the drop masks")
+    parser.add_argument("--shard-size", default="2GB", help="maximum output shard size (e.g. 2GB, 500MB)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    from mot_trainer.merge import io
+
+    started = time.monotonic()
+    method = importlib.import_module(METHODS[args.method])
+    weights = _check_options(args, method)
+    max_shard = io.parse_size(args.shard_size)
+    with tempfile.TemporaryDirectory(prefix="mot-merge-") as workdir:
+        work = Path(workdir)
+        hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
+        try:
+            folders, pending = _fetch_inputs(args.inputs, work, hashing)
+            base_folder = _fetch_base(args.base, work) if args.base else None
+            checkpoints = [io.Checkpoint(f, label=uri) for f, uri in zip(folders, args.inputs, strict=True)]
+            base = io.Checkpoint(base_folder, label=f"--base {args.base}") if base_folder else None
+            try:
+                specs = _check_compatible(checkpoints, base)
+                out_dir = _prepare_output(args.out, work, folders)
+                copied = io.copy_side_files(checkpoints[0].folder, out_dir)
+                merger = _TensorMerger(method, checkpoints, base, weights, args, pending)
+                files = io.write_sharded(out_dir, specs, max_shard, merger.chunks_for)
+                io.remove_stale_weights(out_dir, keep=files + copied)
+            finally:
+                for ckpt in checkpoints + ([base] if base else []):
+                    ckpt.close()
+            for future in pending:  # inputs must verify before the output may be published
+                future.result()
+        finally:
+            hashing.shutdown(cancel_futures=True)
+        wall = time.monotonic() - started
+        parameters = sum(spec.numel for spec in specs)
+        metrics = {"tensors": len(specs), "parameters": parameters, "bytes": sum(s.nbytes for s in specs),
+                   "shards": sum(f.endswith(".safetensors") for f in files), "wall_seconds": round(wall, 3)}
+        write_manifest(
+            out_dir,
+            kind="merge",
+            inputs={"models": list(args.inputs), "base": args.base},
+            params={"method": args.method, "weights": weights, "scale": args.scale, "density": args.density,
+                    "seed": args.seed, "shard_size": max_shard},
+            metrics=metrics,
+        )
+        if storage.is_s3(args.out):
+            storage.upload_checkpoint(out_dir, args.out)
+    log.info("merged %d inputs, %d tensors (%d parameters) into %s in %.1fs",
+             len(checkpoints), len(specs), parameters, args.out, wall)
+    return {"inputs": len(checkpoints), "tensors": len(specs), "method": args.method,
+            "wall_seconds": round(time.monotonic() - started, 3)}
+
+
+def _check_options(args, method) -> list[float]:
+    n = len(args.inputs)
+    if len(set(args.inputs)) != n:
+        raise InvalidInput("--inputs: the same checkpoint is listed twice")
+    weights = args.weights if args.weights is not None else [1.0] * n
+    if len(weights) != n:
+        raise InvalidInput(f"--weights: {len(weights)} weights for {n} inputs")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise InvalidInput(f"--weights: need finite non-negative weights with a positive sum, got {weights}")
+    if method.NEEDS_BASE and not args.base:
+        raise InvalidInput(f"--base: method {args.method} merges differences from the base; give --base")
+    if not 0 < args.density <= 1:
+        raise InvalidInput(f"--density: must be in (0, 1], got {args.density}")
+    if not math.isfinite(args.scale):
+        raise InvalidInput(f"--scale: must be finite, got {args.scale}")
+    if args.out in args.inputs or args.out == args.base:
+        raise InvalidInput(f"--out {args.out}: would overwrite an input")
+    return [float(w) for w in weights]
+
+
+def _fetch_inputs(uris, work: Path, hashing: ThreadPoolExecutor) -> tuple[list[Path], list[Future]]:
+    """Local folders: sizes checked now, sha256 verified on a background thread while the merge reads
+    (the output's manifest waits for it). s3:// inputs: downloaded and fully verified first."""
+    folders, pending = [], []
+    for i, uri in enumerate(uris):
+        if storage.is_s3(uri):
+            folders.append(storage.download_dir(uri, work / f"input-{i}"))
+            continue
+        folder = Path(uri)
+        if not folder.is_dir():
+            raise InvalidInput(f"--inputs {uri}: no such folder")
+        manifest = verify_folder(folder, check_hashes=False)
+        pending += [hashing.submit(verify_file, folder / e["path"], e["sha256"]) for e in manifest["files"]]
+        folders.append(folder)
+    return folders, pending
+
+
+def _fetch_base(uri: str, work: Path) -> Path:
+    """The base may be a user's model without a manifest; one that has a manifest must match it."""
+    from mot_trainer.manifest import read_checkpoint_manifest
+
+    verify = read_checkpoint_manifest(uri) is not None
+    if not verify:
+        log.warning("--base %s has no %s; using it unverified", uri, MANIFEST_NAME)
+    return storage.download_dir(uri, work / "base", verify=verify)
+
+
+def _check_compatible(checkpoints, base) -> list:
+    """The output's tensors (the first input's, in its file order); InvalidInput naming the input and
+    tensor when names, shapes or dtypes differ."""
+    first = checkpoints[0]
+    names = set(first.tensors)
+    if _tied(first.config()) and any(TIED_HEAD in c.tensors for c in checkpoints) and not all(
+        TIED_HEAD in c.tensors for c in checkpoints
+    ):
+        # Tied embeddings: some writers save the shared head, others drop it. It is redundant.
+        log.info("tie_word_embeddings: dropping %s (present in only some inputs)", TIED_HEAD)
+        names.discard(TIED_HEAD)
+    others = checkpoints[1:] + ([base] if base else [])
+    for other in others:
+        other_names = set(other.tensors) - ({TIED_HEAD} if TIED_HEAD not in names else set())
+        missing, extra = sorted(names - other_names), sorted(other_names - names)
+        if missing:
+            raise InvalidInput(f"{other.label}: lacks tensor {missing[0]!r} that {first.label} has")
+        if extra and other is not base:
+            raise InvalidInput(f"{other.label}: has tensor {extra[0]!r} that {first.label} lacks")
+        for name in sorted(names):
+            a, b = first.tensors[name], other.tensors[name]
+            if a.shape != b.shape:
+                raise InvalidInput(f"{other.label}: tensor {name!r} has shape {list(b.shape)}, "
+                                   f"{first.label} has {list(a.shape)}")
+            if a.dtype != b.dtype:
+                raise InvalidInput(f"{other.label}: tensor {name!r} has dtype {b.dtype}, {first.label} has {a.dtype}")
+    return [info for name, info in first.tensors.items() if name in names]
+
+
+def _tied(config: dict) -> bool:
+    for cfg in (config, config.get("text_config") or {}):
+        if "tie_word_embeddings" in cfg:
+            return bool(cfg["tie_word_embeddings"])
+    return False
+
+
+def _prepare_output(out: str, work: Path, inputs: list[Path]) -> Path:
+    """A local output is written in place (any old manifest removed first: it is incomplete until the
+    new one exists); an s3:// output is staged in the work folder and uploaded at the end."""
+    if storage.is_s3(out):
+        staged = work / "out"
+        staged.mkdir()
+        return staged
+    out_dir = Path(out)
+    if any(out_dir.resolve() == folder.resolve() for folder in inputs):
+        raise InvalidInput(f"--out {out}: would overwrite an input")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    return out_dir
+
+
+class _TensorMerger:
+    """Yields the merged bytes of one output tensor at a time, in slices where the method allows."""
+
+    def __init__(self, method, checkpoints, base, weights, args, pending: list[Future]):
+        self.method, self.checkpoints, self.base, self.weights = method, checkpoints, base, weights
+        self.params = {"scale": args.scale, "density": args.density, "seed": args.seed}
+        self.pending = pending
+        self.buffers = [bytearray() for _ in checkpoints]
+        self.base_buffer = bytearray()
+        self.done_bytes = 0
+        self.last_log = time.monotonic()
+
+    def chunks_for(self, spec):
+        self._fail_fast()
+        first = self.checkpoints[0]
+        if not spec.is_float:  # integer buffers (e.g. position ids) are not averaged: first input's
+            yield first.read_into(first.tensors[spec.name], self.buffers[0])
+            return
+        step = SLICE_ELEMENTS if self.method.ELEMENTWISE else max(spec.numel, 1)
+        for start in range(0, spec.numel, step):
+            count = min(step, spec.numel - start)
+            tensors = (
+                ckpt.read_into(ckpt.tensors[spec.name], buf, start, count)
+                for ckpt, buf in zip(self.checkpoints, self.buffers, strict=True)
+            )
+            base = None
+            if self.base is not None:
+                base = self.base.read_into(self.base.tensors[spec.name], self.base_buffer, start, count)
+            merged = self.method.merge(tensors, self.weights, base=base, name=spec.name, **self.params)
+            yield merged.to(_torch_dtype(spec.dtype))
+        if spec.numel == 0:
+            yield first.read_into(first.tensors[spec.name], self.buffers[0])
+        self._progress(spec.nbytes)
+
+    def _fail_fast(self) -> None:
+        """Stop early when a background hash already failed (the output will not be published)."""
+        for future in self.pending:
+            if future.done() and future.exception() is not None:
+                raise future.exception()
+
+    def _progress(self, nbytes: int) -> None:
+        self.done_bytes += nbytes
+        now = time.monotonic()
+        if now - self.last_log >= 10:
+            self.last_log = now
+            log.info("merged %.2f GB of tensors", self.done_bytes / 1e9)
+
+
+def _torch_dtype(code: str):
+    from mot_trainer.merge.io import SAFETENSORS_DTYPES
+
+    return SAFETENSORS_DTYPES[code]

@@ -1,0 +1,289 @@
+"""Safetensors I/O for streaming merges.
+
+Reading: each tensor (or a flat slice of it) is read from the offsets in the file's header with plain
+`preadv` calls into a reused buffer. Not `safe_open`: its mmap pages count in RSS, so merging K
+multi-GB inputs that way looks like K whole models in memory (measured: 1.82 GB vs 0.68 GB peak RSS
+for 3 x 507 MB inputs).
+
+Writing: the output's shards are planned up front from the tensor sizes (names like
+`model-00001-of-00003.safetensors` need the count), each shard's header is written first and the
+tensor bytes are streamed after it, so nothing larger than one chunk is held.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mot_trainer.errors import InvalidInput
+from mot_trainer.manifest import MANIFEST_NAME
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_MAX_HEADER = 100 << 20
+_WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack)(\.index\.json)?$")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype code, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: Path
+    offset: int  # absolute byte offset of the data in `file`
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def itemsize(self) -> int:
+        return SAFETENSORS_DTYPES[self.dtype].itemsize
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+
+def read_header(path: Path) -> list[TensorInfo]:
+    """The tensors of one safetensors file, in data order; InvalidInput naming the file when broken."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) < 8:
+            raise InvalidInput(f"{path}: too short to be a safetensors file")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > min(_MAX_HEADER, size - 8):
+            raise InvalidInput(f"{path}: header length {header_len} is not plausible for a {size}-byte file")
+        try:
+            header = json.loads(f.read(header_len))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"{path}: safetensors header is not valid JSON ({exc})") from None
+    data_start = 8 + header_len
+    infos = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise InvalidInput(f"{path}: tensor {name!r} has a malformed header entry") from None
+        if dtype not in SAFETENSORS_DTYPES:
+            raise InvalidInput(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        info = TensorInfo(name, dtype, shape, path, data_start + begin, end - begin)
+        if info.nbytes != info.numel * info.itemsize or begin < 0 or data_start + end > size:
+            raise InvalidInput(f"{path}: tensor {name!r} has data offsets that do not match its shape/file")
+        infos.append(info)
+    return sorted(infos, key=lambda i: i.offset)
+
+
+class Checkpoint:
+    """The safetensors weights of a Hugging Face model folder, read by header offset."""
+
+    def __init__(self, folder, label: str | None = None):
+        self.folder = Path(folder)
+        self.label = label or str(folder)
+        self.files = self._weight_files()
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in self.files:
+            for info in read_header(file):
+                if info.name in self.tensors:
+                    raise InvalidInput(f"{self.label}: tensor {info.name!r} appears in two shards")
+                self.tensors[info.name] = info
+        self._check_index()
+        self._fds: dict[Path, int] = {}
+
+    def _weight_files(self) -> list[Path]:
+        index = self.folder / INDEX_NAME
+        if index.exists():
+            weight_map = self._index_map()
+            files = sorted({self.folder / f for f in weight_map.values()})
+            missing = [f for f in files if not f.exists()]
+            if missing:
+                raise InvalidInput(f"{self.label}: {INDEX_NAME} names {missing[0].name}, which is missing")
+            return files
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise InvalidInput(f"{self.label}: no *.safetensors weights in {self.folder}")
+        return files
+
+    def _index_map(self) -> dict:
+        try:
+            weight_map = json.loads((self.folder / INDEX_NAME).read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise InvalidInput(f"{self.label}: {INDEX_NAME} has no valid 'weight_map'") from None
+        if not isinstance(weight_map, dict):
+            raise InvalidInput(f"{self.label}: {INDEX_NAME} 'weight_map' must be an object")
+        return weight_map
+
+    def _check_index(self) -> None:
+        if not (self.folder / INDEX_NAME).exists():
+            return
+        for name, file in self._index_map().items():
+            info = self.tensors.get(name)
+            if info is None or info.file.name != file:
+                raise InvalidInput(f"{self.label}: {INDEX_NAME} puts tensor {name!r} in {file}, which lacks it")
+
+    def config(self) -> dict:
+        path = self.folder / "config.json"
+        if not path.exists():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except ValueError as exc:
+            raise InvalidInput(f"{path}: not valid JSON ({exc})") from None
+
+    def read_into(self, info: TensorInfo, buffer: bytearray, start: int = 0, count: int | None = None):
+        """Elements [start, start+count) of a tensor, flat, read into `buffer` (grown as needed).
+
+        Returns a tensor that views `buffer`: it is valid until the buffer is reused.
+        """
+        count = info.numel - start if count is None else count
+        nbytes = count * info.itemsize
+        if len(buffer) < nbytes:
+            buffer.extend(bytes(nbytes - len(buffer)))
+        view = memoryview(buffer)[:nbytes]
+        fd = self._fd(info.file)
+        pos, done = info.offset + start * info.itemsize, 0
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], pos + done)
+            if n <= 0:
+                raise InvalidInput(f"{info.file}: ends inside tensor {info.name!r}")
+            done += n
+        if nbytes == 0:
+            return torch.empty(0, dtype=SAFETENSORS_DTYPES[info.dtype])
+        return torch.frombuffer(view, dtype=SAFETENSORS_DTYPES[info.dtype], count=count)
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def plan_shards(specs: list[TensorInfo], max_shard_bytes: int) -> list[list[TensorInfo]]:
+    """Group tensors, in order, into shards of at most max_shard_bytes (a bigger tensor gets its own)."""
+    shards: list[list[TensorInfo]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _header_bytes(shard: list[TensorInfo]) -> bytes:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for spec in shard:
+        header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_sharded(out_dir: Path, specs: list[TensorInfo], max_shard_bytes: int, chunks_for) -> list[str]:
+    """Write `specs` (name/dtype/shape/nbytes of the output) as shards plus an index when sharded.
+
+    `chunks_for(spec)` yields flat tensors of the output dtype whose bytes, concatenated, are the
+    tensor's data. Returns the written file names.
+    """
+    shards = plan_shards(specs, max_shard_bytes)
+    names = shard_names(len(shards))
+    for shard, name in zip(shards, names, strict=True):
+        path = out_dir / name
+        part = path.with_name(name + ".partial")
+        with open(part, "wb") as f:
+            f.write(_header_bytes(shard))
+            for spec in shard:
+                written = 0
+                for chunk in chunks_for(spec):
+                    data = chunk.contiguous().view(torch.uint8).numpy()
+                    f.write(data)
+                    written += data.nbytes
+                if written != spec.nbytes:
+                    raise RuntimeError(f"tensor {spec.name!r}: wrote {written} bytes, expected {spec.nbytes}")
+        os.replace(part, path)
+    if len(shards) > 1:
+        weight_map = {spec.name: name for shard, name in zip(shards, names, strict=True) for spec in shard}
+        index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
+        (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return [*names, INDEX_NAME]
+    return names
+
+
+def remove_stale_weights(out_dir: Path, keep: list[str]) -> None:
+    """Delete weight files a previous attempt left in the output folder (a different shard count)."""
+    for path in out_dir.iterdir():
+        if path.is_file() and _WEIGHT_FILE.match(path.name) and path.name not in keep:
+            path.unlink()
+
+
+def copy_side_files(src: Path, out_dir: Path) -> list[str]:
+    """Copy config, tokenizer, generation config ... (every top-level non-weight file) from `src`."""
+    copied = []
+    for path in sorted(src.iterdir()):
+        name = path.name
+        if not path.is_file() or name == MANIFEST_NAME or _WEIGHT_FILE.match(name) or name.endswith(".partial"):
+            continue
+        shutil.copyfile(path, out_dir / name)
+        copied.append(name)
+    return copied
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'2GB' -> 2_000_000_000, '500MiB' -> 524_288_000, '1000' -> 1000 bytes."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise InvalidInput(f"--shard-size: cannot read {text!r} as a size (e.g. 2GB, 500MB, 1GiB)")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    power = "BKMGT".index(unit[0]) if unit[0] != "B" else 0
+    base = 1024 if "I" in unit else 1000
+    size = int(number * base**power)
+    if size <= 0:
+        raise InvalidInput(f"--shard-size: must be positive, got {text!r}")
+    return size
