@@ -44,19 +44,23 @@ def write_termination_message(message: str) -> None:
         log.warning("cannot write termination message to %s: %s", path, exc)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or with `only`, one whose other subcommands are not imported (a merge Job
+    need not import the SFT stack)."""
     parser = argparse.ArgumentParser(prog="mot-train", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default=os.environ.get("MOT_LOG_LEVEL", "INFO"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+        if only is None or name == only:
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=next((arg for arg in argv if arg in COMMANDS), None))
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: bad options are invalid input
