@@ -1,0 +1,202 @@
+"""`mot-train eval`: exact-match accuracy on held-out problems and held-out loss on their references.
+
+Each problem needs a reference `answer`; a reference response (any SFT record shape) also counts
+toward the held-out loss. Accuracy is the mean over `--samples` generations per problem (the MoT
+paper averages 16), with its standard deviation across samples. Generation stops at EOS; a generation
+cut by `--max-new-tokens` without an explicit answer is counted as `truncated` (and not correct), so a
+too-small limit shows up in the report instead of passing for a wrong answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import shutil
+import statistics
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from mot_trainer import answers, data, storage
+from mot_trainer.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder, local or s3:// (verified if it has a manifest)")
+    p.add_argument("--data", required=True, help="JSONL or Parquet with held-out problems and an 'answer' each")
+    p.add_argument("--out", required=True, help="result JSON, local path or s3:// URI")
+    p.add_argument("--samples", type=int, default=1, help="generations per problem (accuracy is their mean)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own)")
+
+
+@dataclass
+class Generation:
+    text: str
+    finished: bool  # ended with EOS (not cut by --max-new-tokens)
+    tokens: int
+
+
+def validate(args) -> None:
+    for name in ("samples", "max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            raise InvalidInput(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.temperature < 0:
+        raise InvalidInput(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise InvalidInput(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.threads is not None and args.threads < 1:
+        raise InvalidInput(f"--threads must be at least 1, got {args.threads}")
+
+
+def load_problems(uri: str) -> list[data.Record]:
+    records = data.read_records(uri, require_response=False)
+    for r in records:
+        if r.answer is None or not r.answer.strip():
+            raise InvalidInput(f"{r.where}: missing field 'answer' (the reference final answer)")
+    return records
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))
+
+
+def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
+             top_p: float, batch_size: int) -> list[Generation]:
+    """Generate for tokenized prompts in left-padded batches; stop each sequence at its EOS."""
+    import torch
+
+    stop = eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    results = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+            "do_sample": False}
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                 max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad, **sampling)
+        for row in out[:, width:].tolist():
+            end = next((i for i, tok in enumerate(row) if tok in stop), None)
+            kept = row if end is None else row[:end]
+            results.append(Generation(tokenizer.decode(kept, skip_special_tokens=True), end is not None, len(kept)))
+    return results
+
+
+def heldout_loss(model, tokenizer, records: list[data.Record], max_length: int) -> float | None:
+    """Mean per-token loss on the reference responses (None when no record has one)."""
+    import torch
+
+    total, count = 0.0, 0
+    for r in records:
+        if not r.has_response:
+            continue
+        ex = data.encode_conversation(r.messages, tokenizer)
+        ids, labels = ex.input_ids[:max_length], ex.labels[:max_length]
+        n = sum(1 for lab in labels[1:] if lab != data.IGNORE)
+        if not n:
+            continue
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ids], device=model.device),
+                        labels=torch.tensor([labels], device=model.device))
+        total += out.loss.item() * n
+        count += n
+    return total / count if count else None
+
+
+def score(records: list[data.Record], samples: list[list[Generation]]) -> dict:
+    """Accuracy (mean and std over samples), truncation count and per-problem details."""
+    per_sample_accuracy = []
+    per_problem = [
+        {"source": r.where, "reference": r.answer, "predictions": [], "correct": [], "truncated": [], "generations": []}
+        for r in records
+    ]
+    truncated = 0
+    for generations in samples:
+        correct = 0
+        for entry, r, g in zip(per_problem, records, generations, strict=True):
+            predicted = answers.extract_answer(g.text, explicit_only=not g.finished)
+            cut = not g.finished and predicted is None
+            ok = answers.is_correct(predicted, r.answer)
+            truncated += cut
+            correct += ok
+            entry["predictions"].append(predicted)
+            entry["correct"].append(ok)
+            entry["truncated"].append(cut)
+            entry["generations"].append(g.text)
+        per_sample_accuracy.append(correct / len(records))
+    return {
+        "accuracy": statistics.fmean(per_sample_accuracy),
+        "accuracy_std": statistics.pstdev(per_sample_accuracy),
+        "accuracy_per_sample": per_sample_accuracy,
+        "samples": len(samples),
+        "problems": len(records),
+        "truncated": truncated,
+        "per_problem": per_problem,
+    }
+
+
+def run(args) -> dict:
+    import torch
+
+    validate(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mot_trainer.sft import fetch_model
+
+    records = load_problems(args.data)
+    workdir = Path(tempfile.mkdtemp(prefix="mot-eval-"))
+    try:
+        source, manifest = fetch_model(args.model, workdir)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
+        except (OSError, ValueError, KeyError) as exc:
+            raise InvalidInput(f"--model {args.model}: not a loadable causal LM ({exc})") from None
+        if torch.cuda.is_available():
+            model.to("cuda")
+        model.eval()
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        prompts = [data.generation_prompt_ids(r.prompt_messages, tokenizer) for r in records]
+        samples = []
+        for s in range(args.samples):
+            if args.temperature == 0 and samples:  # greedy: every sample is the same
+                samples.append(samples[0])
+                continue
+            torch.manual_seed(args.seed + s)
+            samples.append(generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size))
+        result = score(records, samples)
+        max_length = getattr(model.config, "max_position_embeddings", None) or 4096
+        result["heldout_loss"] = heldout_loss(model, tokenizer, records, max_length)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    result.update(model=args.model, data=args.data, max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature, model_created=(manifest or {}).get("created"))
+    storage.write_json(args.out, result)
+    loss = result["heldout_loss"]
+    log.info("accuracy %.4f ± %.4f over %d samples of %d problems; %d truncated; held-out loss %s",
+             result["accuracy"], result["accuracy_std"], result["samples"], result["problems"],
+             result["truncated"], "n/a" if loss is None else f"{loss:.4f}")
+    return {"accuracy": result["accuracy"], "heldout_loss": _finite(loss), "truncated": result["truncated"]}
+
+
+def _finite(x):
+    return x if x is None or math.isfinite(x) else None

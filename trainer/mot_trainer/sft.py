@@ -1,0 +1,359 @@
+"""`mot-train sft`: supervised fine-tuning of one branch on one teacher's chain-of-thought data.
+
+Built on accelerate, so the same command runs on CPU, one GPU, several GPUs (DDP/FSDP) and several
+nodes: start it with `accelerate launch` or torchrun and every process takes its share of each step.
+Defaults follow the MoT/s1 recipe (lr 1e-5 cosine, 5 % warmup, AdamW betas (0.9, 0.95), weight decay
+1e-4, effective batch 16, 50 steps per branch, loss on the response only).
+
+The output folder is written to a temporary directory, its manifest last, then uploaded (manifest
+last again): OUT is never read as complete before it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import logging
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from mot_trainer import data, progress, storage
+from mot_trainer.errors import InvalidInput
+from mot_trainer.manifest import MANIFEST_NAME, read_checkpoint_manifest, verify_folder, write_manifest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STEPS = 50  # MoT: 50 SFT steps per branch per round
+SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+# Hyperparameters recorded in the manifest; a finished OUT with the same inputs and these is reused.
+PARAM_NAMES = (
+    "steps", "epochs", "learning_rate", "lr_schedule", "warmup_ratio", "adam_beta1", "adam_beta2",
+    "weight_decay", "micro_batch_size", "grad_accum", "max_seq_length", "seed", "precision",
+    "gradient_checkpointing", "packing", "max_grad_norm",
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--init", required=True, help="starting model: local folder, s3:// URI or hub id")
+    p.add_argument("--data", required=True, help="JSONL or Parquet file, local or s3://")
+    p.add_argument("--out", required=True, help="output folder, local or s3://")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help=f"optimizer steps (default {DEFAULT_STEPS})")
+    length.add_argument("--epochs", type=float, help="passes over the data instead of --steps")
+    p.add_argument("--learning-rate", type=float, default=1e-5)
+    p.add_argument("--lr-schedule", choices=sorted(SCHEDULES), default="cosine")
+    p.add_argument("--warmup-ratio", type=float, default=0.05)
+    p.add_argument("--adam-beta1", type=float, default=0.9)
+    p.add_argument("--adam-beta2", type=float, default=0.95)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--micro-batch-size", type=int, default=1, help="sequences per forward pass per process")
+    p.add_argument("--grad-accum", type=int, default=16, help="micro-batches per optimizer step per process")
+    p.add_argument("--max-seq-length", type=int, default=4096)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 disables it")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="auto: bf16 on a GPU that supports it, else fp32")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--packing", action="store_true", help="pack short examples into --max-seq-length rows")
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--metrics-port", type=int, help="serve mot_trainer_* Prometheus metrics on this port")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own)")
+
+
+def validate(args) -> None:
+    positive = ["micro_batch_size", "grad_accum", "max_seq_length", "log_every"]
+    if args.steps is not None:
+        positive.append("steps")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise InvalidInput(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    checks = [
+        ("epochs", args.epochs is None or args.epochs > 0, "must be > 0"),
+        ("learning_rate", args.learning_rate > 0, "must be > 0"),
+        ("warmup_ratio", 0 <= args.warmup_ratio < 1, "must be in [0, 1)"),
+        ("adam_beta1", 0 <= args.adam_beta1 < 1, "must be in [0, 1)"),
+        ("adam_beta2", 0 <= args.adam_beta2 < 1, "must be in [0, 1)"),
+        ("weight_decay", args.weight_decay >= 0, "must be >= 0"),
+        ("max_grad_norm", args.max_grad_norm >= 0, "must be >= 0"),
+        ("threads", args.threads is None or args.threads >= 1, "must be at least 1"),
+    ]
+    for name, ok, why in checks:
+        if not ok:
+            raise InvalidInput(f"--{name.replace('_', '-')} {why}, got {getattr(args, name)}")
+
+
+def resolve_precision(requested: str) -> str:
+    """accelerate's mixed_precision value: bf16 where the GPU supports it; fp32 ("no") on CPU."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if requested == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    if requested == "fp16" and not cuda:
+        raise InvalidInput("--precision fp16 needs a GPU; use fp32 or bf16 on CPU")
+    return {"fp32": "no"}.get(requested, requested)
+
+
+# --- model input -------------------------------------------------------------------------------
+
+
+def fetch_model(uri: str, workdir: Path, accelerator=None) -> tuple[str, dict | None]:
+    """A local folder (or hub id) for `uri`, plus its manifest when it has one (verified).
+
+    A checkpoint of ours must carry a valid manifest; a user's model folder without one is accepted
+    as it is. On several processes, one per node downloads and the others reuse its copy.
+    """
+    if storage.is_s3(uri):
+        local = workdir / "init"
+        done = workdir / "init.complete"
+        first = accelerator.local_main_process_first() if accelerator else contextlib.nullcontext()
+        with first:
+            if not done.exists():
+                manifest = read_checkpoint_manifest(uri)
+                storage.download_dir(uri, local, verify=manifest is not None)
+                done.touch()
+        manifest = read_checkpoint_manifest(uri)
+        return str(local), manifest
+    path = Path(uri).expanduser()
+    if path.is_dir():
+        manifest = verify_folder(path) if (path / MANIFEST_NAME).exists() else None
+        return str(path), manifest
+    if uri.startswith(("/", ".", "~")) or path.exists():
+        raise InvalidInput(f"--init {uri}: no such model folder")
+    return uri, None  # a hub id; transformers fetches it where a hub is reachable
+
+
+def load_model_and_tokenizer(source: str, uri: str, local: bool):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        # Train with fp32 master weights (autocast does the bf16/fp16 math); save in the input's dtype.
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        if local:
+            raise InvalidInput(f"--init {uri}: not a loadable causal LM folder ({exc})") from None
+        raise
+    saved_dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(saved_dtype, str):
+        saved_dtype = getattr(torch, saved_dtype)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, saved_dtype
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def micro_batches(n_rows: int, size: int, seed: int):
+    """Endless stream of row-index lists: each epoch a fresh seeded permutation, cut into `size`."""
+    import torch
+
+    epoch = 0
+    buffer: list[int] = []
+    while True:
+        gen = torch.Generator().manual_seed(seed + epoch)
+        buffer += torch.randperm(n_rows, generator=gen).tolist()
+        epoch += 1
+        while len(buffer) >= size:
+            yield buffer[:size]
+            buffer = buffer[size:]
+
+
+def plan_steps(args, n_rows: int, world: int) -> int:
+    if args.steps is not None:
+        return args.steps
+    if args.epochs is not None:
+        per_step = args.micro_batch_size * args.grad_accum * world
+        return max(1, math.ceil(args.epochs * n_rows / per_step))
+    return DEFAULT_STEPS
+
+
+def build_optimizer(model, args):
+    import torch
+
+    # No weight decay on biases and norm weights (1-D parameters), as transformers' Trainer does.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2))
+
+
+def set_checkpointing(model, enabled: bool) -> None:
+    """Activation (gradient) checkpointing; transformers 5 renamed the methods."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if enabled:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def train(args, accelerator, model, tokenizer, rows: list[data.Example]):
+    """The optimizer loop. Returns (metrics, prepared model); the loss is the mean per-token loss over
+    each whole step (all micro-batches of all processes)."""
+    import torch
+    from transformers import get_scheduler
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    total_steps = plan_steps(args, len(rows), world)
+    if args.gradient_checkpointing:
+        set_checkpointing(model, True)
+    model.config.use_cache = False
+    optimizer = build_optimizer(model, args)
+    scheduler = get_scheduler(
+        SCHEDULES[args.lr_schedule], optimizer,
+        num_warmup_steps=math.ceil(args.warmup_ratio * total_steps), num_training_steps=total_steps,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    stream = micro_batches(len(rows), args.micro_batch_size, args.seed)
+    meter = progress.Progress(total_steps, args.log_every) if accelerator.is_main_process else None
+    history, loss_value, tokens_seen = [], float("nan"), 0
+    start = time.monotonic()
+    for step in range(1, total_steps + 1):
+        # Every process sees the same stream and takes every world-th micro-batch of the step.
+        step_batches = [next(stream) for _ in range(args.grad_accum * world)]
+        mine = step_batches[rank::world]
+        # Normalise by the step's total response tokens (all processes), not per micro-batch.
+        label_tokens = sum(sum(1 for lab in rows[i].labels[1:] if lab != data.IGNORE) for b in step_batches for i in b)
+        num_items = torch.tensor(max(label_tokens, 1) / world, device=accelerator.device)
+        step_loss = torch.zeros((), device=accelerator.device)
+        step_tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
+        for j, indices in enumerate(mine):
+            batch = {k: v.to(accelerator.device) for k, v in data.collate([rows[i] for i in indices],
+                                                                         tokenizer.pad_token_id).items()}
+            step_tokens += sum(len(rows[i]) for i in indices)
+            sync = contextlib.nullcontext() if j == len(mine) - 1 else accelerator.no_sync(model)
+            with sync, accelerator.autocast():
+                loss = model(**batch, use_cache=False, num_items_in_batch=num_items).loss
+                accelerator.backward(loss)
+            step_loss += loss.detach().float()
+        if args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        learning_rate = scheduler.get_last_lr()[0]
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = accelerator.reduce(step_loss, "sum").item() / world
+        new_tokens = int(accelerator.reduce(step_tokens, "sum").item())
+        tokens_seen += new_tokens
+        if not math.isfinite(loss_value):
+            raise RuntimeError(f"loss is {loss_value} at step {step}; lower --learning-rate or check the data")
+        if step % args.log_every == 0 or step == total_steps:
+            history.append([step, round(loss_value, 6)])
+        if meter:
+            meter.update(step, loss_value, learning_rate, new_tokens)
+    wall = time.monotonic() - start
+    return {
+        "steps": total_steps,
+        "final_loss": loss_value,
+        "loss_history": history,
+        "tokens_seen": tokens_seen,
+        "tokens_per_second": tokens_seen / wall if wall > 0 else 0.0,
+        "train_seconds": wall,
+    }, model
+
+
+def save_model(accelerator, model, tokenizer, saved_dtype, folder: Path) -> None:
+    """Gather the full weights (FSDP included) and write the HF folder from the main process."""
+    state = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    if getattr(unwrapped, "supports_gradient_checkpointing", False):
+        set_checkpointing(unwrapped, False)
+    unwrapped.config.use_cache = True
+    unwrapped.config.dtype = saved_dtype
+    state = {k: v.to(saved_dtype) if v.is_floating_point() else v for k, v in state.items()}
+    unwrapped.save_pretrained(folder, state_dict=state)
+    tokenizer.save_pretrained(folder)
+    if not (folder / "generation_config.json").exists():
+        from transformers import GenerationConfig
+
+        GenerationConfig.from_model_config(unwrapped.config).save_pretrained(folder)
+
+
+def sha256_bytes(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def completed_output(out: str, inputs: dict, params: dict) -> dict | None:
+    """The manifest at OUT when it is a finished SFT of exactly these inputs and parameters."""
+    try:
+        manifest = read_checkpoint_manifest(out)
+    except InvalidInput:
+        return None
+    if manifest and manifest.get("kind") == "sft" and manifest.get("inputs") == inputs and manifest.get(
+        "params"
+    ) == params:
+        return manifest
+    return None
+
+
+def summary(metrics: dict, out: str) -> dict:
+    keys = ("final_loss", "tokens_per_second", "tokens_seen", "steps", "examples_truncated",
+            "examples_dropped", "wall_seconds")
+    return {"out": out, **{k: metrics.get(k) for k in keys}}
+
+
+def run(args) -> dict | None:
+    import torch
+
+    validate(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    mixed = resolve_precision(args.precision)
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    set_seed(args.seed)
+    started = time.monotonic()
+    data_bytes = storage.read_bytes(args.data)
+    params = {name: getattr(args, name) for name in PARAM_NAMES}
+    params.update(resolved_precision=mixed, processes=accelerator.num_processes)
+    inputs = {"init": args.init, "data": args.data, "data_sha256": sha256_bytes(data_bytes)}
+    workdir = Path(tempfile.mkdtemp(prefix="mot-sft-"))
+    server = progress.serve(args.metrics_port) if args.metrics_port and accelerator.is_main_process else None
+    try:
+        source, init_manifest = fetch_model(args.init, workdir, accelerator)
+        if init_manifest:
+            inputs["init_created"] = init_manifest.get("created")
+        done = completed_output(args.out, inputs, params)
+        if done:
+            log.info("%s already holds this SFT's finished output; nothing to do", args.out)
+            return summary(done.get("metrics", {}), args.out) if accelerator.is_main_process else None
+        model, tokenizer, saved_dtype = load_model_and_tokenizer(source, args.init, Path(source).is_dir())
+        records = data.read_records(args.data, raw=data_bytes)
+        examples, stats = data.tokenize_records(records, tokenizer, args.max_seq_length)
+        rows = data.pack(examples, args.max_seq_length) if args.packing else examples
+        log.info("%d records -> %d examples -> %d rows (packing %s); %d truncated, %d dropped",
+                 stats.records, stats.examples, len(rows), "on" if args.packing else "off",
+                 stats.truncated, stats.dropped)
+        metrics, model = train(args, accelerator, model, tokenizer, rows)
+        out_dir = workdir / "out"
+        save_model(accelerator, model, tokenizer, saved_dtype, out_dir)
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return None
+        metrics.update(examples=stats.examples, examples_truncated=stats.truncated,
+                       examples_dropped=stats.dropped, wall_seconds=time.monotonic() - started)
+        write_manifest(out_dir, kind="sft", inputs=inputs, params=params, metrics=metrics)
+        storage.upload_checkpoint(out_dir, args.out)
+        log.info("wrote %s: final loss %.4f, %.0f tokens/s", args.out, metrics["final_loss"],
+                 metrics["tokens_per_second"])
+        return summary(metrics, args.out)
+    finally:
+        if server is not None:
+            server.shutdown()
+        shutil.rmtree(workdir, ignore_errors=True)
