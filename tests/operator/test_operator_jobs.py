@@ -1,0 +1,179 @@
+"""Job rendering: names, labels, env, failure policy, multi-node, Kueue; every Job validated offline
+against the Kubernetes API schema with kubernetes-validate."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+import kubernetes_validate
+import pytest
+
+from mot_operator import naming
+from mot_operator.jobs import OperatorConfig, render, render_job, with_defaults
+from mot_operator.planner import RunRef, plan
+from mot_operator.spec import parse_spec
+
+K8S_VERSION = "1.30.0"
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+RUN = RunRef(namespace="team-a", name="demo", uid="1f0e-uid", generation=3)
+CONFIG = OperatorConfig(default_image="registry.local/mot-trainer:test", default_storage_uri="s3://default",
+                        default_storage_endpoint="http://s3.local:8333", default_credentials_secret="default-s3")
+
+
+def spec_of(**overrides):
+    spec = {"student": "s3://m/student", "teachers": [{"name": "a", "dataset": "s3://d/a"}],
+            "storage": {"uri": "s3://ckpt", "credentialsSecret": "s3-keys", "endpoint": "http://minio:9000"}}
+    spec.update(overrides)
+    return parse_spec(spec)
+
+
+def first_request(spec, run=RUN):
+    return plan(run, spec, {}, [], datetime(2026, 1, 1, tzinfo=UTC)).create[0]
+
+
+def validate(obj):
+    kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def env_of(job):
+    return {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_names_are_deterministic_dns_labels_hashed_when_long():
+    assert naming.job_name("demo", 2, "sft", 1, "qwq") == "demo-r2-sft-qwq-a1"
+    assert naming.job_name("demo", 2, "merge", 3) == "demo-r2-merge-a3"
+    long_a = naming.job_name("x" * 60, 1, "sft", 1, "teacher-one")
+    long_b = naming.job_name("x" * 60, 1, "sft", 1, "teacher-two")
+    assert len(long_a) <= 63 and len(long_b) <= 63 and long_a != long_b
+    assert DNS_LABEL.match(long_a) and long_a == naming.job_name("x" * 60, 1, "sft", 1, "teacher-one")
+    with pytest.raises(ValueError):
+        naming.job_name("demo", 1, "sft", 1)  # sft needs a teacher
+    assert naming.service_name("1abc").startswith("j")
+    assert len(naming.label_value("r" * 200)) <= 63
+
+
+def test_job_metadata_labels_owner_and_output():
+    job = render_job(first_request(spec_of()), spec_of(), RUN, CONFIG)
+    validate(job)
+    meta = job["metadata"]
+    assert meta["name"] == "demo-r1-sft-a-a1" and meta["namespace"] == "team-a"
+    assert meta["labels"] == {
+        "mot.dev/run": "demo", "mot.dev/round": "1", "mot.dev/teacher": "a", "mot.dev/stage": "sft",
+        "mot.dev/attempt": "1", "app.kubernetes.io/name": "mot-trainer", "app.kubernetes.io/instance": "demo",
+        "app.kubernetes.io/component": "branch", "app.kubernetes.io/managed-by": "mot-operator",
+        "app.kubernetes.io/part-of": "mot-operator",
+    }
+    assert job["spec"]["template"]["metadata"]["labels"] == meta["labels"]
+    assert meta["ownerReferences"] == [{"apiVersion": "mot.dev/v1alpha1", "kind": "MoTRun", "name": "demo",
+                                        "uid": "1f0e-uid", "controller": True, "blockOwnerDeletion": True}]
+    assert meta["annotations"]["mot.dev/output"] == "s3://ckpt/team-a/demo/round-1/branch-a"
+
+
+def test_container_command_env_and_security():
+    spec = spec_of(image="my/trainer:1", serviceAccountName="trainer-sa")
+    job = render_job(first_request(spec), spec, RUN, CONFIG)
+    validate(job)
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == "my/trainer:1"
+    assert container["command"] == ["mot-train"] and container["args"][0] == "sft"
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    env = env_of(job)
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "s3-keys", "key": "AWS_ACCESS_KEY_ID"}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-keys"
+    assert env["AWS_REGION"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio:9000"
+    assert env["MOT_S3_PATH_STYLE"]["value"] == "true"
+    assert pod["restartPolicy"] == "Never" and pod["serviceAccountName"] == "trainer-sa"
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert "nvidia.com/gpu" not in str(container["resources"])
+
+
+def test_operator_defaults_fill_what_the_spec_leaves_unset():
+    raw = {"student": "s", "teachers": [{"name": "a", "dataset": "d"}]}
+    spec = parse_spec(with_defaults(raw, CONFIG))
+    assert spec.storage.uri == "s3://default"
+    job = render_job(first_request(spec), spec, RUN, CONFIG)
+    env = env_of(job)
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.local/mot-trainer:test"
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://s3.local:8333"
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "default-s3"
+    assert raw == {"student": "s", "teachers": [{"name": "a", "dataset": "d"}]}  # not mutated
+
+
+def test_failure_policy_backoff_deadline_ttl():
+    spec = spec_of(activeDeadlineSeconds=3600, ttlSecondsAfterFinished=600)
+    job = render_job(first_request(spec), spec, RUN, CONFIG)
+    validate(job)
+    js = job["spec"]
+    assert js["backoffLimit"] == 0
+    ignore, fail = js["podFailurePolicy"]["rules"]
+    assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert fail == {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2]}}
+    assert js["activeDeadlineSeconds"] == 3600 and js["ttlSecondsAfterFinished"] == 600
+    assert "suspend" not in js
+
+
+def test_gpu_resources_scheduling_and_shared_memory():
+    spec = spec_of(resources={"branch": {
+        "gpus": 4, "cpu": "16", "memory": "128Gi", "priorityClassName": "high",
+        "nodeSelector": {"gpu": "h100"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}})
+    job = render_job(first_request(spec), spec, RUN, CONFIG)
+    validate(job)
+    pod = job["spec"]["template"]["spec"]
+    res = pod["containers"][0]["resources"]
+    assert res["limits"]["nvidia.com/gpu"] == "4" and res["requests"]["cpu"] == "16"
+    assert res["limits"]["memory"] == "128Gi"
+    assert pod["priorityClassName"] == "high" and pod["nodeSelector"] == {"gpu": "h100"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in pod["volumes"])
+
+
+def test_multinode_branch_is_an_indexed_job_with_headless_service_and_torchrun_env():
+    spec = spec_of(resources={"branch": {"nodes": 3, "gpus": 8}})
+    req = first_request(spec)
+    service, job = render(req, spec, RUN, CONFIG)
+    validate(service)
+    validate(job)
+    js = job["spec"]
+    assert js["completionMode"] == "Indexed" and js["completions"] == 3 and js["parallelism"] == 3
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": req.name}
+    assert js["template"]["spec"]["subdomain"] == service["metadata"]["name"]
+    env = env_of(job)
+    assert env["MASTER_ADDR"]["value"] == f"{req.name}-0.{service['metadata']['name']}.team-a.svc"
+    assert env["NNODES"]["value"] == "3" and env["PET_NNODES"]["value"] == "3"
+    assert env["NPROC_PER_NODE"]["value"] == "8" and env["WORLD_SIZE"]["value"] == "24"
+    assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']")
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"][0] == "torchrun"
+
+
+def test_kueue_queue_label_and_created_suspended():
+    spec = spec_of(queueName="gpu-queue")
+    job = render_job(first_request(spec), spec, RUN, CONFIG)
+    validate(job)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert job["spec"]["suspend"] is True
+
+
+def test_every_job_of_a_full_run_validates():
+    spec = spec_of(evaluation={"dataset": "s3://d/e"}, merge={"method": "dare"}, rounds=1,
+                   teachers=[{"name": n, "dataset": f"s3://d/{n}"} for n in ("qwq", "deepseek-r1")])
+    status, jobs = {}, []
+    from mot_operator.planner import ObservedJob
+
+    rendered = []
+    for _ in range(6):
+        result = plan(RUN, spec, status, jobs, datetime(2026, 1, 1, tzinfo=UTC))
+        status = result.status
+        for req in result.create:
+            rendered += render(req, spec, RUN, CONFIG)
+            jobs.append(ObservedJob(req.name, req.stage, req.round, req.teacher, req.attempt, "Succeeded"))
+    assert [o["metadata"]["labels"]["mot.dev/stage"] for o in rendered] == ["sft", "sft", "merge", "eval"]
+    for obj in rendered:
+        validate(obj)
+        assert len(obj["metadata"]["name"]) <= 63 and DNS_LABEL.match(obj["metadata"]["name"])
