@@ -8,10 +8,9 @@ from datetime import UTC, datetime
 
 import kubernetes_validate
 import pytest
-
 from mot_operator import naming
 from mot_operator.jobs import OperatorConfig, render, render_job, with_defaults
-from mot_operator.planner import RunRef, plan
+from mot_operator.planner import ObservedJob, RunRef, plan
 from mot_operator.spec import parse_spec
 
 K8S_VERSION = "1.30.0"
@@ -164,7 +163,6 @@ def test_every_job_of_a_full_run_validates():
     spec = spec_of(evaluation={"dataset": "s3://d/e"}, merge={"method": "dare"}, rounds=1,
                    teachers=[{"name": n, "dataset": f"s3://d/{n}"} for n in ("qwq", "deepseek-r1")])
     status, jobs = {}, []
-    from mot_operator.planner import ObservedJob
 
     rendered = []
     for _ in range(6):
