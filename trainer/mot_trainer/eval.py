@@ -112,7 +112,7 @@ def heldout_loss(model, tokenizer, records: list[data.Record], max_length: int) 
             continue
         with torch.no_grad():
             out = model(input_ids=torch.tensor([ids], device=model.device),
-                        labels=torch.tensor([labels], device=model.device))
+                        labels=torch.tensor([labels], device=model.device), use_cache=False)
         total += out.loss.item() * n
         count += n
     return total / count if count else None
