@@ -103,6 +103,7 @@ class LocalKubelet:
         self._lock = threading.Lock()
         self._active: dict[tuple[str, str], _Active] = {}  # (namespace, job) -> what runs it
         self._done: set[str] = set()  # Job uids already finished
+        self._holds: list[tuple[Callable[[dict], bool], threading.Event]] = []
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.max_parallel), thread_name_prefix="pod")
         self._thread: threading.Thread | None = None
@@ -121,8 +122,7 @@ class LocalKubelet:
                 if active.process and active.process.poll() is None:
                     active.process.kill()
         self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._thread:
-            self._thread.join(timeout=10)
+        # The watch thread ignores every event from now on and ends at its watch timeout; no need to wait.
 
     def inject_failure(self, match: Callable[[dict], bool], exit_code: int = 1, *, times: int | None = None,
                        message: str | None = None) -> Fault:
@@ -137,6 +137,13 @@ class LocalKubelet:
         return self.inject_failure(
             lambda job: (job["metadata"].get("labels") or {}).get("mot.dev/teacher") == teacher,
             exit_code, times=times, message=message)
+
+    def hold(self, match: Callable[[dict], bool]) -> threading.Event:
+        """Keep matching Jobs' Pods Running (process not started) until the returned event is set."""
+        release = threading.Event()
+        with self._lock:
+            self._holds.append((match, release))
+        return release
 
     def runs_of(self, job: str) -> list[PodRun]:
         with self._lock:
@@ -300,6 +307,13 @@ class LocalKubelet:
         return None
 
     def _execute(self, job: dict, container: dict, pod: dict, active: _Active) -> tuple[int, str]:
+        with self._lock:
+            holds = [release for match, release in self._holds if match(job)]
+        for release in holds:
+            while not release.wait(0.1) and not active.cancelled and not self._stop.is_set():
+                pass
+        if active.cancelled:
+            return 137, "killed: the Job was suspended or deleted"
         fault = self._fault_for(job)
         if fault is not None:
             active.run.injected = True

@@ -1,0 +1,99 @@
+"""End to end on real parts: `kubectl apply` of a MoTRun (3 teachers x 2 rounds, tiny model) ends
+Succeeded, with every checkpoint and manifest in S3, status and Events as specified, and the
+operator's metrics read back from a real Prometheus."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mot_trainer.tiny import arithmetic_records
+from support.mot_e2e import wait_until
+
+pytestmark = pytest.mark.e2e
+
+TEACHERS = ("alpha", "beta", "gamma")
+ROUNDS = 2
+
+
+def teacher_data(mot_e2e, name: str, seed: int, style: str = "steps") -> str:
+    records = arithmetic_records(16, seed=seed, style=style)
+    return mot_e2e.upload_text(f"data/{name}-{seed}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+
+
+def value(result: list[dict]) -> float:
+    assert len(result) == 1, result
+    return float(result[0]["value"][1])
+
+
+def test_three_teachers_two_rounds_succeed(mot_e2e):
+    ns = mot_e2e.namespace()
+    styles = {"alpha": "steps", "beta": "short", "gamma": "steps"}
+    datasets = {t: teacher_data(mot_e2e, t, seed=i, style=styles[t]) for i, t in enumerate(TEACHERS)}
+    mot_e2e.apply(ns, mot_e2e.motrun("tri", datasets, rounds=ROUNDS, steps=2))
+
+    run = mot_e2e.wait_phase(ns, "tri", ("Succeeded", "Failed"), timeout=300)
+    status = run["status"]
+    assert status["phase"] == "Succeeded", status.get("message")
+    assert status["observedGeneration"] == run["metadata"]["generation"]
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Succeeded"]["status"] == "True" and conditions["Failed"]["status"] == "False"
+    assert all(c.get("reason") for c in conditions.values())
+
+    # Every branch and merged checkpoint is complete in S3, at the documented layout.
+    base = f"{mot_e2e.storage_uri}/{ns}/tri"
+    rounds = {r["round"]: r for r in status["rounds"]}
+    assert sorted(rounds) == [1, 2]
+    for r in (1, 2):
+        for teacher in TEACHERS:
+            branch = rounds[r]["branches"][teacher]
+            assert branch["state"] == "Succeeded" and branch["attempt"] == 1
+            assert branch["checkpoint"] == f"{base}/round-{r}/branch-{teacher}"
+            assert isinstance(branch["loss"], float)
+            manifest = mot_e2e.checkpoint_manifest(branch["checkpoint"])
+            assert manifest is not None and manifest["kind"] == "sft"
+            assert any(f["path"].endswith(".safetensors") for f in manifest["files"])
+        merged = mot_e2e.checkpoint_manifest(f"{base}/round-{r}/merged")
+        assert merged is not None and merged["kind"] == "merge"
+        assert rounds[r]["mergedCheckpoint"] == f"{base}/round-{r}/merged"
+    # Round 2 branches started from round 1's merged model.
+    assert rounds[2]["init"] == rounds[1]["mergedCheckpoint"]
+    assert status["finalModel"] == f"{base}/round-2/merged"
+
+    # One Job per branch per round plus one merge per round, each run exactly once.
+    jobs = mot_e2e.jobs(ns)
+    stages = sorted((j["metadata"]["labels"]["mot.dev/stage"], j["metadata"]["labels"]["mot.dev/round"]) for j in jobs)
+    assert stages == sorted([("sft", str(r)) for r in (1, 2) for _ in TEACHERS] + [("merge", "1"), ("merge", "2")])
+    for job in jobs:
+        labels = job["metadata"]["labels"]
+        assert labels["mot.dev/run"] == "tri" and labels["app.kubernetes.io/managed-by"] == "mot-operator"
+        assert job["metadata"]["ownerReferences"][0]["uid"] == run["metadata"]["uid"]
+        assert len(mot_e2e.kubelet.runs_of(job["metadata"]["name"])) == 1
+
+    # Events for every transition.
+    reasons = [e["reason"] for e in mot_e2e.events(ns, "tri")]
+    for reason in ("BranchStarted", "MergeStarted", "RoundCompleted", "Succeeded"):
+        assert reason in reasons, reasons
+    assert reasons.count("BranchStarted") == len(TEACHERS) * ROUNDS
+    assert reasons.count("RoundCompleted") == ROUNDS
+
+    # The metrics, scraped by a real Prometheus and read back through its query API.
+    prometheus = mot_e2e.prometheus
+    run_labels = f'namespace="{ns}",motrun="tri"'
+    assert value(prometheus.wait_for(f"mot_run_round{{{run_labels}}} == {ROUNDS}")) == ROUNDS
+    losses = prometheus.wait_for(f"mot_branch_loss{{{run_labels}}}", lambda r: len(r) == len(TEACHERS))
+    assert sorted(s["metric"]["teacher"] for s in losses) == sorted(TEACHERS)
+    assert value(prometheus.wait_for('mot_runs{phase="Succeeded"} >= 1')) >= 1
+    assert value(prometheus.wait_for('mot_jobs_created_total{stage="sft"} >= 6')) >= 6
+    assert value(prometheus.wait_for('mot_jobs_created_total{stage="merge"} >= 2')) >= 2
+    assert value(prometheus.wait_for('mot_jobs_finished_total{stage="sft",result="succeeded"} >= 6')) >= 6
+    assert value(prometheus.wait_for('mot_stage_duration_seconds_count{stage="merge"} >= 2')) >= 2
+    assert prometheus.wait_for("mot_run_last_progress_timestamp_seconds{" + run_labels + "}")
+    assert prometheus.query("mot_reconcile_errors_total") is not None
+
+    # Deleting the run cascades to its Jobs and removes its per-run series.
+    mot_e2e.kubectl("-n", ns, "delete", "motrun", "tri")
+    assert mot_e2e.jobs(ns) == []
+    wait_until(lambda: not [line for line in mot_e2e.operator.metrics().splitlines()
+                            if run_labels in line and not line.startswith("#")],
+               30, "the deleted run's series to go from /metrics")

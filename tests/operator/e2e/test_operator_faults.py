@@ -1,0 +1,161 @@
+"""Faults end to end, on the shared real stack (support/mot_e2e.py): a branch failing once then
+succeeding, a branch always failing, the trainer's exit code 2, the operator SIGKILLed mid-round,
+suspend then resume, and invalid MoTRuns refused naming the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mot_trainer.tiny import arithmetic_records
+from support.mot_e2e import wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+def dataset(mot_e2e, seed: int) -> str:
+    records = arithmetic_records(12, seed=seed, style="steps")
+    return mot_e2e.upload_text(f"data/faults-{seed}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+
+
+def in_namespace(ns: str, teacher: str | None = None, attempt: int | None = None):
+    """A kubelet fault matcher: Jobs of this namespace (and teacher, and attempt)."""
+    def match(job: dict) -> bool:
+        labels = job["metadata"].get("labels") or {}
+        return (job["metadata"]["namespace"] == ns
+                and (teacher is None or labels.get("mot.dev/teacher") == teacher)
+                and (attempt is None or labels.get("mot.dev/attempt") == str(attempt)))
+    return match
+
+
+def branch_jobs(mot_e2e, ns: str, teacher: str) -> list[str]:
+    return sorted(j["metadata"]["name"] for j in mot_e2e.jobs(ns)
+                  if j["metadata"]["labels"].get("mot.dev/teacher") == teacher)
+
+
+def reasons(mot_e2e, ns: str, run: str) -> list[str]:
+    return [e["reason"] for e in mot_e2e.events(ns, run)]
+
+
+def test_branch_failing_once_is_retried_and_the_run_succeeds(mot_e2e):
+    ns = mot_e2e.namespace()
+    mot_e2e.kubelet.inject_failure(in_namespace(ns, "a", attempt=1), exit_code=1, message="CUDA error: flaky GPU")
+    mot_e2e.apply(ns, mot_e2e.motrun("flaky", {"a": dataset(mot_e2e, 1)}, max_retries=2))
+
+    status = mot_e2e.wait_phase(ns, "flaky", ("Succeeded", "Failed"))["status"]
+    assert status["phase"] == "Succeeded", status.get("message")
+    branch = status["rounds"][0]["branches"]["a"]
+    assert (branch["state"], branch["attempt"]) == ("Succeeded", 2)
+    assert len(branch_jobs(mot_e2e, ns, "a")) == 2  # a new Job (new name) per attempt
+    assert {"BranchFailed", "BranchRetried", "Succeeded"} <= set(reasons(mot_e2e, ns, "flaky"))
+    failed = [e for e in mot_e2e.events(ns, "flaky") if e["reason"] == "BranchFailed"]
+    assert failed[0]["type"] == "Warning" and "CUDA error: flaky GPU" in failed[0]["message"]
+
+
+def test_branch_always_failing_fails_the_run_with_a_clear_message(mot_e2e):
+    ns = mot_e2e.namespace()
+    mot_e2e.kubelet.inject_failure(in_namespace(ns, "b"), exit_code=1, message="disk quota exceeded")
+    mot_e2e.kubelet.inject_failure(in_namespace(ns, "a"), exit_code=0, message=json.dumps({"final_loss": 1.5}))
+    mot_e2e.apply(ns, mot_e2e.motrun("doomed", {"a": dataset(mot_e2e, 2), "b": dataset(mot_e2e, 3)},
+                                     max_retries=1))
+
+    status = mot_e2e.wait_phase(ns, "doomed", ("Succeeded", "Failed"))["status"]
+    assert status["phase"] == "Failed"
+    message = status["message"]
+    assert "'b'" in message and "2 attempts" in message and "disk quota exceeded" in message, message
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Failed"]["status"] == "True" and conditions["Failed"]["reason"] == "BranchFailed"
+    assert len(branch_jobs(mot_e2e, ns, "b")) == 2
+    assert "Failed" in reasons(mot_e2e, ns, "doomed")
+    assert not any(j["metadata"]["labels"].get("mot.dev/stage") == "merge" for j in mot_e2e.jobs(ns))
+
+
+def test_invalid_input_exit_code_2_is_not_retried(mot_e2e):
+    ns = mot_e2e.namespace()
+    # A real trainer run on a dataset that is not JSONL: the trainer exits 2 (invalid input).
+    broken = mot_e2e.upload_text("data/broken.jsonl", "this is not json\n")
+    mot_e2e.apply(ns, mot_e2e.motrun("broken", {"a": broken}, max_retries=3))
+
+    status = mot_e2e.wait_phase(ns, "broken", ("Succeeded", "Failed"))["status"]
+    assert status["phase"] == "Failed"
+    assert status["rounds"][0]["branches"]["a"]["attempt"] == 1
+    assert "broken.jsonl" in status["message"] and "not retried" in status["message"], status["message"]
+    jobs = branch_jobs(mot_e2e, ns, "a")
+    assert len(jobs) == 1
+    [run] = mot_e2e.kubelet.runs_of(jobs[0])
+    assert run.exit_code == 2 and not run.injected
+    job = next(j for j in mot_e2e.jobs(ns) if j["metadata"]["name"] == jobs[0])
+    failed = [c for c in job["status"]["conditions"] if c["type"] == "Failed"]
+    assert failed[0]["reason"] == "PodFailurePolicy"
+
+
+def test_operator_killed_mid_round_resumes_without_duplicates(mot_e2e):
+    ns = mot_e2e.namespace()
+    release = mot_e2e.kubelet.hold(in_namespace(ns))  # branches stay Running while the operator dies
+    datasets = {"a": dataset(mot_e2e, 4), "b": dataset(mot_e2e, 5)}
+    mot_e2e.apply(ns, mot_e2e.motrun("phoenix", datasets))
+    try:
+        wait_until(lambda: len(mot_e2e.jobs(ns)) == 2, 60, "both branch Jobs to be created")
+        mot_e2e.operator.kill()
+        release.set()  # the branches finish while no operator is running
+        wait_until(lambda: all(len(r) == 1 and r[0].exit_code is not None for r in
+                               (mot_e2e.kubelet.runs_of(j["metadata"]["name"]) for j in mot_e2e.jobs(ns))),
+                   240, "both branches to finish")
+    finally:
+        release.set()
+        if mot_e2e.operator.process.poll() is not None:
+            mot_e2e.operator.start()
+
+    status = mot_e2e.wait_phase(ns, "phoenix", ("Succeeded", "Failed"))["status"]
+    assert status["phase"] == "Succeeded", status.get("message")
+    names = sorted(j["metadata"]["name"] for j in mot_e2e.jobs(ns))
+    assert len(names) == len(set(names)) == 3  # two branches and one merge, none created twice
+    for name in names:
+        assert len(mot_e2e.kubelet.runs_of(name)) == 1
+    assert reasons(mot_e2e, ns, "phoenix").count("BranchStarted") == 2
+
+
+def test_suspend_then_resume(mot_e2e):
+    ns = mot_e2e.namespace()
+    release = mot_e2e.kubelet.hold(in_namespace(ns))
+    mot_e2e.apply(ns, mot_e2e.motrun("nap", {"a": dataset(mot_e2e, 6)}, suspend=True))
+    try:
+        mot_e2e.wait_phase(ns, "nap", ("Suspended",), timeout=60)
+        assert mot_e2e.jobs(ns) == []  # suspended from the start: nothing created
+
+        mot_e2e.kubectl("-n", ns, "patch", "motrun", "nap", "--type", "merge", "-p", '{"spec": {"suspend": false}}')
+        wait_until(lambda: [r for j in mot_e2e.jobs(ns) for r in mot_e2e.kubelet.runs_of(j["metadata"]["name"])],
+                   60, "the branch Pod to run")
+        mot_e2e.kubectl("-n", ns, "patch", "motrun", "nap", "--type", "merge", "-p", '{"spec": {"suspend": true}}')
+        mot_e2e.wait_phase(ns, "nap", ("Suspended",), timeout=60)
+        wait_until(lambda: all(j["spec"].get("suspend") for j in mot_e2e.jobs(ns)), 60, "the running Job suspended")
+        [job] = mot_e2e.jobs(ns)
+        [pod_run] = mot_e2e.kubelet.runs_of(job["metadata"]["name"])
+        wait_until(lambda: pod_run.exit_code is not None, 30, "the suspended Job's process to stop")
+
+        release.set()
+        mot_e2e.kubectl("-n", ns, "patch", "motrun", "nap", "--type", "merge", "-p", '{"spec": {"suspend": false}}')
+    finally:
+        release.set()
+    status = mot_e2e.wait_phase(ns, "nap", ("Succeeded", "Failed"))["status"]
+    assert status["phase"] == "Succeeded", status.get("message")
+    assert {"Suspended", "Resumed"} <= set(reasons(mot_e2e, ns, "nap"))
+
+
+def test_invalid_motruns_are_refused_naming_the_field(mot_e2e):
+    ns = mot_e2e.namespace()
+    data = dataset(mot_e2e, 7)
+    # The API server's schema check (kubectl gets a 422 naming the field).
+    refused = mot_e2e.kubectl("-n", ns, "apply", "-f", "-", check=False, stdin=json.dumps(
+        mot_e2e.motrun("zero", {"a": data}, rounds=0)))
+    assert refused.returncode != 0 and "spec.rounds" in refused.stderr, refused.stderr
+    assert mot_e2e.kubectl("-n", ns, "get", "motrun", "zero", check=False).returncode != 0
+
+    # A rule the schema alone cannot say (CEL: unique teacher names), which the emulator does not
+    # evaluate: the operator's parse_spec refuses it and the run fails naming the field.
+    twice = mot_e2e.motrun("twice", {"a": data})
+    twice["spec"]["teachers"].append({"name": "a", "dataset": data})
+    mot_e2e.apply(ns, twice)
+    status = mot_e2e.wait_phase(ns, "twice", ("Failed",), timeout=60)["status"]
+    assert "spec.teachers[1].name" in status["message"], status["message"]
+    assert mot_e2e.jobs(ns) == []
