@@ -103,6 +103,10 @@ class KubeApi:
             if self._status(error) != 404:
                 raise
 
+    def event(self, body: dict, event) -> None:
+        """A Kubernetes Event on the MoTRun (Kopf posts it in the background)."""
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message[:MESSAGE_LIMIT])
+
     async def delete_job(self, namespace: str, job: str) -> None:
         from kubernetes.client.exceptions import ApiException
 
@@ -250,7 +254,7 @@ async def reconcile(body: dict, status: dict, job_index, pod_index, state: Contr
         metrics.record_transitions(status, result.status)
     metrics.record_plan(result)
     for event in result.events:
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message[:MESSAGE_LIMIT])
+        api.event(body, event)
     for request in result.create:
         for obj in jobrender.render(request, spec, run, state.config):
             if await api.create(obj) and obj["kind"] == "Job":
@@ -273,7 +277,8 @@ async def reconcile(body: dict, status: dict, job_index, pod_index, state: Contr
 def configure(settings: kopf.OperatorSettings, **_):
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
-    settings.posting.level = logging.INFO
+    # Only our explicit kopf.event() calls become Kubernetes Events, not Kopf's log lines.
+    settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
 
@@ -327,7 +332,7 @@ async def run_daemon(stopped, namespace, name, body, job_index, pod_index, logge
             try:
                 status, result = await reconcile(_snapshot(body), status, job_index, pod_index, STATE)
                 if status.get("phase") in TERMINAL and not result.delete:
-                    logger.info(f"MoTRun {namespace}/{name} is {status['phase']}: {status.get('message', '')}")
+                    log.info("MoTRun %s/%s is %s: %s", namespace, name, status["phase"], status.get("message", ""))
                     return
                 if result.requeue_after is not None:
                     delay = min(delay, max(result.requeue_after, 0.05))

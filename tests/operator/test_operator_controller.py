@@ -1,0 +1,148 @@
+"""Controller logic without Kopf's loop: reading Job/Pod bodies, status merge patches, and one
+reconcile pass against a recording fake of the Kubernetes API (the real API is covered by
+tests/operator/e2e)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+
+from mot_operator import controller
+from mot_operator.jobs import OperatorConfig
+from mot_operator.planner import Event
+
+NOW = "2026-01-01T00:00:10Z"
+
+
+def job_body(name="demo-r1-sft-a-a1", stage="sft", round_="1", attempt="1", teacher="a", status=None, suspend=False):
+    labels = {"mot.dev/run": "demo", "mot.dev/stage": stage, "mot.dev/round": round_, "mot.dev/attempt": attempt}
+    if teacher:
+        labels["mot.dev/teacher"] = teacher
+    return {"metadata": {"name": name, "namespace": "ns", "labels": labels},
+            "spec": {"suspend": suspend}, "status": status or {}}
+
+
+def pod_body(exit_code, message):
+    return {"status": {"containerStatuses": [
+        {"name": "trainer", "state": {"terminated": {"exitCode": exit_code, "message": message}}}]}}
+
+
+def cond(kind, reason="", message=""):
+    return {"type": kind, "status": "True", "reason": reason, "message": message, "lastTransitionTime": NOW}
+
+
+def test_observe_pending_running_suspended():
+    assert controller.observe_job(job_body()).state == "Pending"
+    assert controller.observe_job(job_body(status={"active": 1, "startTime": NOW})).state == "Running"
+    assert controller.observe_job(job_body(suspend=True)).state == "Suspended"
+    obs = controller.observe_job(job_body(status={"active": 1, "startTime": NOW}))
+    assert (obs.stage, obs.round, obs.teacher, obs.attempt) == ("sft", 1, "a", 1)
+    assert obs.started_at == datetime(2026, 1, 1, 0, 0, 10, tzinfo=UTC)
+    assert controller.observe_job({"metadata": {"name": "x", "labels": {}}}) is None
+
+
+def test_observe_success_reads_metrics_from_the_termination_message():
+    summary = json.dumps({"final_loss": 0.75, "tokens_per_second": 900})
+    obs = controller.observe_job(job_body(status={"conditions": [cond("Complete")], "completionTime": NOW}),
+                                 [pod_body(0, summary)])
+    assert obs.state == "Succeeded" and obs.metrics["final_loss"] == 0.75 and obs.finished_at is not None
+
+
+def test_observe_failure_reasons_and_permanence():
+    failed = job_body(status={"conditions": [cond("Failed", "BackoffLimitExceeded", "Job has reached the limit")]})
+    obs = controller.observe_job(failed, [pod_body(1, "Traceback...\nRetryableError: S3 timed out\n")])
+    assert obs.state == "Failed" and not obs.permanent and obs.message == "RetryableError: S3 timed out"
+    policy = job_body(status={"conditions": [cond("Failed", "PodFailurePolicy", "exit code 2")]})
+    obs = controller.observe_job(policy, [pod_body(2, "data.jsonl line 3: not JSON")])
+    assert obs.permanent and obs.message == "data.jsonl line 3: not JSON"
+    deadline = job_body(status={"conditions": [cond("Failed", "DeadlineExceeded", "active too long")]})
+    obs = controller.observe_job(deadline, [])
+    assert obs.state == "Failed" and not obs.permanent and "DeadlineExceeded" in obs.message
+
+
+def test_merge_patch_deletes_removed_keys_and_replaces_lists():
+    old = {"phase": "Running", "failure": {"stage": "sft"}, "rounds": [{"round": 1}], "x": {"a": 1, "b": 2}}
+    new = {"phase": "Failed", "rounds": [{"round": 1}, {"round": 2}], "x": {"a": 1}}
+    assert controller.merge_patch(old, new) == {
+        "phase": "Failed", "failure": None, "rounds": [{"round": 1}, {"round": 2}], "x": {"b": None}}
+
+
+class FakeApi:
+    """Records calls; `existing` Job names answer AlreadyExists."""
+
+    def __init__(self, existing=()):
+        self.existing = set(existing)
+        self.calls = []
+
+    async def patch_status(self, namespace, name, patch):
+        self.calls.append(("patch_status", name, patch))
+
+    async def create(self, obj):
+        name = obj["metadata"]["name"]
+        self.calls.append(("create", name))
+        if name in self.existing:
+            return False
+        self.existing.add(name)
+        return True
+
+    async def set_suspend(self, namespace, job, suspend):
+        self.calls.append(("suspend" if suspend else "resume", job))
+
+    async def delete_job(self, namespace, job):
+        self.calls.append(("delete", job))
+
+    def event(self, body, event: Event):
+        self.calls.append(("event", event.reason))
+
+
+def motrun(spec_extra=None, status=None):
+    spec = {"student": "s3://m/s", "teachers": [{"name": "a", "dataset": "d"}, {"name": "b", "dataset": "d"}],
+            "rounds": 1}
+    spec.update(spec_extra or {})
+    return {"apiVersion": "mot.dev/v1alpha1", "kind": "MoTRun",
+            "metadata": {"name": "demo", "namespace": "ns", "uid": "u-1", "generation": 1},
+            "spec": spec, "status": status or {}}
+
+
+def reconcile(body, api, jobs=()):
+    state = controller.ControllerState(config=OperatorConfig(default_storage_uri="s3://ckpt"), api=api)
+    index = {("ns", "demo"): list(jobs)}
+    return asyncio.run(controller.reconcile(body, body["status"], index, {}, state))
+
+
+def test_reconcile_writes_status_before_creating_jobs_and_posts_events():
+    api = FakeApi()
+    status, _ = reconcile(motrun(), api)
+    kinds = [c[0] for c in api.calls]
+    assert kinds.index("patch_status") < kinds.index("create")
+    assert [c[1] for c in api.calls if c[0] == "create"] == ["demo-r1-sft-a-a1", "demo-r1-sft-b-a1"]
+    assert [c[1] for c in api.calls if c[0] == "event"] == ["BranchStarted", "BranchStarted"]
+    assert status["rounds"][0]["branches"]["a"]["checkpoint"] == "s3://ckpt/ns/demo/round-1/branch-a"
+
+
+def test_reconcile_after_a_restart_adopts_existing_jobs_without_duplicates():
+    first = FakeApi()
+    status, _ = reconcile(motrun(), first)
+    # Restart: status was written, only Job "a" was created before the crash.
+    api = FakeApi(existing={"demo-r1-sft-a-a1"})
+    body = motrun(status=status)
+    _, result = reconcile(body, api, jobs=[job_body(status={"active": 1})])
+    assert [c[1] for c in api.calls if c[0] == "create"] == ["demo-r1-sft-b-a1"]
+    assert not [c for c in api.calls if c[0] == "event"]
+
+
+def test_reconcile_of_an_invalid_spec_fails_the_run_naming_the_field():
+    api = FakeApi()
+    status, _ = reconcile(motrun({"teachers": [{"name": "a", "dataset": "d"}, {"name": "a", "dataset": "e"}]}), api)
+    assert status["phase"] == "Failed" and "spec.teachers[1].name" in status["message"]
+    assert not [c for c in api.calls if c[0] == "create"]
+
+
+def test_reconcile_of_an_unchanged_run_writes_nothing():
+    api = FakeApi()
+    status, _ = reconcile(motrun(), api)
+    api2 = FakeApi(existing=api.existing)
+    jobs = [job_body(), job_body(name="demo-r1-sft-b-a1", teacher="b")]
+    status2, _ = reconcile(motrun(status=status), api2, jobs=jobs)
+    assert api2.calls == [] and status2 == status
