@@ -1,0 +1,114 @@
+"""Operator metrics: the contract's names, values derived from status transitions, per-run series
+removed on delete, and the HTTP port serving /metrics, /healthz and /readyz."""
+
+from __future__ import annotations
+
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+from mot_operator import metrics
+from mot_operator.operator_cmd import Health, make_server
+from mot_operator.planner import Event, Plan
+from prometheus_client.parser import text_string_to_metric_families
+
+CONTRACT = {
+    "mot_runs": "gauge", "mot_run_round": "gauge", "mot_run_last_progress_timestamp_seconds": "gauge",
+    "mot_jobs_created": "counter", "mot_jobs_finished": "counter", "mot_job_retries": "counter",
+    "mot_stage_duration_seconds": "histogram", "mot_branch_loss": "gauge", "mot_eval_score": "gauge",
+    "mot_reconcile_errors": "counter",
+}
+
+
+def value(name, **labels):
+    return metrics.REGISTRY.get_sample_value(name, labels)
+
+
+def status_with(branch_state, attempt=1, merge=None, eval_score=None, phase="Running"):
+    rec = {"round": 1, "branches": {"a": {"attempt": attempt, "state": branch_state,
+                                          "startTime": "2026-01-01T00:00:00Z",
+                                          "completionTime": "2026-01-01T00:01:40Z", "loss": 0.5}}}
+    if merge:
+        rec["merge"] = {"attempt": 1, "state": merge}
+    if eval_score is not None:
+        rec["evalScore"] = eval_score
+    return {"phase": phase, "round": 1, "rounds": [rec]}
+
+
+def test_names_and_types_match_the_contract():
+    families = {f.name: f.type for f in metrics.REGISTRY.collect()}
+    assert families == CONTRACT
+
+
+def test_transitions_count_finished_jobs_once_with_durations():
+    before = value("mot_jobs_finished_total", stage="sft", result="succeeded") or 0
+    hist_before = value("mot_stage_duration_seconds_count", stage="sft") or 0
+    running = status_with("Running")
+    done = status_with("Succeeded")
+    metrics.record_transitions(running, done)
+    metrics.record_transitions(done, done)  # re-observing (e.g. after a restart) counts nothing
+    assert value("mot_jobs_finished_total", stage="sft", result="succeeded") == before + 1
+    assert value("mot_stage_duration_seconds_count", stage="sft") == hist_before + 1
+    assert value("mot_stage_duration_seconds_bucket", stage="sft", le="120.0") >= 1
+    failed_before = value("mot_jobs_finished_total", stage="sft", result="failed") or 0
+    metrics.record_transitions(running, status_with("Retrying"))
+    metrics.record_transitions(status_with("Retrying"), status_with("Failed", attempt=2))
+    assert value("mot_jobs_finished_total", stage="sft", result="failed") == failed_before + 2
+
+
+def test_retries_and_created_jobs_are_counted():
+    before = value("mot_job_retries_total", stage="merge") or 0
+    metrics.record_plan(Plan(status={}, events=[Event("Normal", "MergeRetried", "x"), Event("Normal", "X", "y")]))
+    assert value("mot_job_retries_total", stage="merge") == before + 1
+    created = value("mot_jobs_created_total", stage="eval") or 0
+    metrics.job_created("eval")
+    assert value("mot_jobs_created_total", stage="eval") == created + 1
+
+
+def test_run_gauges_and_removal_on_delete():
+    metrics.observe_run("ns1", "run-x", status_with("Succeeded", eval_score=0.4, phase="Evaluating"),
+                        progressed=True)
+    metrics.observe_run("ns1", "run-y", status_with("Running"), progressed=False)
+    assert value("mot_runs", phase="Evaluating") >= 1 and value("mot_runs", phase="Running") >= 1
+    assert value("mot_run_round", namespace="ns1", motrun="run-x") == 1
+    assert value("mot_branch_loss", namespace="ns1", motrun="run-x", teacher="a") == 0.5
+    assert value("mot_eval_score", namespace="ns1", motrun="run-x") == pytest.approx(0.4)
+    assert value("mot_run_last_progress_timestamp_seconds", namespace="ns1", motrun="run-x") > 0
+    evaluating = value("mot_runs", phase="Evaluating")
+    metrics.forget_run("ns1", "run-x")
+    assert value("mot_runs", phase="Evaluating") == evaluating - 1
+    for name in ("mot_run_round", "mot_eval_score", "mot_run_last_progress_timestamp_seconds"):
+        assert value(name, namespace="ns1", motrun="run-x") is None
+    assert value("mot_branch_loss", namespace="ns1", motrun="run-x", teacher="a") is None
+    assert value("mot_run_round", namespace="ns1", motrun="run-y") == 1  # others untouched
+    metrics.forget_run("ns1", "run-y")
+
+
+def get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_http_port_serves_metrics_health_and_readiness():
+    health = Health()
+    server = make_server("127.0.0.1", 0, health, metrics.REGISTRY)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        code, text = get(f"{base}/metrics")
+        assert code == 200
+        names = {f.name for f in text_string_to_metric_families(text)}
+        assert set(CONTRACT) <= names
+        assert get(f"{base}/healthz")[0] == 200
+        assert get(f"{base}/readyz")[0] == 503  # Kopf not started yet
+        health.ready.set()
+        assert get(f"{base}/readyz")[0] == 200
+        health.heartbeat -= 3600  # the operator loop stopped beating
+        assert get(f"{base}/healthz")[0] == 503
+        assert get(f"{base}/nope")[0] == 404
+    finally:
+        server.shutdown()
