@@ -97,8 +97,9 @@ def observe_run(namespace: str, name: str, status: dict, progressed: bool) -> No
         _refresh_phase_counts()
     if status.get("round"):
         RUN_ROUND.labels(namespace=namespace, motrun=name).set(status["round"])
-    if progressed:
-        RUN_LAST_PROGRESS.labels(namespace=namespace, motrun=name).set(time.time())
+    last = last_progress(status)
+    if progressed or last is not None:
+        RUN_LAST_PROGRESS.labels(namespace=namespace, motrun=name).set(time.time() if progressed else last)
     losses: dict[str, float] = {}
     score = None
     for rec in status.get("rounds") or []:
@@ -113,6 +114,18 @@ def observe_run(namespace: str, name: str, status: dict, progressed: bool) -> No
         _teachers.setdefault(key, set()).update(losses)
     if score is not None:
         EVAL_SCORE.labels(namespace=namespace, motrun=name).set(score)
+
+
+def last_progress(status: dict) -> float | None:
+    """Unix time of the newest transition recorded in a status (survives operator restarts)."""
+    stamps = [status.get("startTime"), status.get("completionTime")]
+    stamps += [c.get("lastTransitionTime") for c in status.get("conditions") or []]
+    for rec in status.get("rounds") or []:
+        stamps += [rec.get("startTime"), rec.get("completionTime")]
+    for _round, _stage, _teacher, entry in _entries(status):
+        stamps += [entry.get("startTime"), entry.get("completionTime")]
+    times = [parse_timestamp(s).timestamp() for s in stamps if s]
+    return max(times) if times else None
 
 
 def forget_run(namespace: str, name: str) -> None:

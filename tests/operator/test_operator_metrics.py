@@ -75,6 +75,9 @@ def test_run_gauges_and_removal_on_delete():
     assert value("mot_branch_loss", namespace="ns1", motrun="run-x", teacher="a") == 0.5
     assert value("mot_eval_score", namespace="ns1", motrun="run-x") == pytest.approx(0.4)
     assert value("mot_run_last_progress_timestamp_seconds", namespace="ns1", motrun="run-x") > 0
+    # Without a change in this process (e.g. after a restart) the time comes from the status.
+    assert value("mot_run_last_progress_timestamp_seconds", namespace="ns1", motrun="run-y") == (
+        metrics.last_progress(status_with("Running")))
     evaluating = value("mot_runs", phase="Evaluating")
     metrics.forget_run("ns1", "run-x")
     assert value("mot_runs", phase="Evaluating") == evaluating - 1
