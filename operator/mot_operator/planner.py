@@ -458,7 +458,8 @@ class _Planner:
     def started_any(self) -> bool:
         for rec in self.status.get("rounds", []):
             entries = list(rec.get("branches", {}).values()) + [rec.get("merge"), rec.get("eval")]
-            if any(e and e.get("state") != "Pending" for e in entries):
+            # Suspended (e.g. queued by Kueue) has not started either.
+            if any(e and e.get("state") not in ("Pending", "Suspended") for e in entries):
                 return True
         return False
 

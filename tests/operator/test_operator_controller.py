@@ -146,3 +146,12 @@ def test_reconcile_of_an_unchanged_run_writes_nothing():
     jobs = [job_body(), job_body(name="demo-r1-sft-b-a1", teacher="b")]
     status2, _ = reconcile(motrun(status=status), api2, jobs=jobs)
     assert api2.calls == [] and status2 == status
+
+
+def test_the_operator_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, mot_operator.operator_cmd, mot_operator.controller, mot_operator.cli; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -262,6 +262,7 @@ def test_resume_unsuspends_jobs_unless_kueue_manages_them():
     for job in queued.jobs.values():
         job.state = "Suspended"  # waiting for Kueue admission
     assert queued.step().resume == []
+    assert queued.status["phase"] == "Pending"  # queued is not running yet
 
 
 def test_rounds_extended_before_the_end_runs_more_rounds():
