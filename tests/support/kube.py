@@ -12,6 +12,10 @@ resource. Created/updated custom objects are defaulted from, and validated again
 openAPIV3Schema with jsonschema; invalid ones get a 422 `Invalid` Status naming the field, as a real
 API server answers. CEL rules (`x-kubernetes-validations`) are not evaluated here: the operator's
 `parse_spec` mirrors them.
+
+Not served: protobuf request bodies (kubectl's typed generators such as `kubectl create namespace`
+send them; use manifests with `kubectl apply -f`), server-side apply field management, Table output
+for `kubectl get` (plain lists are printed as NAME/AGE), aggregated discovery, openapi v2 schemas.
 """
 
 from __future__ import annotations
@@ -455,6 +459,10 @@ class ApiServer(kmock.KubernetesEmulator):
         verb = ("watch" if watch else "list" if name is None else "get") if method == "GET" else {
             "POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}.get(method, method)
         self.request_counts[(agent, verb, rtype.plural + (f"/{subresource}" if subresource else ""))] += 1
+        if "protobuf" in raw.headers.get("Content-Type", "") and body:
+            # kubectl's typed generators (`kubectl create namespace/secret ...`) send protobuf.
+            raise ApiError(415, "UnsupportedMediaType", "the test API server reads JSON bodies only; "
+                           "use `kubectl apply -f` / `kubectl create -f` with a manifest")
         if method == "GET" and watch:
             return await self._watch(raw, rtype, namespace, name, query)
         if method == "GET" and name is None:

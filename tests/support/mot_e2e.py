@@ -7,6 +7,7 @@ its own namespace (`mot_e2e.namespace()`).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -122,11 +123,12 @@ class MoTE2E:
     def namespace(self) -> str:
         """A fresh namespace holding the S3 credentials Secret the runs name."""
         name = f"e2e-{uuid.uuid4().hex[:6]}"
-        self.kubectl("create", "namespace", name)
-        self.kubectl("-n", name, "create", "secret", "generic", CREDENTIALS_SECRET,
-                     f"--from-literal=AWS_ACCESS_KEY_ID={self.s3.access_key}",
-                     f"--from-literal=AWS_SECRET_ACCESS_KEY={self.s3.secret_key}",
-                     "--from-literal=AWS_REGION=us-east-1")
+        secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": CREDENTIALS_SECRET, "namespace": name},
+                  "type": "Opaque", "data": {key: base64.b64encode(value.encode()).decode() for key, value in (
+                      ("AWS_ACCESS_KEY_ID", self.s3.access_key), ("AWS_SECRET_ACCESS_KEY", self.s3.secret_key),
+                      ("AWS_REGION", "us-east-1"))}}
+        namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+        self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([namespace, secret]))
         return name
 
     def upload_text(self, key: str, text: str) -> str:
