@@ -1,8 +1,10 @@
 """Kopf handlers: a level-based controller for MoTRuns.
 
 One daemon per MoTRun loops: observe its Jobs (from an in-memory index fed by a watch), call the
-pure planner, write the status, then create/suspend/resume/delete Jobs. Job and Pod events wake the
-daemon at once, so reactions do not wait for a timer; a periodic resync covers anything missed.
+pure planner, write the status, then create/suspend/resume/delete Jobs. Job events wake the daemon
+at once, so reactions do not wait for a timer; a periodic resync covers anything missed. Pods are
+not watched (RBAC: get/list only): a finished Job's Pods are read once for the trainer's
+termination message.
 Kopf keeps its own bookkeeping in annotations; our status holds only the run's state.
 """
 
@@ -42,6 +44,8 @@ class ControllerState:
     config: jobrender.OperatorConfig = field(default_factory=jobrender.OperatorConfig)
     api: object = None  # a KubeApi; set by `mot operator` before Kopf starts
     wakers: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
+    # Pods of finished Jobs, read once per Job: {(namespace, run): {job: [pod, ...]}}
+    pods: dict[tuple[str, str], dict[str, list[dict]]] = field(default_factory=dict)
     ready: bool = False
 
     def wake(self, namespace: str, run_label: str) -> None:
@@ -73,6 +77,14 @@ class KubeApi:
     @staticmethod
     def _status(error) -> int | None:
         return getattr(error, "status", None)
+
+    async def job_pods(self, namespace: str, job: str) -> list[dict]:
+        """The Pods of a Job (for their termination messages), read when the Job has finished."""
+        response = await asyncio.to_thread(
+            self.core.list_namespaced_pod, namespace, label_selector=f"{naming.LABEL_JOB_NAME}={job}",
+            _preload_content=False)
+        items = json.loads(response.data).get("items") or []
+        return [p for p in items if ((p.get("metadata") or {}).get("labels") or {}).get(naming.LABEL_JOB_NAME) == job]
 
     async def patch_status(self, namespace: str, name: str, patch: dict) -> None:
         await asyncio.to_thread(
@@ -222,17 +234,32 @@ def _snapshot(value):
     return value
 
 
-def observed_jobs(namespace: str, run_name: str, job_index, pod_index) -> list[ObservedJob]:
+def _finished(job: dict) -> bool:
+    conditions = (job.get("status") or {}).get("conditions") or []
+    return any(c.get("status") == "True" and c.get("type") in ("Complete", "SuccessCriteriaMet", "Failed",
+                                                                "FailureTarget") for c in conditions)
+
+
+async def observed_jobs(namespace: str, run_name: str, job_index, state: ControllerState) -> list[ObservedJob]:
+    """The run's Jobs from the index; finished ones with their Pods' termination messages."""
+    cache = state.pods.setdefault((namespace, run_name), {})
     found = []
     for job in job_index.get((namespace, naming.label_value(run_name)), []):
-        pods = list(pod_index.get((namespace, job["metadata"]["name"]), []))
+        name = job["metadata"]["name"]
+        pods = []
+        if _finished(job):
+            pods = cache.get(name)
+            if pods is None:
+                pods = await state.api.job_pods(namespace, name)
+                if any(_termination(p) for p in pods):  # else look again next time
+                    cache[name] = pods
         obs = observe_job(job, pods)
         if obs is not None:
             found.append(obs)
     return found
 
 
-async def reconcile(body: dict, status: dict, job_index, pod_index, state: ControllerState,
+async def reconcile(body: dict, status: dict, job_index, state: ControllerState,
                     now: datetime | None = None) -> tuple[dict, Plan]:
     """Observe, plan, write status, act. Returns the status now stored and the plan."""
     meta = body["metadata"]
@@ -246,7 +273,7 @@ async def reconcile(body: dict, status: dict, job_index, pod_index, state: Contr
         spec = None
         result = plan_invalid(run, status, error, now)
     else:
-        result = plan(run, spec, status, observed_jobs(namespace, name, job_index, pod_index), now)
+        result = plan(run, spec, status, await observed_jobs(namespace, name, job_index, state), now)
 
     api = state.api
     if result.status != status:
@@ -288,21 +315,8 @@ def job_index(namespace, name, labels, body, **_):
     return {(namespace, labels[naming.LABEL_RUN]): _snapshot(body)}
 
 
-@kopf.index("", "v1", "pods", labels={naming.LABEL_RUN: kopf.PRESENT})
-def pod_index(namespace, labels, body, **_):
-    job = labels.get(naming.LABEL_JOB_NAME) or labels.get("job-name")
-    if not job:
-        return None
-    return {(namespace, job): {"metadata": {"name": body["metadata"]["name"]}, "status": _snapshot(body.get("status") or {})}}
-
-
 @kopf.on.event("batch", "v1", "jobs", labels={naming.LABEL_RUN: kopf.PRESENT})
 def job_changed(namespace, labels, **_):
-    STATE.wake(namespace, labels[naming.LABEL_RUN])
-
-
-@kopf.on.event("", "v1", "pods", labels={naming.LABEL_RUN: kopf.PRESENT})
-def pod_changed(namespace, labels, **_):
     STATE.wake(namespace, labels[naming.LABEL_RUN])
 
 
@@ -310,13 +324,14 @@ def pod_changed(namespace, labels, **_):
 def run_changed(type, namespace, name, **_):
     if type == "DELETED":
         metrics.forget_run(namespace, name)
+        STATE.pods.pop((namespace, name), None)
     event = STATE.wakers.get((namespace, name))
     if event is not None:
         event.set()
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=1.0)
-async def run_daemon(stopped, namespace, name, body, job_index, pod_index, logger, **_):
+async def run_daemon(stopped, namespace, name, body, job_index, logger, **_):
     """Reconcile one MoTRun until it is terminal (then stop: terminal runs are never restarted)."""
     key = (namespace, name)
     wake = STATE.wakers.setdefault(key, asyncio.Event())
@@ -330,7 +345,7 @@ async def run_daemon(stopped, namespace, name, body, job_index, pod_index, logge
             if body.get("metadata", {}).get("deletionTimestamp"):
                 return
             try:
-                status, result = await reconcile(_snapshot(body), status, job_index, pod_index, STATE)
+                status, result = await reconcile(_snapshot(body), status, job_index, STATE)
                 if status.get("phase") in TERMINAL and not result.delete:
                     log.info("MoTRun %s/%s is %s: %s", namespace, name, status["phase"], status.get("message", ""))
                     return

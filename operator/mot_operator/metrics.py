@@ -1,7 +1,8 @@
 """Prometheus metrics of the operator (names fixed by docs/architecture.md).
 
-Counters and the histogram are derived from status transitions (old status -> new status), so an
-operator restart, which re-reads status, counts nothing twice.
+Successes and their durations are derived from status transitions (old status -> new status);
+failures and retries from the planner's events, which it emits once per failed attempt. Both come
+from status, so an operator restart, which re-reads status, counts nothing twice.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ JOBS_FINISHED = Counter("mot_jobs_finished_total", "Jobs finished, by stage and 
                         ["stage", "result"], registry=REGISTRY)
 JOB_RETRIES = Counter("mot_job_retries_total", "Failed Jobs retried as a new attempt, by stage.", ["stage"],
                       registry=REGISTRY)
-STAGE_DURATION = Histogram("mot_stage_duration_seconds", "Wall time of finished Jobs, by stage.", ["stage"],
+STAGE_DURATION = Histogram("mot_stage_duration_seconds", "Wall time of succeeded Jobs, by stage.", ["stage"],
                            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 43200,
                                     86400),
                            registry=REGISTRY)
@@ -38,6 +39,7 @@ RECONCILE_ERRORS = Counter("mot_reconcile_errors_total", "Reconciliations that r
                            registry=REGISTRY)
 
 _STAGE_OF_RETRY = {"BranchRetried": "sft", "MergeRetried": "merge", "EvalRetried": "eval"}
+_STAGE_OF_FAILURE = {"BranchFailed": "sft", "MergeFailed": "merge", "EvalFailed": "eval"}
 _lock = threading.Lock()
 _phases: dict[tuple[str, str], str] = {}
 _teachers: dict[tuple[str, str], set[str]] = {}
@@ -56,23 +58,14 @@ def _entries(status: dict):
                 yield rec.get("round"), stage, None, rec[stage]
 
 
-def _finished(entry: dict) -> str | None:
-    state = entry.get("state")
-    if state == "Succeeded":
-        return "succeeded"
-    if state in ("Failed", "Retrying"):  # Retrying: this attempt failed, the next one is scheduled
-        return "failed"
-    return None
-
-
 def record_transitions(old: dict, new: dict) -> None:
-    """Count Jobs that finished between two statuses, with their durations."""
-    before = {(r, s, t): (e.get("attempt"), _finished(e)) for r, s, t, e in _entries(old or {})}
+    """Count Jobs that succeeded between two statuses, with their durations."""
+    before = {(r, s, t): (e.get("attempt"), e.get("state")) for r, s, t, e in _entries(old or {})}
     for round_, stage, teacher, entry in _entries(new):
-        result = _finished(entry)
-        if result is None or before.get((round_, stage, teacher)) == (entry.get("attempt"), result):
+        if entry.get("state") != "Succeeded" or before.get((round_, stage, teacher)) == (
+                entry.get("attempt"), "Succeeded"):
             continue
-        JOBS_FINISHED.labels(stage=stage, result=result).inc()
+        JOBS_FINISHED.labels(stage=stage, result="succeeded").inc()
         if entry.get("startTime") and entry.get("completionTime"):
             seconds = (parse_timestamp(entry["completionTime"]) - parse_timestamp(entry["startTime"])).total_seconds()
             STAGE_DURATION.labels(stage=stage).observe(max(seconds, 0.0))
@@ -80,6 +73,8 @@ def record_transitions(old: dict, new: dict) -> None:
 
 def record_plan(plan: Plan) -> None:
     for event in plan.events:
+        if event.reason in _STAGE_OF_FAILURE:
+            JOBS_FINISHED.labels(stage=_STAGE_OF_FAILURE[event.reason], result="failed").inc()
         if event.reason in _STAGE_OF_RETRY:
             JOB_RETRIES.labels(stage=_STAGE_OF_RETRY[event.reason]).inc()
 

@@ -71,9 +71,14 @@ def test_merge_patch_deletes_removed_keys_and_replaces_lists():
 class FakeApi:
     """Records calls; `existing` Job names answer AlreadyExists."""
 
-    def __init__(self, existing=()):
+    def __init__(self, existing=(), pods=None):
         self.existing = set(existing)
+        self.pods = pods or {}
         self.calls = []
+
+    async def job_pods(self, namespace, job):
+        self.calls.append(("job_pods", job))
+        return self.pods.get(job, [])
 
     async def patch_status(self, namespace, name, patch):
         self.calls.append(("patch_status", name, patch))
@@ -108,7 +113,7 @@ def motrun(spec_extra=None, status=None):
 def reconcile(body, api, jobs=()):
     state = controller.ControllerState(config=OperatorConfig(default_storage_uri="s3://ckpt"), api=api)
     index = {("ns", "demo"): list(jobs)}
-    return asyncio.run(controller.reconcile(body, body["status"], index, {}, state))
+    return asyncio.run(controller.reconcile(body, body["status"], index, state))
 
 
 def test_reconcile_writes_status_before_creating_jobs_and_posts_events():
@@ -155,3 +160,17 @@ def test_the_operator_does_not_import_torch():
     code = ("import sys, mot_operator.operator_cmd, mot_operator.controller, mot_operator.cli; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_finished_jobs_pods_are_read_once_for_the_termination_message():
+    status, _ = reconcile(motrun(), FakeApi())
+    done = {"conditions": [cond("Complete")], "completionTime": NOW}
+    jobs = [job_body(status=done), job_body(name="demo-r1-sft-b-a1", teacher="b", status={"active": 1})]
+    api = FakeApi(existing={"demo-r1-sft-a-a1", "demo-r1-sft-b-a1"},
+                  pods={"demo-r1-sft-a-a1": [pod_body(0, json.dumps({"final_loss": 0.25}))]})
+    state = controller.ControllerState(config=OperatorConfig(default_storage_uri="s3://ckpt"), api=api)
+    index = {("ns", "demo"): jobs}
+    status, _ = asyncio.run(controller.reconcile(motrun(status=status), status, index, state))
+    assert status["rounds"][0]["branches"]["a"]["loss"] == 0.25
+    asyncio.run(controller.reconcile(motrun(status=status), status, index, state))
+    assert [c for c in api.calls if c[0] == "job_pods"] == [("job_pods", "demo-r1-sft-a-a1")]  # cached

@@ -51,16 +51,18 @@ def test_transitions_count_finished_jobs_once_with_durations():
     assert value("mot_jobs_finished_total", stage="sft", result="succeeded") == before + 1
     assert value("mot_stage_duration_seconds_count", stage="sft") == hist_before + 1
     assert value("mot_stage_duration_seconds_bucket", stage="sft", le="120.0") >= 1
-    failed_before = value("mot_jobs_finished_total", stage="sft", result="failed") or 0
-    metrics.record_transitions(running, status_with("Retrying"))
-    metrics.record_transitions(status_with("Retrying"), status_with("Failed", attempt=2))
-    assert value("mot_jobs_finished_total", stage="sft", result="failed") == failed_before + 2
+    retried = status_with("Succeeded", attempt=2)
+    metrics.record_transitions(done, retried)  # a later attempt succeeding counts again
+    assert value("mot_jobs_finished_total", stage="sft", result="succeeded") == before + 2
 
 
-def test_retries_and_created_jobs_are_counted():
+def test_failures_retries_and_created_jobs_are_counted_from_plans():
     before = value("mot_job_retries_total", stage="merge") or 0
-    metrics.record_plan(Plan(status={}, events=[Event("Normal", "MergeRetried", "x"), Event("Normal", "X", "y")]))
+    failed = value("mot_jobs_finished_total", stage="merge", result="failed") or 0
+    metrics.record_plan(Plan(status={}, events=[
+        Event("Warning", "MergeFailed", "x"), Event("Normal", "MergeRetried", "x"), Event("Warning", "Failed", "y")]))
     assert value("mot_job_retries_total", stage="merge") == before + 1
+    assert value("mot_jobs_finished_total", stage="merge", result="failed") == failed + 1
     created = value("mot_jobs_created_total", stage="eval") or 0
     metrics.job_created("eval")
     assert value("mot_jobs_created_total", stage="eval") == created + 1
