@@ -33,6 +33,14 @@ RELEASE_NAMESPACE = "mot-system"
 RUN_NAMESPACE = "ml-team"  # the operator is installed namespaced: it watches only this one
 CREDENTIALS_SECRET = "mot-s3"
 RUN_TIMEOUT_S = 150
+TEST_AGENT = "deploy-test"
+# Clients that are not the operator: Helm, this test, the test kubelet.
+NOT_OPERATOR = {"Helm", TEST_AGENT, "python-requests"}
+# Kopf's cluster observation (kopf/_core/reactor/observation.py): without these permissions it logs a
+# warning and falls back to the namespaces it was given and the resources found at start, so the
+# chart does not grant them (and `settings.scanning.disabled` turns them off).
+KOPF_OPTIONAL = {("list", "namespaces"), ("watch", "namespaces"),
+                 ("list", "customresourcedefinitions"), ("watch", "customresourcedefinitions")}
 
 
 def wait_until(predicate, timeout: float, what: str, on_timeout=lambda: ""):
@@ -92,6 +100,7 @@ def cluster(tmp_path_factory):
 def test_helm_install_then_the_deployed_operator_runs_a_motrun(cluster, s3_server, tiny_model, tiny_data,
                                                                tmp_path):
     client = cluster.api_client()
+    client.user_agent = TEST_AGENT  # tells this test's requests apart from the operator's
     core, custom = kubernetes.client.CoreV1Api(client), kubernetes.client.CustomObjectsApi(client)
     bucket = s3_server.make_bucket("deploy-e2e")
     metrics_port = free_port()
@@ -199,6 +208,19 @@ def test_helm_install_then_the_deployed_operator_runs_a_motrun(cluster, s3_serve
         assert samples[("mot_runs", (("phase", "Succeeded"),))] == 1
         assert samples[("mot_run_round", (("motrun", "first-run"), ("namespace", RUN_NAMESPACE)))] == 2
         assert samples[("mot_jobs_created_total", (("stage", "sft"),))] == 4
+
+        # Every request the operator made is one the chart's Role allows (the test server does not
+        # enforce RBAC, so compare what happened with what the chart grants).
+        (role,) = roles
+        granted: dict[str, set[str]] = {}
+        for rule in role["rules"]:
+            for resource in rule["resources"]:
+                granted.setdefault(resource, set()).update(rule["verbs"])
+        made = {(verb, resource) for (agent, verb, resource) in cluster.requests()
+                if agent not in NOT_OPERATOR and verb != "discovery"} - KOPF_OPTIONAL
+        assert made, "no request from the operator was seen"
+        denied = sorted((verb, resource) for verb, resource in made if verb not in granted.get(resource, ()))
+        assert not denied, f"the operator made requests its RBAC would deny: {denied}"
     finally:
         operator.terminate()
         try:
