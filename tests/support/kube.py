@@ -27,6 +27,7 @@ import datetime as dt
 import json
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -282,6 +283,7 @@ class ApiServer(kmock.KubernetesEmulator):
 
     types: dict[tuple[str, str], ResourceType] = attrs.field(factory=dict)
     request_counts: collections.Counter = attrs.field(factory=collections.Counter)
+    created_at: dict = attrs.field(factory=dict)  # (plural, namespace, name) -> time.time() of create
     _rv: int = attrs.field(default=1)
     _event_log: dict = attrs.field(factory=lambda: collections.defaultdict(
         lambda: collections.deque(maxlen=EVENT_LOG_SIZE)))
@@ -440,9 +442,13 @@ class ApiServer(kmock.KubernetesEmulator):
             return await self._route(raw, body, path, agent)
         except ApiError as error:
             return aiohttp.web.json_response(error.status(), status=error.code)
-        except (ValueError, jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as error:
+        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as error:
+            # A failed JSON-patch `test` (Kopf's optimistic lock on resourceVersion) is a 422, as in k8s.
             return aiohttp.web.json_response(
-                ApiError(400, "BadRequest", f"invalid body or patch: {error}").status(), status=400)
+                ApiError(422, "Invalid", f"the JSON patch could not be applied: {error}").status(), status=422)
+        except ValueError as error:
+            return aiohttp.web.json_response(
+                ApiError(400, "BadRequest", f"invalid request body: {error}").status(), status=400)
 
     async def _route(self, raw, body: bytes, path: str, agent: str) -> aiohttp.web.StreamResponse:
         if path in ("/version", "/api", "/apis", "/") or path.startswith("/openapi"):
@@ -548,6 +554,7 @@ class ApiServer(kmock.KubernetesEmulator):
         obj["apiVersion"], obj["kind"] = rtype.api_version, rtype.kind
         self._admit(rtype, obj, strict)
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=now_iso(), generation=1)
+        self.created_at[(rtype.plural, meta.get("namespace"), meta["name"])] = time.time()
         meta.pop("deletionTimestamp", None)
         if rtype.status_subresource and rtype.schema:
             obj.pop("status", None)  # the status subresource ignores status on create

@@ -1,0 +1,184 @@
+"""Benchmark the operator: many MoTRuns on the test API server, Jobs finishing at once.
+
+    .venv/bin/python bench/operator/bench_operator.py --runs 100 --teachers 4 --rounds 2
+
+Starts the test API server (tests/support/kube.py, kmock underneath) and the test kubelet in
+`instant` mode (every Job succeeds as soon as it is seen, with a trainer-like termination message),
+then the real operator process (`mot operator`), creates all MoTRuns at once and waits until every
+one is Succeeded. Reports:
+  merge latency   per run and round, time from the last branch Job's completion (written by the
+                  kubelet) to the merge Job's creation (stamped by the API server): p50, p99, max
+  API requests    made by the operator (everything but the kubelet and this script), per round
+  operator CPU    user+system seconds of the operator process, total and per round
+  operator RSS    peak resident memory (VmHWM) of the operator process
+Targets: p99 < 1 s, peak RSS < 300 MB. Not part of the test suite (about a minute or two).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+
+from support.kube import start_kube_api  # noqa: E402
+from support.kubelet import LocalKubelet  # noqa: E402
+from support.prometheus import free_port  # noqa: E402
+
+BIN = Path(sys.executable).parent
+NAMESPACE = "bench"
+KUBELET_AGENT = "python-requests"  # the kubelet's and this script's requests
+
+
+def trainer_message(job: dict) -> str:
+    """What `mot-train` writes to the termination log on success, per stage."""
+    stage = job["metadata"]["labels"].get("mot.dev/stage")
+    if stage == "sft":
+        return json.dumps({"final_loss": 1.25, "tokens_per_second": 1000.0, "examples_truncated": 0})
+    if stage == "merge":
+        return json.dumps({"inputs": 4, "tensors": 24})
+    return json.dumps({"accuracy": 0.5, "heldout_loss": 1.0, "truncated": 0})
+
+
+def motrun(name: str, teachers: int, rounds: int) -> dict:
+    return {"apiVersion": "mot.dev/v1alpha1", "kind": "MoTRun", "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": {"student": "s3://bench/models/student",
+                     "teachers": [{"name": f"t{i}", "dataset": f"s3://bench/data/t{i}.jsonl"} for i in range(teachers)],
+                     "rounds": rounds, "training": {"steps": 1},
+                     "storage": {"uri": "s3://bench/runs", "endpoint": "http://127.0.0.1:1",
+                                 "credentialsSecret": "none", "pathStyle": True},
+                     "retryBackoffSeconds": 0}}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--teachers", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--kubelet-workers", type=int, default=4)
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="mot-bench-operator-"))
+    kube = start_kube_api(workdir)
+    kubelet = LocalKubelet(kube.url, workdir / "kubelet", max_parallel=args.kubelet_workers, instant=True,
+                           instant_message=trainer_message).start()
+    session = requests.Session()
+    session.post(f"{kube.url}/api/v1/namespaces", json={"metadata": {"name": NAMESPACE}}).raise_for_status()
+
+    port = free_port()
+    log = open(workdir / "operator.log", "wb")  # noqa: SIM115 - closed at the end
+    env = dict(os.environ, KUBECONFIG=str(kube.kubeconfig))
+    operator = subprocess.Popen([str(BIN / "mot"), "operator", "--metrics-port", str(port), "--log-level", "warning"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        else:
+            raise SystemExit(f"the operator did not become ready; log: {workdir / 'operator.log'}")
+        process = psutil.Process(operator.pid)
+        cpu_start = sum(process.cpu_times()[:2])
+        requests_start = kube.requests()
+
+        started = time.monotonic()
+        for i in range(args.runs):
+            session.post(f"{kube.url}/apis/mot.dev/v1alpha1/namespaces/{NAMESPACE}/motruns",
+                         json=motrun(f"run-{i:03d}", args.teachers, args.rounds)).raise_for_status()
+        phases: collections.Counter = collections.Counter()
+        while time.monotonic() - started < args.timeout:
+            items = session.get(f"{kube.url}/apis/mot.dev/v1alpha1/namespaces/{NAMESPACE}/motruns").json()["items"]
+            phases = collections.Counter((item.get("status") or {}).get("phase") for item in items)
+            if phases["Succeeded"] + phases["Failed"] == args.runs:
+                break
+            time.sleep(1)
+        elapsed = time.monotonic() - started
+        cpu = sum(process.cpu_times()[:2]) - cpu_start
+        rss = peak_rss_mb(operator.pid)
+        requests_end = kube.requests()
+    finally:
+        operator.terminate()
+        operator.wait(timeout=30)
+        kubelet.stop()
+        log.close()
+
+    # Merge latency: per run and round, last branch completion -> merge Job created.
+    created = kube.call(lambda: dict(kube.server.created_at))
+    jobs = kube.objects("batch/v1", "jobs", NAMESPACE)
+    by_round: dict[tuple[str, str], dict] = collections.defaultdict(lambda: {"sft": [], "merge": []})
+    for job in jobs:
+        labels = job["metadata"]["labels"]
+        by_round[(labels["mot.dev/run"], labels["mot.dev/round"])][labels["mot.dev/stage"]].append(
+            job["metadata"]["name"])
+    latencies = []
+    for group in by_round.values():
+        if not group["merge"] or len(group["sft"]) < args.teachers:
+            continue
+        last_branch = max(kubelet.completed_at[(NAMESPACE, name)] for name in group["sft"])
+        merge_created = min(created[("jobs", NAMESPACE, name)] for name in group["merge"])
+        latencies.append(merge_created - last_branch)
+
+    operator_requests = collections.Counter()
+    for (agent, verb, resource), count in requests_end.items():
+        if agent != KUBELET_AGENT:
+            operator_requests[(verb, resource)] += count - requests_start.get((agent, verb, resource), 0)
+    total_rounds = args.runs * args.rounds
+    results = {
+        "runs": args.runs, "teachers": args.teachers, "rounds": args.rounds,
+        "succeeded": phases["Succeeded"], "failed": phases["Failed"],
+        "wall_seconds": round(elapsed, 1),
+        "merge_latency_seconds": {
+            "samples": len(latencies),
+            "p50": round(statistics.median(latencies), 3) if latencies else None,
+            "p99": round(percentile(latencies, 99), 3) if latencies else None,
+            "max": round(max(latencies), 3) if latencies else None},
+        "operator_requests_total": sum(operator_requests.values()),
+        "operator_requests_per_round": round(sum(operator_requests.values()) / total_rounds, 1),
+        "operator_requests_by_verb": {f"{verb} {resource}": count for (verb, resource), count
+                                      in sorted(operator_requests.items(), key=lambda kv: -kv[1]) if count},
+        "operator_cpu_seconds": round(cpu, 1),
+        "operator_cpu_seconds_per_round": round(cpu / total_rounds, 3),
+        "operator_peak_rss_mb": round(rss, 1),
+        "operator_log": str(workdir / "operator.log"),
+    }
+    print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    ok = (phases["Succeeded"] == args.runs and latencies and results["merge_latency_seconds"]["p99"] < 1.0
+          and rss < 300)
+    print("targets (all Succeeded, p99 < 1 s, peak RSS < 300 MB):", "met" if ok else "NOT met")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
