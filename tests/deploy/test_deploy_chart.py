@@ -34,7 +34,7 @@ CONTRACT_RULES = {
     ("mot.dev", "motruns"): {"get", "list", "watch", "patch"},
     ("mot.dev", "motruns/status"): {"get", "patch", "update"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "pods"): {"get", "list", "watch"},
+    ("", "pods"): {"get", "list"},
     ("", "services"): {"get", "create", "delete"},
     ("", "events"): {"create", "patch"},
 }

@@ -118,10 +118,10 @@ app.kubernetes.io/component: controller
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Pods only to read trainer termination messages (Kopf indexes the Jobs' Pods: list and watch).
+# Pods only to read trainer termination messages of finished Jobs (no watch).
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get", "list"]
 # Headless Services of multi-node branches.
 - apiGroups: [""]
   resources: ["services"]
