@@ -9,6 +9,8 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,34 @@ def test_dockerignore_keeps_the_context_to_the_sources():
             copied.update(part.rstrip("/") for part in line.split()[1:-1])
     assert copied and copied <= allowed, f"COPY needs {copied - allowed} in .dockerignore"
     assert "pyproject.toml" in allowed and ".venv" not in allowed
+
+
+def test_wheel_stage_builds_from_the_docker_context_alone(tmp_path):
+    """What the `wheel` stage does, on exactly the files .dockerignore lets into the build context:
+    the wheel has the version the Dockerfile expects, both packages, the CRD the operator loads,
+    and both commands."""
+    context = tmp_path / "context"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    context.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, context / name)
+    for name in ("operator", "trainer"):
+        shutil.copytree(REPO / name, context / name, ignore=ignore)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+         "--wheel-dir", str(tmp_path / "wheels"), str(context)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert build_args()["VERSION"] == version, "Dockerfile ARG VERSION must match pyproject.toml"
+    wheel = tmp_path / "wheels" / f"mot_operator-{version}-py3-none-any.whl"
+    assert wheel.exists(), list((tmp_path / "wheels").iterdir())
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        entry_points = archive.read(f"mot_operator-{version}.dist-info/entry_points.txt").decode()
+        metadata = archive.read(f"mot_operator-{version}.dist-info/METADATA").decode()
+    assert {"mot_operator/operator_cmd.py", "mot_operator/motruns.mot.dev.yaml", "mot_trainer/cli.py"} <= names
+    assert "mot = mot_operator.cli:main" in entry_points and "mot-train = mot_trainer.cli:main" in entry_points
+    assert "Provides-Extra: operator" in metadata and "Provides-Extra: trainer" in metadata
+    assert not any(name.startswith("tests/") for name in names)
