@@ -138,6 +138,9 @@ def test_schema_is_structural_with_descriptions_defaults_and_bounds():
             jsonschema.Draft4Validator(specmod.to_json_schema(node)).validate(node["default"])
         if node.get("type") == "integer" and path.startswith("$.spec"):
             assert "minimum" in node, f"{path} has no lower bound"
+        if (node.get("type") == "string" or node.get("x-kubernetes-int-or-string")) and path.startswith("$.spec"):
+            # Bounded strings keep the CEL rules' estimated cost within the API server's budget.
+            assert "maxLength" in node or "enum" in node, f"{path} has no maxLength"
     spec_props = SPEC_SCHEMA["properties"]
     assert spec_props["merge"]["properties"]["method"]["enum"] == ["average", "task-arithmetic", "ties", "dare"]
     assert spec_props["training"]["properties"]["precision"]["enum"] == ["auto", "bf16", "fp16", "fp32"]
