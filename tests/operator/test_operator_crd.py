@@ -8,6 +8,7 @@ import copy
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import celpy
@@ -17,6 +18,7 @@ import pytest
 import yaml
 from celpy import celtypes
 from mot_operator import spec as specmod
+from mot_operator.planner import ObservedJob, RunRef, plan
 from mot_operator.spec import SpecError, apply_defaults, parse_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -285,3 +287,37 @@ def test_numbers_written_as_text_are_read_as_numbers():
     # PyYAML reads `1e-5` as a string; kubectl reads a number: parse_spec accepts both.
     spec = parse_spec(_with("spec.training", {"learningRate": "1e-5"})["spec"])
     assert spec.training.learning_rate == pytest.approx(1e-5)
+
+
+def test_statuses_the_planner_writes_fit_the_crd_status_schema():
+    # The API server validates writes to the status subresource against this schema.
+    status_schema = copy.deepcopy(specmod.json_schema()["properties"]["status"])
+    status_schema["$schema"] = "http://json-schema.org/draft-04/schema#"
+    validator = jsonschema.Draft4Validator(status_schema, format_checker=jsonschema.FormatChecker())
+    spec = parse_spec({**_base()["spec"], "rounds": 2, "retryBackoffSeconds": 5,
+                       "evaluation": {"dataset": "s3://d/e"}})
+    run, now, status, jobs = RunRef("ns", "demo", "u"), datetime(2026, 1, 1, tzinfo=UTC), {}, {}
+    seen_states = set()
+    for step in range(40):
+        now += timedelta(seconds=6)
+        result = plan(run, spec, status, list(jobs.values()), now)
+        status = result.status
+        errors = sorted(validator.iter_errors(status), key=str)
+        assert not errors, f"step {step}: {errors[0]}"
+        seen_states |= {b.get("state") for r in status["rounds"] for b in r["branches"].values()}
+        if status["phase"] in ("Succeeded", "Failed"):
+            break
+        for req in result.create:
+            jobs[req.name] = ObservedJob(req.name, req.stage, req.round, req.teacher, req.attempt, "Running",
+                                         started_at=now)
+        for job in jobs.values():
+            if job.state == "Running":
+                fail = job.name.endswith("sft-teacher-a-a1")
+                job.state, job.finished_at = ("Failed" if fail else "Succeeded"), now
+                job.message, job.metrics = "boom", {"final_loss": 1.0, "accuracy": 0.5}
+    assert status["phase"] == "Succeeded" and "Retrying" in seen_states
+    failed = plan(run, spec, {}, [], now)
+    failed = plan(run, spec, failed.status, [ObservedJob(r.name, r.stage, 1, r.teacher, 1, "Failed", permanent=True,
+                                                         message="bad") for r in failed.create], now)
+    assert failed.status["phase"] == "Failed"
+    assert not list(validator.iter_errors(failed.status))
