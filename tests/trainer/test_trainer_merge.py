@@ -290,3 +290,15 @@ def test_merge_over_s3(tmp_path, s3_server, monkeypatch):
     assert result.returncode == 2, result.stderr
     assert "nothing-here" in (tmp_path / "term").read_text()
     assert not storage.exists(f"{bucket}/out2/{MANIFEST_NAME}")
+
+
+def test_reads_by_offset_and_buffer_growth_keeps_earlier_views(tmp_path):
+    from mot_trainer.merge.io import Checkpoint, ReadBuffer
+
+    tensors = {"small": torch.arange(3, dtype=torch.float32), "big": torch.arange(1000, dtype=torch.bfloat16)}
+    ckpt = Checkpoint(write_checkpoint(tmp_path / "c", tensors))
+    buf = ReadBuffer()
+    small = ckpt.read_into(ckpt.tensors["small"], buf)
+    big = ckpt.read_into(ckpt.tensors["big"], buf, start=10, count=900)  # grows the buffer
+    assert torch.equal(small, tensors["small"]) and torch.equal(big, tensors["big"][10:910])
+    ckpt.close()

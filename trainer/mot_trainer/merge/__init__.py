@@ -17,9 +17,14 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 from mot_trainer import storage
 from mot_trainer.errors import InvalidInput
 from mot_trainer.manifest import MANIFEST_NAME, verify_file, verify_folder, write_manifest
+from mot_trainer.merge import io
+from mot_trainer.merge.io import ReadBuffer
+from mot_trainer.merge.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +34,7 @@ METHODS = {
     "ties": "mot_trainer.merge.ties",
     "dare": "mot_trainer.merge.dare",
 }
-SLICE_ELEMENTS = 8 << 20  # 32 MiB of fp32 per input slice
+SLICE_ELEMENTS = 1 << 20  # 4 MiB of fp32: slices stay in cache (2x less CPU than 32 MiB ones)
 TIED_HEAD = "lm_head.weight"
 
 
@@ -49,8 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from mot_trainer.merge import io
-
+    # Memory-bound elementwise work on small slices: one torch thread (the other core hashes the
+    # inputs); more threads only add synchronisation, and spin in busy OpenMP pools under load.
+    torch.set_num_threads(1)
     started = time.monotonic()
     method = importlib.import_module(METHODS[args.method])
     weights = _check_options(args, method)
@@ -202,8 +208,9 @@ class _TensorMerger:
         self.method, self.checkpoints, self.base, self.weights = method, checkpoints, base, weights
         self.params = {"scale": args.scale, "density": args.density, "seed": args.seed}
         self.pending = pending
-        self.buffers = [bytearray() for _ in checkpoints]
-        self.base_buffer = bytearray()
+        self.buffers = [ReadBuffer() for _ in checkpoints]
+        self.base_buffer = ReadBuffer()
+        self.workspace = Workspace()
         self.done_bytes = 0
         self.last_log = time.monotonic()
 
@@ -223,8 +230,10 @@ class _TensorMerger:
             base = None
             if self.base is not None:
                 base = self.base.read_into(self.base.tensors[spec.name], self.base_buffer, start, count)
-            merged = self.method.merge(tensors, self.weights, base=base, name=spec.name, **self.params)
-            yield merged.to(_torch_dtype(spec.dtype))
+            merged = self.method.merge(tensors, self.weights, base=base, name=spec.name,
+                                       workspace=self.workspace, **self.params)
+            # Converted into a reused buffer: write_sharded writes each slice before asking for the next.
+            yield self.workspace.take("out", merged, _torch_dtype(spec.dtype)).copy_(merged)
         if spec.numel == 0:
             yield first.read_into(first.tensors[spec.name], self.buffers[0])
         self._progress(spec.nbytes)
@@ -244,6 +253,4 @@ class _TensorMerger:
 
 
 def _torch_dtype(code: str):
-    from mot_trainer.merge.io import SAFETENSORS_DTYPES
-
-    return SAFETENSORS_DTYPES[code]
+    return io.SAFETENSORS_DTYPES[code]

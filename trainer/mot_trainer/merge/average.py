@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import torch
 
+from mot_trainer.merge.workspace import Workspace
+
 ELEMENTWISE = True  # may be applied to flat slices of a tensor independently
 NEEDS_BASE = False
 
 
-def merge(tensors, weights, **_) -> torch.Tensor:
-    total = None
-    acc = None
+def merge(tensors, weights, *, workspace: Workspace | None = None, **_) -> torch.Tensor:
+    ws = workspace or Workspace()
+    acc = total = None
     for weight, tensor in zip(weights, tensors, strict=True):
         w = torch.tensor(weight, dtype=torch.float32)  # fp32 weights, as mergekit
-        term = tensor.float() * w
-        acc = term if acc is None else acc.add_(term)
-        total = w if total is None else total + w
+        if acc is None:
+            acc, total = ws.take("acc", tensor).copy_(tensor).mul_(w), w
+        else:
+            acc.add_(ws.take("term", tensor).copy_(tensor).mul_(w))
+            total = total + w
     return acc.div_(total)

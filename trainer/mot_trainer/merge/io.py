@@ -103,6 +103,18 @@ def read_header(path: Path) -> list[TensorInfo]:
     return sorted(infos, key=lambda i: i.offset)
 
 
+class ReadBuffer:
+    """Reused read memory. Grows by replacement, so tensors still viewing the old memory stay valid."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+
+    def view(self, nbytes: int) -> memoryview:
+        if len(self._data) < nbytes:
+            self._data = bytearray(nbytes)
+        return memoryview(self._data)[:nbytes]
+
+
 class Checkpoint:
     """The safetensors weights of a Hugging Face model folder, read by header offset."""
 
@@ -159,16 +171,14 @@ class Checkpoint:
         except ValueError as exc:
             raise InvalidInput(f"{path}: not valid JSON ({exc})") from None
 
-    def read_into(self, info: TensorInfo, buffer: bytearray, start: int = 0, count: int | None = None):
-        """Elements [start, start+count) of a tensor, flat, read into `buffer` (grown as needed).
+    def read_into(self, info: TensorInfo, buffer: ReadBuffer, start: int = 0, count: int | None = None):
+        """Elements [start, start+count) of a tensor, flat, read into `buffer`.
 
-        Returns a tensor that views `buffer`: it is valid until the buffer is reused.
+        Returns a tensor that views the buffer's memory: valid until the buffer is used again.
         """
         count = info.numel - start if count is None else count
         nbytes = count * info.itemsize
-        if len(buffer) < nbytes:
-            buffer.extend(bytes(nbytes - len(buffer)))
-        view = memoryview(buffer)[:nbytes]
+        view = buffer.view(nbytes)
         fd = self._fd(info.file)
         pos, done = info.offset + start * info.itemsize, 0
         while done < nbytes:

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import torch
 
+from mot_trainer.merge.workspace import Workspace
+
 ELEMENTWISE = True
 NEEDS_BASE = True
 
 
-def merge(tensors, weights, *, base, scale=1.0, **_) -> torch.Tensor:
-    base = base.float()
+def merge(tensors, weights, *, base, scale=1.0, workspace: Workspace | None = None, **_) -> torch.Tensor:
+    ws = workspace or Workspace()
+    base32 = ws.take("base", base).copy_(base)
     acc = None
     for weight, tensor in zip(weights, tensors, strict=True):
-        term = (tensor.float() - base).mul_(weight)
+        target = "acc" if acc is None else "term"
+        term = ws.take(target, tensor).copy_(tensor).sub_(base32).mul_(weight)
         acc = term if acc is None else acc.add_(term)
-    return acc.mul_(scale / sum(weights)).add_(base)
+    return acc.mul_(scale / sum(weights)).add_(base32)
