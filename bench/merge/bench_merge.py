@@ -218,9 +218,10 @@ def main() -> None:
         shutil.rmtree(work / f"out-{name}", ignore_errors=True)
         os.sync()
         evict(inputs) if args.cold else warm(inputs)
-        results[name] = measure(commands[name], env, work / f"{name}.log")
+        key = name if name not in results else f"{name}#{sum(k.split('#')[0] == name for k in results) + 1}"
+        results[key] = measure(commands[name], env, work / f"{name}.log")
         os.sync()
-        print(name, results[name], flush=True)
+        print(key, results[key], "load average", os.getloadavg(), flush=True)
     if "mot" in results and "mergekit" in results:
         results["mot_vs_mergekit"] = compare_outputs(work / "out-mot", work / "out-mergekit")
         results["ratio_wall_mot_over_mergekit"] = round(results["mot"]["wall_s"] / results["mergekit"]["wall_s"], 3)
@@ -230,7 +231,7 @@ def main() -> None:
         results["ratio_wall_mot_over_raw"] = round(results["mot"]["wall_s"] / results["raw"]["wall_s"], 3)
     print(json.dumps(results, indent=2))
     (work / "results.json").write_text(json.dumps(results, indent=2))
-    for name in args.runs.split(","):
+    for name in set(args.runs.split(",")):
         shutil.rmtree(work / f"out-{name}", ignore_errors=True)
     if not args.keep:
         for folder in inputs:

@@ -302,3 +302,13 @@ def test_reads_by_offset_and_buffer_growth_keeps_earlier_views(tmp_path):
     big = ckpt.read_into(ckpt.tensors["big"], buf, start=10, count=900)  # grows the buffer
     assert torch.equal(small, tensors["small"]) and torch.equal(big, tensors["big"][10:910])
     ckpt.close()
+
+
+def test_ties_on_tied_model_whose_base_has_no_head(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    paths = tiny_llm_variants(tmp_path, 2, tied=True)  # variant0 keeps lm_head, the base does not
+    out = tmp_path / "merged"
+    assert merge("--method", "ties", "--base", tmp_path / "base", "--inputs", *paths, "--out", out) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.generate(torch.tensor([[4, 5]]), max_new_tokens=3, do_sample=False).shape == (1, 5)

@@ -155,13 +155,12 @@ def _check_compatible(checkpoints, base) -> list:
     tensor when names, shapes or dtypes differ."""
     first = checkpoints[0]
     names = set(first.tensors)
-    if _tied(first.config()) and any(TIED_HEAD in c.tensors for c in checkpoints) and not all(
-        TIED_HEAD in c.tensors for c in checkpoints
-    ):
+    others = checkpoints[1:] + ([base] if base else [])
+    holders = [TIED_HEAD in c.tensors for c in [first, *others]]
+    if _tied(first.config()) and any(holders) and not all(holders):
         # Tied embeddings: some writers save the shared head, others drop it. It is redundant.
         log.info("tie_word_embeddings: dropping %s (present in only some inputs)", TIED_HEAD)
         names.discard(TIED_HEAD)
-    others = checkpoints[1:] + ([base] if base else [])
     for other in others:
         other_names = set(other.tensors) - ({TIED_HEAD} if TIED_HEAD not in names else set())
         missing, extra = sorted(names - other_names), sorted(other_names - names)
