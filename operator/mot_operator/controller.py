@@ -330,6 +330,25 @@ def run_changed(type, namespace, name, **_):
         event.set()
 
 
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+async def run_deleted(namespace, name, body, **_):
+    """Jobs go with the MoTRun (owner references); checkpoints only when spec.storage.cleanup asks."""
+    metrics.forget_run(namespace, name)
+    STATE.pods.pop((namespace, name), None)
+    try:
+        spec = parse_spec(jobrender.with_defaults(_snapshot(body.get("spec") or {}), STATE.config))
+    except SpecError:
+        return  # an invalid run never wrote checkpoints
+    if not (spec.storage.cleanup and spec.storage.uri):
+        return
+    meta = body["metadata"]
+    run = RunRef(namespace=namespace, name=name, uid=meta.get("uid", ""), generation=meta.get("generation") or 1)
+    job = jobrender.render_cleanup_job(spec, run, STATE.config)
+    created = await STATE.api.create(job)
+    log.info("MoTRun %s/%s deleted: cleanup Job %s %s", namespace, name, job["metadata"]["name"],
+             "created" if created else "already exists")
+
+
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=1.0)
 async def run_daemon(stopped, namespace, name, body, job_index, logger, **_):
     """Reconcile one MoTRun until it is terminal (then stop: terminal runs are never restarted)."""

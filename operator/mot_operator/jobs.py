@@ -198,6 +198,41 @@ def render_service(request: JobRequest, run: RunRef) -> dict | None:
     }
 
 
+# Runs in the trainer image (which holds mot_trainer.storage); argv[1] is the run's checkpoint root.
+CLEANUP_CODE = (
+    "import sys\n"
+    "from mot_trainer import storage\n"
+    "root = sys.argv[1]\n"
+    "keys = storage.list_keys(root)\n"
+    "for key in keys:\n"
+    "    storage.delete(storage.join(root, key))\n"
+    "print(f'deleted {len(keys)} objects under {root}')\n"
+)
+CLEANUP_TTL_SECONDS = 3600
+
+
+def render_cleanup_job(spec: MoTRunSpec, run: RunRef, config: OperatorConfig) -> dict:
+    """A Job deleting the run's checkpoints (spec.storage.cleanup), created when the MoTRun is deleted.
+
+    It has no owner reference (its owner is going away) and no Kueue label (it is tiny); the TTL
+    controller removes it after it finishes."""
+    root = naming.run_uri(spec.storage.uri, run.namespace, run.name)
+    request = JobRequest(name=naming.shorten(f"{run.name}-cleanup"), stage="cleanup", round=0, teacher=None,
+                         attempt=1, args=["-c", CLEANUP_CODE, root], output_uri=root, resources=spec.resources.merge)
+    job = render_job(request, spec, run, config)
+    meta = job["metadata"]
+    del meta["ownerReferences"]
+    labels = naming.run_labels(run.name)
+    labels["app.kubernetes.io/component"] = "cleanup"
+    meta["labels"] = labels
+    job["spec"]["template"]["metadata"]["labels"] = dict(labels)
+    job["spec"].pop("suspend", None)
+    job["spec"]["backoffLimit"] = 2
+    job["spec"]["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished or CLEANUP_TTL_SECONDS
+    job["spec"]["template"]["spec"]["containers"][0]["command"] = ["python"]
+    return job
+
+
 def render(request: JobRequest, spec: MoTRunSpec, run: RunRef, config: OperatorConfig) -> list[dict]:
     """Everything to create for a request, Service first."""
     service = render_service(request, run)

@@ -174,3 +174,13 @@ def test_finished_jobs_pods_are_read_once_for_the_termination_message():
     assert status["rounds"][0]["branches"]["a"]["loss"] == 0.25
     asyncio.run(controller.reconcile(motrun(status=status), status, index, state))
     assert [c for c in api.calls if c[0] == "job_pods"] == [("job_pods", "demo-r1-sft-a-a1")]  # cached
+
+
+def test_deleting_a_run_creates_a_cleanup_job_only_when_asked(monkeypatch):
+    api = FakeApi()
+    monkeypatch.setattr(controller, "STATE", controller.ControllerState(
+        config=OperatorConfig(default_storage_uri="s3://ckpt"), api=api))
+    asyncio.run(controller.run_deleted(namespace="ns", name="demo", body=motrun()))
+    assert api.calls == []
+    asyncio.run(controller.run_deleted(namespace="ns", name="demo", body=motrun({"storage": {"cleanup": True}})))
+    assert api.calls == [("create", "demo-cleanup")]

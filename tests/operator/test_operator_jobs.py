@@ -4,12 +4,14 @@ against the Kubernetes API schema with kubernetes-validate."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from datetime import UTC, datetime
 
 import kubernetes_validate
 import pytest
 from mot_operator import naming
-from mot_operator.jobs import OperatorConfig, render, render_job, with_defaults
+from mot_operator.jobs import OperatorConfig, render, render_cleanup_job, render_job, with_defaults
 from mot_operator.planner import ObservedJob, RunRef, plan
 from mot_operator.spec import parse_spec
 
@@ -175,3 +177,25 @@ def test_every_job_of_a_full_run_validates():
     for obj in rendered:
         validate(obj)
         assert len(obj["metadata"]["name"]) <= 63 and DNS_LABEL.match(obj["metadata"]["name"])
+
+
+def test_cleanup_job_deletes_the_runs_checkpoints(tmp_path):
+    root = tmp_path / "ckpt"
+    spec = spec_of(storage={"uri": str(root), "cleanup": True}, queueName="q")
+    job = render_cleanup_job(spec, RUN, CONFIG)
+    validate(job)
+    assert "ownerReferences" not in job["metadata"]  # it outlives the deleted MoTRun
+    assert job["metadata"]["labels"]["app.kubernetes.io/component"] == "cleanup"
+    assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"] and "suspend" not in job["spec"]
+    assert job["spec"]["ttlSecondsAfterFinished"] > 0
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["python"] and container["args"][-1] == str(root / "team-a" / "demo")
+    # Run the container's program for real on a local checkpoint tree.
+    mine = root / "team-a" / "demo" / "round-1" / "merged"
+    other = root / "team-a" / "demo-2" / "round-1" / "merged"
+    for folder in (mine, other):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"x" * 10)
+    subprocess.run([sys.executable, *container["args"]], check=True, capture_output=True)
+    assert not (mine / "model.safetensors").exists()
+    assert (other / "model.safetensors").exists()  # another run's checkpoints are untouched
