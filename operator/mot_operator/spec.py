@@ -189,10 +189,17 @@ def json_schema() -> dict:
     return schema
 
 
-def _spec_json_schema() -> dict:
+@functools.lru_cache(maxsize=1)
+def _spec_validator() -> jsonschema.Draft4Validator:
     schema = copy.deepcopy(json_schema()["properties"]["spec"])
     schema["$schema"] = "http://json-schema.org/draft-04/schema#"
-    return schema
+    return jsonschema.Draft4Validator(schema)
+
+
+def reload_schema() -> None:
+    """Forget the cached schema (after $MOT_CRD_PATH or the file changed)."""
+    for cached in (_load_crd, json_schema, _spec_validator):
+        cached.cache_clear()
 
 
 def apply_defaults(instance: Any, schema: dict) -> Any:
@@ -246,9 +253,8 @@ def parse_spec(spec: dict) -> MoTRunSpec:
     """Apply the CRD's defaults, check its schema and rules, and return the typed spec."""
     if not isinstance(spec, dict):
         raise SpecError("spec", f"must be an object, got {type(spec).__name__}")
-    schema = _spec_json_schema()
-    data = apply_defaults(copy.deepcopy(spec), schema)
-    validator = jsonschema.Draft4Validator(schema)
+    validator = _spec_validator()
+    data = apply_defaults(copy.deepcopy(spec), validator.schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(data), key=_error_rank)
     if error is not None:
         raise _schema_error(error)

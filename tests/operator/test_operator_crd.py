@@ -272,12 +272,12 @@ def test_defaults_come_from_the_crd_file(tmp_path, monkeypatch):
     alt = tmp_path / "crd.yaml"
     alt.write_text(yaml.safe_dump(crd))
     monkeypatch.setenv("MOT_CRD_PATH", str(alt))
-    specmod.json_schema.cache_clear()
+    specmod.reload_schema()
     try:
         assert parse_spec(_base()["spec"]).training.steps == 77
     finally:
         monkeypatch.delenv("MOT_CRD_PATH")
-        specmod.json_schema.cache_clear()
+        specmod.reload_schema()
     spec = parse_spec(_base()["spec"])
     assert spec.training.steps == 50 and spec.rounds == 5 and spec.merge.method == "average"
     assert spec.teachers[0].weight == 1.0 and spec.max_retries == 2
