@@ -21,7 +21,7 @@ from pathlib import Path
 from mot_operator.demo import tasks
 from mot_trainer import manifest as mot_manifest
 
-GENERATOR_VERSION = 1  # bump when tasks.py changes what it writes
+GENERATOR_VERSION = 2  # bump when tasks.py changes what it writes
 
 
 @dataclass(frozen=True)

@@ -36,21 +36,25 @@ def prompt_for(a: int, b: int) -> str:
 
 
 def solve(a: int, b: int, *, drop_carry_at: int | None = None) -> tuple[str, int]:
-    """Column addition from the right. Returns (chain of thought, the answer the CoT arrives at)."""
-    xs, ys = str(a)[::-1], str(b)[::-1]
-    steps, digits, carry = [], [], 0
-    for i in range(max(len(xs), len(ys))):
-        x = int(xs[i]) if i < len(xs) else 0
-        y = int(ys[i]) if i < len(ys) else 0
+    """Column addition from the right. Returns (chain of thought, the answer the CoT arrives at).
+
+    Each step restates what is left of both numbers, so the digits to add next are always the last
+    ones written, and the partial result grows by one digit on the left: every step is a local copy
+    plus one digit sum, which a 1M-parameter model can learn (indexing into the prompt it could not).
+    """
+    xs, ys = str(a), str(b)
+    steps, result, carry, column = [], "", 0, 0
+    while xs or ys:
+        x, y = int(xs[-1]) if xs else 0, int(ys[-1]) if ys else 0
         total = x + y + carry
-        steps.append(f"{x}+{y}+{carry}={total}, write {total % 10} carry {total // 10}.")
-        digits.append(str(total % 10))
-        carry = 0 if i == drop_carry_at else total // 10
+        result = str(total % 10) + result
+        new_carry = 0 if column == drop_carry_at else total // 10
+        steps.append(f"{xs or '0'}+{ys or '0'}: {x}+{y}+{carry}={total}, result {result}, carry {new_carry}.")
+        xs, ys, carry, column = xs[:-1], ys[:-1], new_carry, column + 1
     if carry:
-        steps.append(f"carry {carry}, write {carry}.")
-        digits.append(str(carry))
-    answer = int("".join(reversed(digits)))
-    return " ".join(steps), answer
+        result = str(carry) + result
+        steps.append(f"carry {carry}, result {result}.")
+    return " ".join(steps), int(result)
 
 
 def response_for(cot: str, answer: int) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 # about separators so a change of punctuation there does not blank the display.
 _STEP = re.compile(r"\bstep[\s:=]+(\d+)\s*/\s*(\d+)", re.I)
 _LOSS = re.compile(r"\bloss[\s:=]+([0-9.]+(?:e[-+]?\d+)?)", re.I)
-_ETA = re.compile(r"\beta[\s:=]+([0-9.]+\s*[smh]?|[0-9:]+)", re.I)
+_ETA = re.compile(r"\beta[\s:=]+(\S+)", re.I)
 
 
 @dataclass

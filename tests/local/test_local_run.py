@@ -1,0 +1,68 @@
+"""`mot run` end to end on the tiny model: real planner, real `mot-train` processes, local storage."""
+
+import json
+import subprocess
+
+import yaml
+from mot_operator.local.progress import TaskLine
+from mot_trainer.manifest import read_checkpoint_manifest
+from support.local_run import mot_command, mot_env
+
+
+def test_run_finishes_with_report_plot_and_checkpoints(compare_run):
+    proc, workdir = compare_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    saved = json.loads((workdir / "status.json").read_text())
+    status = saved["status"]
+    assert status["phase"] == "Succeeded"
+    assert [r["round"] for r in status["rounds"]] == [1, 2]
+    for rnd in status["rounds"]:
+        for teacher in ("alpha", "beta"):
+            branch = rnd["branches"][teacher]
+            assert read_checkpoint_manifest(branch["checkpoint"])["kind"] == "sft"
+            assert branch["loss"] > 0
+        assert read_checkpoint_manifest(rnd["mergedCheckpoint"])["kind"] == "merge"
+        assert 0.0 <= rnd["evalScore"] <= 1.0
+    # Round 2 starts from round 1's merge (the MoT loop), and storage is the workdir's by default.
+    round2_alpha = next(j for j in saved["jobs"] if j["stage"] == "sft" and j["round"] == 2 and j["role"] == "mot")
+    assert round2_alpha["args"][round2_alpha["args"].index("--init") + 1] == status["rounds"][0]["mergedCheckpoint"]
+    assert status["rounds"][0]["mergedCheckpoint"].startswith(str(workdir / "storage" / "local" / "cmp"))
+
+    report = (workdir / "report.md").read_text()
+    results = json.loads((workdir / "results.json").read_text())
+    for rnd in results["rounds"]:
+        assert set(rnd["branches"]) == {"alpha", "beta"}
+        for branch in rnd["branches"].values():  # every branch is scored too, not only the merge
+            assert branch["loss"] is not None and 0.0 <= branch["eval"]["accuracy"] <= 1.0
+        assert rnd["merged"]["eval"]["heldout_loss"] > 0
+    assert results["start"]["eval"]["problems"] == 6
+    assert "| 2     | branch beta" in report and "| 2     | **merged**" in report
+    assert (workdir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "MoT run local/cmp: per round" in proc.stdout
+
+
+def test_invalid_manifest_names_the_field(local_manifest, tmp_path):
+    doc = yaml.safe_load(local_manifest.read_text())
+    doc["spec"]["teachers"][1]["name"] = "Beta_Teacher"
+    bad = local_manifest.with_name("bad.yaml")
+    bad.write_text(yaml.safe_dump(doc))
+    proc = subprocess.run(mot_command("run", bad, "--workdir", tmp_path / "w"), capture_output=True, text=True,
+                          env=mot_env(), timeout=120)
+    assert proc.returncode == 2
+    assert "spec.teachers[1].name" in proc.stderr
+    assert not (tmp_path / "w" / "logs").exists() or not any((tmp_path / "w" / "logs").iterdir())
+
+
+def test_manifest_without_a_motrun_is_refused(tmp_path):
+    path = tmp_path / "cm.yaml"
+    path.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
+    proc = subprocess.run(mot_command("run", path), capture_output=True, text=True, env=mot_env(), timeout=120)
+    assert proc.returncode == 2 and "kind" in proc.stderr and str(path) in proc.stderr
+
+
+def test_progress_reads_the_trainer_log_line():
+    line = TaskLine("r1 sft alpha")
+    changed = line.feed("2026-11-24 09:07:42,474 INFO mot_trainer.sft: step 50/300 loss 0.7260 lr 0.0029 "
+                        "tokens/s 5834 eta 0m43s")
+    assert changed and (line.step, line.total, line.loss, line.eta) == (50, 300, 0.726, "0m43s")
+    assert "step 50/300" in line.render() and "ETA 0m43s" in line.render()
