@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -65,6 +66,15 @@ def motrun(name: str, teachers: int, rounds: int) -> dict:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def probe_api(url: str, stop: threading.Event, samples: list[float]) -> None:
+    """How responsive the test API server itself is: GET a Job list of an empty namespace every 0.1 s."""
+    session = requests.Session()
+    while not stop.wait(0.1):
+        begin = time.monotonic()
+        session.get(f"{url}/apis/batch/v1/namespaces/probe/jobs", timeout=30)
+        samples.append(time.monotonic() - begin)
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -111,6 +121,8 @@ def main() -> int:
         cpu_start = sum(process.cpu_times()[:2])
         requests_start = kube.requests()
 
+        probe_stop, probe_samples = threading.Event(), []
+        threading.Thread(target=probe_api, args=(kube.url, probe_stop, probe_samples), daemon=True).start()
         started = time.monotonic()
         for i in range(args.runs):
             session.post(f"{kube.url}/apis/mot.dev/v1alpha1/namespaces/{NAMESPACE}/motruns",
@@ -123,6 +135,7 @@ def main() -> int:
                 break
             time.sleep(1)
         elapsed = time.monotonic() - started
+        probe_stop.set()
         cpu = sum(process.cpu_times()[:2]) - cpu_start
         rss = peak_rss_mb(operator.pid)
         requests_end = kube.requests()
@@ -162,6 +175,9 @@ def main() -> int:
             "p50": round(statistics.median(latencies), 3) if latencies else None,
             "p99": round(percentile(latencies, 99), 3) if latencies else None,
             "max": round(max(latencies), 3) if latencies else None},
+        "api_server_probe_latency_seconds": {
+            "samples": len(probe_samples), "p50": round(statistics.median(probe_samples), 3),
+            "p99": round(percentile(probe_samples, 99), 3)},
         "operator_requests_total": sum(operator_requests.values()),
         "operator_requests_per_round": round(sum(operator_requests.values()) / total_rounds, 1),
         "operator_requests_by_verb": {f"{verb} {resource}": count for (verb, resource), count

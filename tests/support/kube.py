@@ -186,10 +186,11 @@ def field_selector(text: str) -> Callable[[dict], bool]:
 # Patches
 
 def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch (also used for strategic merge patches: lists are replaced)."""
+    """RFC 7386 JSON merge patch (also used for strategic merge patches: lists are replaced).
+    Untouched subtrees are shared with `target`, which is never modified."""
     if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
     for key, value in patch.items():
         if value is None:
             result.pop(key, None)
@@ -274,6 +275,17 @@ def _json_path(error: jsonschema.ValidationError) -> str:
     return path or "<root>"
 
 
+def _entries_after(log: collections.deque, position: int) -> list:
+    """The log entries newer than `position` (resourceVersions grow along the log), oldest first."""
+    newer = []
+    for entry in reversed(log):
+        if entry[0] <= position:
+            break
+        newer.append(entry)
+    newer.reverse()
+    return newer
+
+
 # ---------------------------------------------------------------------------------------------------
 # The server
 
@@ -287,7 +299,8 @@ class ApiServer(kmock.KubernetesEmulator):
     _rv: int = attrs.field(default=1)
     _event_log: dict = attrs.field(factory=lambda: collections.defaultdict(
         lambda: collections.deque(maxlen=EVENT_LOG_SIZE)))
-    _changed: asyncio.Condition | None = attrs.field(default=None)
+    _signals: dict = attrs.field(factory=dict)  # resource key -> asyncio.Event set on its next change
+    _index: dict = attrs.field(factory=lambda: collections.defaultdict(dict))  # resource -> {(ns, name): key}
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -323,12 +336,12 @@ class ApiServer(kmock.KubernetesEmulator):
         key = self._key(rtype, namespace, name)
         if key not in self.objects or self.objects[key].deleted:
             return None
-        return copy.deepcopy(self.objects[key].raw)
+        return self.objects[key].raw  # a fresh top level; nested values are shared and never mutated
 
     def _iter(self, rtype: ResourceType, namespace: str | None) -> Iterator[dict]:
-        resource = rtype.kmock_resource()
-        for (res, ns, _name), obj in list(self.objects.items()):
-            if res == resource and not obj.deleted and (namespace is None or ns == namespace):
+        for (ns, _name), key in list(self._index[rtype.key].items()):
+            obj = self.objects[key]
+            if not obj.deleted and (namespace is None or ns == namespace):
                 yield obj.raw
 
     def _next_rv(self) -> str:
@@ -336,15 +349,10 @@ class ApiServer(kmock.KubernetesEmulator):
         return str(self._rv)
 
     def _notify(self, rtype: ResourceType, kind: str, obj: dict) -> None:
-        self._event_log[rtype.key].append((int(obj["metadata"]["resourceVersion"]), kind,
-                                           copy.deepcopy(obj)))
-        if self._changed is not None:
-            loop = asyncio.get_running_loop()
-            loop.create_task(self._wake())
-
-    async def _wake(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+        self._event_log[rtype.key].append((int(obj["metadata"]["resourceVersion"]), kind, obj))
+        signal = self._signals.pop(rtype.key, None)
+        if signal is not None:
+            signal.set()
 
     def _store(self, rtype: ResourceType, obj: dict, event: str) -> dict:
         meta = obj["metadata"]
@@ -357,15 +365,15 @@ class ApiServer(kmock.KubernetesEmulator):
                 self.objects[key].history.append(obj)
         else:
             self.objects[key] = obj
+        self._index[rtype.key][(key[1], key[2])] = key
         self._notify(rtype, event, obj)
-        return copy.deepcopy(obj)
+        return obj
 
     def _remove(self, rtype: ResourceType, obj: dict) -> dict:
         meta = obj["metadata"]
         key = self._key(rtype, meta.get("namespace"), meta["name"])
         self.objects[key].delete()
-        obj = copy.deepcopy(obj)
-        obj["metadata"]["resourceVersion"] = self._next_rv()
+        obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": self._next_rv()}}
         self._notify(rtype, "DELETED", obj)
         if rtype.plural == "customresourcedefinitions":
             self._unregister_crd(obj)
@@ -384,9 +392,10 @@ class ApiServer(kmock.KubernetesEmulator):
             for obj in list(self._iter(rtype, None)):
                 owners = obj.get("metadata", {}).get("ownerReferences") or []
                 if any(ref.get("uid") == owner_uid for ref in owners):
-                    self._delete_object(rtype, copy.deepcopy(obj))
+                    self._delete_object(rtype, obj)
 
     def _delete_object(self, rtype: ResourceType, obj: dict) -> dict:
+        obj = {**obj, "metadata": dict(obj["metadata"])}
         meta = obj["metadata"]
         if meta.get("finalizers"):
             if not meta.get("deletionTimestamp"):
@@ -403,7 +412,7 @@ class ApiServer(kmock.KubernetesEmulator):
         if not rtype.schema:
             return
         schema = rtype.schema
-        body = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata")}
+        body = copy.deepcopy({k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata")})
         _apply_defaults(body, schema)
         unknown = [path for path in _unknown_fields(body, schema, "")]
         name = obj.get("metadata", {}).get("name", "")
@@ -433,8 +442,6 @@ class ApiServer(kmock.KubernetesEmulator):
     # -- HTTP -------------------------------------------------------------------------------------
     async def __call__(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         # Replaces kmock's own request parsing, which fails on paths like /api/v1/namespaces.
-        if self._changed is None:
-            self._changed = asyncio.Condition()
         body = await raw.read()
         path = raw.path.rstrip("/") or "/"
         agent = raw.headers.get("User-Agent", "").split("/")[0].split(" ")[0] or "unknown"
@@ -517,7 +524,7 @@ class ApiServer(kmock.KubernetesEmulator):
     def _list(self, rtype: ResourceType, namespace: str | None, query) -> dict:
         labels = label_selector(query.get("labelSelector", ""))
         fields = field_selector(query.get("fieldSelector", ""))
-        items = [copy.deepcopy(obj) for obj in self._iter(rtype, namespace)
+        items = [obj for obj in self._iter(rtype, namespace)
                  if labels(obj.get("metadata", {}).get("labels") or {}) and fields(obj)]
         for item in items:
             item.setdefault("apiVersion", rtype.api_version)
@@ -534,8 +541,8 @@ class ApiServer(kmock.KubernetesEmulator):
     def _create(self, rtype: ResourceType, namespace: str | None, body: Any, strict: bool) -> dict:
         if not isinstance(body, dict):
             raise ApiError(400, "BadRequest", "the body of the request is not a JSON object")
-        obj = copy.deepcopy(body)
-        meta = obj.setdefault("metadata", {})
+        obj = dict(body)  # parsed from this request's JSON: nothing else holds it
+        meta = obj["metadata"] = dict(obj.get("metadata") or {})
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
         if not meta.get("name"):
@@ -596,7 +603,7 @@ class ApiServer(kmock.KubernetesEmulator):
             else:
                 new.pop("status", None)
         # Identity and server-owned metadata are kept whatever the client sent.
-        meta = new.setdefault("metadata", {})
+        meta = new["metadata"] = dict(new.get("metadata") or {})
         for key in ("uid", "creationTimestamp", "namespace", "name", "generation", "deletionTimestamp"):
             if key in current["metadata"]:
                 meta[key] = current["metadata"][key]
@@ -644,7 +651,7 @@ class ApiServer(kmock.KubernetesEmulator):
         log = self._event_log[rtype.key]
         if since in ("", "0"):  # no resourceVersion: the current objects first, as ADDED
             position = self._rv
-            for obj in [copy.deepcopy(o) for o in self._iter(rtype, namespace)]:
+            for obj in list(self._iter(rtype, namespace)):
                 if visible(obj):
                     await send("ADDED", obj)
         else:
@@ -655,16 +662,17 @@ class ApiServer(kmock.KubernetesEmulator):
         deadline = asyncio.get_running_loop().time() + timeout
         try:
             while True:
-                for rv, kind, obj in [entry for entry in list(log) if entry[0] > position]:
+                signal = self._signals.setdefault(rtype.key, asyncio.Event())
+                for rv, kind, obj in _entries_after(log, position):
                     position = rv
                     if visible(obj):
                         await send(kind, obj)
                 remaining = deadline - asyncio.get_running_loop().time()
                 if remaining <= 0:
                     break
-                async with self._changed:
+                if not signal.is_set():  # set if a change came while sending
                     try:
-                        await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 5.0))
+                        await asyncio.wait_for(signal.wait(), timeout=remaining)
                     except TimeoutError:
                         pass
         except (ConnectionResetError, ConnectionError, asyncio.CancelledError):
