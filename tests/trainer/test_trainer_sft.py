@@ -3,6 +3,7 @@ starts from the first one's output, reruns are no-ops, bad input exits 2 naming 
 metrics port serves the mot_trainer_* series while training runs."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -108,7 +109,7 @@ def test_bad_record_exits_2_naming_file_line_and_field(tiny_model, tiny_records,
     proc = subprocess.run(
         [sys.executable, "-m", "mot_trainer.cli", "sft", "--init", str(tiny_model), "--data", str(bad),
          "--out", str(tmp_path / "out"), "--steps", "1", "--threads", "1"],
-        env={**__import__("os").environ, "MOT_TERMINATION_LOG": str(log)}, capture_output=True, text=True,
+        env={**os.environ, "MOT_TERMINATION_LOG": str(log)}, capture_output=True, text=True,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     message = log.read_text()
@@ -181,3 +182,23 @@ def test_metrics_port_serves_progress_while_training(tiny_model, tiny_data, tmp_
     assert samples["mot_trainer_eta_seconds"] >= 0
     with pytest.raises(requests.ConnectionError):  # the server stops with the command
         requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_two_processes_match_one_process_with_double_accumulation(tiny_model, tiny_data, tmp_path):
+    """The same command under torchrun (DDP over gloo on CPU): each process takes its share of every
+    step, and the loss is normalised over the whole step, so the run equals one process."""
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    common = ["--init", tiny_model, "--data", tiny_data, "--steps", 4, "--micro-batch-size", 2,
+              "--learning-rate", 3e-3, "--threads", 1]
+    assert sft(*common, "--out", single, "--grad-accum", 4) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "mot_trainer.cli", "sft"]
+    proc = subprocess.run([*torchrun, *map(str, common), "--out", str(ddp), "--grad-accum", "2"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = verify_folder(single), verify_folder(ddp)
+    assert two["params"]["processes"] == 2 and one["params"]["processes"] == 1
+    assert two["metrics"]["tokens_seen"] == one["metrics"]["tokens_seen"]
+    for (s1, l1), (s2, l2) in zip(one["metrics"]["loss_history"], two["metrics"]["loss_history"], strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-4)
