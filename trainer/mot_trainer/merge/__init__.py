@@ -4,6 +4,7 @@ Inputs must be complete checkpoints (a valid mot-manifest.json). Tensors are rea
 and merged in fp32 in slices of at most SLICE_ELEMENTS elements (whole tensors for methods that need
 per-tensor statistics), so peak memory stays near a few slices whatever the model size and the
 number of inputs. The output is written as shards as it goes, then the manifest last.
+s3:// inputs are downloaded (and verified) and an s3:// output is staged under $TMPDIR.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="URI", help="output folder (local or s3://)")
     parser.add_argument("--weights", nargs="+", type=float, metavar="W",
                         help="one weight per input (default uniform); normalised to sum 1")
-    parser.add_argument("--method", choices=sorted(METHODS), default="average")
+    parser.add_argument("--method", choices=sorted(METHODS), default="average",
+                        help="average (MoT's merge, the default); task-arithmetic, ties and dare merge the "
+                             "differences from --base")
     parser.add_argument("--base", metavar="URI",
                         help="the round's starting weights; required by task-arithmetic, ties and dare")
     parser.add_argument("--scale", type=float, default=1.0, help="lambda: multiplies the merged difference")
