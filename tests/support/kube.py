@@ -649,11 +649,15 @@ class ApiServer(kmock.KubernetesEmulator):
             await response.write(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
 
         log = self._event_log[rtype.key]
-        if since in ("", "0"):  # no resourceVersion: the current objects first, as ADDED
+        initial_events = query.get("sendInitialEvents", "").lower() == "true"
+        if since in ("", "0") or initial_events:  # the current objects first, as ADDED
             position = self._rv
             for obj in list(self._iter(rtype, namespace)):
                 if visible(obj):
                     await send("ADDED", obj)
+            if initial_events:  # streaming lists (client-go's WatchList) wait for this bookmark
+                await send("BOOKMARK", {"apiVersion": rtype.api_version, "kind": rtype.kind, "metadata": {
+                    "resourceVersion": str(position), "annotations": {"k8s.io/initial-events-end": "true"}}})
         else:
             position = int(since) if since.isdigit() else 0
             if log and log[0][0] > position + 1 and len(log) == log.maxlen:

@@ -209,3 +209,28 @@ def test_prometheus_scrapes_and_answers_queries(prometheus_factory):
         assert float(result[0]["value"][1]) == 3.0
     finally:
         server.shutdown()
+
+
+def test_kubectl_delete_waits_for_finalizers(kube_api, namespace):
+    import threading
+
+    custom = kubernetes.client.CustomObjectsApi(kube_api.api_client())
+    custom.create_namespaced_custom_object("mot.dev", "v1alpha1", namespace, "motruns", {
+        "apiVersion": "mot.dev/v1alpha1", "kind": "MoTRun", "metadata": {"name": "held", "finalizers": ["test/hold"]},
+        "spec": {"student": "s3://m/s", "teachers": [{"name": "a", "dataset": "s3://d/a.jsonl"}]}})
+
+    def release():  # what an operator does once it sees deletionTimestamp
+        run = wait_until(lambda: custom.get_namespaced_custom_object(
+            "mot.dev", "v1alpha1", namespace, "motruns", "held")["metadata"].get("deletionTimestamp"), what="delete")
+        assert run
+        custom.patch_namespaced_custom_object("mot.dev", "v1alpha1", namespace, "motruns", "held",
+                                              {"metadata": {"finalizers": None}})
+
+    releaser = threading.Thread(target=release)
+    releaser.start()
+    deleted = kubectl(kube_api, "-n", namespace, "delete", "motrun", "held", "--timeout=20s")
+    releaser.join()
+    assert deleted.returncode == 0, deleted.stderr
+    status, body = api_error(lambda: custom.get_namespaced_custom_object("mot.dev", "v1alpha1", namespace,
+                                                                         "motruns", "held"))
+    assert (status, body["reason"]) == (404, "NotFound")
