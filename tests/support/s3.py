@@ -97,13 +97,17 @@ def _identity_config(path: Path) -> None:
     )
 
 
+class _Exited(Exception):
+    """weed exited while starting (e.g. a port taken between choosing and binding it)."""
+
+
 def _wait_ready(server: S3Server, proc: subprocess.Popen, log_path: Path) -> None:
     deadline = time.monotonic() + _READY_TIMEOUT_S
     last_error = None
     client = server.client()
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"weed exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
+            raise _Exited(f"weed exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
         try:
             client.list_buckets()
             # A write proves the volume server has registered, not only the S3 gateway.
@@ -116,9 +120,7 @@ def _wait_ready(server: S3Server, proc: subprocess.Popen, log_path: Path) -> Non
     pytest.fail(f"SeaweedFS not ready in {_READY_TIMEOUT_S}s: {last_error}; log: {log_path.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("seaweedfs")
+def _start(workdir: Path) -> tuple[subprocess.Popen, S3Server]:
     data, logs = workdir / "data", workdir / "logs"
     data.mkdir()
     logs.mkdir()
@@ -163,13 +165,33 @@ def s3_server(tmp_path_factory):
     }
     try:
         _wait_ready(server, proc, log_path)
+    except BaseException:
+        _stop(proc)
+        raise
+    return proc, server
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    # Our own process group only (start_new_session): weed runs all its servers in one process.
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    for attempt in range(3):
+        try:
+            proc, server = _start(tmp_path_factory.mktemp("seaweedfs"))
+            break
+        except _Exited as exc:
+            if attempt == 2:
+                pytest.fail(str(exc))
+    try:
         yield server
     finally:
-        # Our own process group only (start_new_session): weed runs all its servers in one process.
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        _stop(proc)

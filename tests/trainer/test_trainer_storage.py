@@ -196,3 +196,11 @@ def test_manifest_is_removed_first_and_uploaded_last(tmp_path, bucket, flaky):
         assert attempt[-1] == ("PUT", manifest_path)
         assert {p for _, p in attempt[1:-1]} >= {manifest_path.replace(MANIFEST_NAME, "config.json")}
         assert manifest_path not in {p for _, p in attempt[1:-1]}
+
+
+def test_credentials_come_from_the_environment(bucket, monkeypatch):
+    uri = storage.join(bucket, "secret.json")
+    storage.write_json(uri, {"a": 1})
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    with pytest.raises(Exception, match="SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId"):
+        storage.read_json(uri)
