@@ -13,6 +13,7 @@ import argparse
 import importlib
 import logging
 import math
+import os
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -66,7 +67,9 @@ def run(args: argparse.Namespace) -> dict:
     max_shard = io.parse_size(args.shard_size)
     with tempfile.TemporaryDirectory(prefix="mot-merge-") as workdir:
         work = Path(workdir)
-        hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
+        # Input hashes are checked beside the merge: one core for hashing, the rest for the merge.
+        hash_threads = max(1, min(4, (os.cpu_count() or 2) - 1))
+        hashing = ThreadPoolExecutor(max_workers=hash_threads, thread_name_prefix="verify")
         try:
             folders, pending = _fetch_inputs(args.inputs, work, hashing)
             base_folder = _fetch_base(args.base, work) if args.base else None
