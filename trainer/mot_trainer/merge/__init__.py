@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> dict:
     max_shard = io.parse_size(args.shard_size)
     with tempfile.TemporaryDirectory(prefix="mot-merge-") as workdir:
         work = Path(workdir)
-        # Input hashes are checked beside the merge: one core for hashing, the rest for the merge.
+        # Input hashes are checked on the other cores while this thread merges.
         hash_threads = max(1, min(4, (os.cpu_count() or 2) - 1))
         hashing = ThreadPoolExecutor(max_workers=hash_threads, thread_name_prefix="verify")
         try:
