@@ -11,7 +11,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, generate_latest
 
 from .jobs import OperatorConfig
 
@@ -65,8 +65,9 @@ def configure_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("urllib3", "kubernetes", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # Kopf logs every handler success at INFO; keep that for --log-level debug.
+    for noisy in ("urllib3", "kubernetes", "aiohttp.access", "kopf.objects"):
+        logging.getLogger(noisy).setLevel(root.level if root.level <= logging.DEBUG else logging.WARNING)
 
 
 class Health:
@@ -127,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     from .metrics import REGISTRY
 
     configure_logging(args.log_level, args.log_format)
+    disable_created_metrics()  # no *_created series next to our counters
     namespaces = args.namespaces or args.env_namespaces
     controller.STATE.config = OperatorConfig(
         default_image=args.default_image,
