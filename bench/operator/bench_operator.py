@@ -89,9 +89,13 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--teachers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--stagger", type=float, default=0.0,
+                        help="spread the creation of the runs over this many seconds (default: all at once)")
     parser.add_argument("--kubelet-workers", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--trace-slowest", action="store_true",
+                        help="print the API requests about the slowest run around its merge")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="mot-bench-operator-"))
@@ -117,6 +121,7 @@ def main() -> int:
             time.sleep(0.2)
         else:
             raise SystemExit(f"the operator did not become ready; log: {workdir / 'operator.log'}")
+        kube.call(lambda: setattr(kube.server, "journal", []))
         process = psutil.Process(operator.pid)
         cpu_start = sum(process.cpu_times()[:2])
         requests_start = kube.requests()
@@ -125,6 +130,8 @@ def main() -> int:
         threading.Thread(target=probe_api, args=(kube.url, probe_stop, probe_samples), daemon=True).start()
         started = time.monotonic()
         for i in range(args.runs):
+            if args.stagger:
+                time.sleep(max(0.0, started + args.stagger * i / args.runs - time.monotonic()))
             session.post(f"{kube.url}/apis/mot.dev/v1alpha1/namespaces/{NAMESPACE}/motruns",
                          json=motrun(f"run-{i:03d}", args.teachers, args.rounds)).raise_for_status()
         phases: collections.Counter = collections.Counter()
@@ -153,13 +160,24 @@ def main() -> int:
         labels = job["metadata"]["labels"]
         by_round[(labels["mot.dev/run"], labels["mot.dev/round"])][labels["mot.dev/stage"]].append(
             job["metadata"]["name"])
-    latencies = []
-    for group in by_round.values():
+    latencies, slowest = [], None
+    for (run, _round), group in by_round.items():
         if not group["merge"] or len(group["sft"]) < args.teachers:
             continue
         last_branch = max(kubelet.completed_at[(NAMESPACE, name)] for name in group["sft"])
         merge_created = min(created[("jobs", NAMESPACE, name)] for name in group["merge"])
         latencies.append(merge_created - last_branch)
+        if slowest is None or latencies[-1] > slowest[0]:
+            slowest = (latencies[-1], run, last_branch, merge_created)
+    if args.trace_slowest and slowest:
+        # What the operator did for the slowest run between its last branch and its merge Job.
+        _, run, begin, end = slowest
+        journal = kube.call(lambda: list(kube.server.journal))
+        print(f"slowest: {run}: {end - begin:.3f}s; operator requests in that window "
+              f"({sum(1 for t, a, _, _ in journal if begin <= t <= end and a != KUBELET_AGENT)} in total):")
+        for t, agent, verb, path in journal:
+            if begin - 0.05 <= t <= end and run in path:
+                print(f"  +{t - begin:7.3f}s {agent:18s} {verb:7s} {path}")
 
     operator_requests = collections.Counter()
     for (agent, verb, resource), count in requests_end.items():
@@ -167,7 +185,7 @@ def main() -> int:
             operator_requests[(verb, resource)] += count - requests_start.get((agent, verb, resource), 0)
     total_rounds = args.runs * args.rounds
     results = {
-        "runs": args.runs, "teachers": args.teachers, "rounds": args.rounds,
+        "runs": args.runs, "teachers": args.teachers, "rounds": args.rounds, "stagger_seconds": args.stagger,
         "succeeded": phases["Succeeded"], "failed": phases["Failed"],
         "wall_seconds": round(elapsed, 1),
         "merge_latency_seconds": {

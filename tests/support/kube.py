@@ -296,6 +296,7 @@ class ApiServer(kmock.KubernetesEmulator):
     types: dict[tuple[str, str], ResourceType] = attrs.field(factory=dict)
     request_counts: collections.Counter = attrs.field(factory=collections.Counter)
     created_at: dict = attrs.field(factory=dict)  # (plural, namespace, name) -> time.time() of create
+    journal: list | None = attrs.field(default=None)  # set to [] to record (time, agent, verb, path) per request
     _rv: int = attrs.field(default=1)
     _event_log: dict = attrs.field(factory=lambda: collections.defaultdict(
         lambda: collections.deque(maxlen=EVENT_LOG_SIZE)))
@@ -472,6 +473,8 @@ class ApiServer(kmock.KubernetesEmulator):
         verb = ("watch" if watch else "list" if name is None else "get") if method == "GET" else {
             "POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}.get(method, method)
         self.request_counts[(agent, verb, rtype.plural + (f"/{subresource}" if subresource else ""))] += 1
+        if self.journal is not None:
+            self.journal.append((time.time(), agent, verb, path))
         if "protobuf" in raw.headers.get("Content-Type", "") and body:
             # kubectl's typed generators (`kubectl create namespace/secret ...`) send protobuf.
             raise ApiError(415, "UnsupportedMediaType", "the test API server reads JSON bodies only; "
