@@ -204,3 +204,17 @@ def test_credentials_come_from_the_environment(bucket, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
     with pytest.raises(Exception, match="SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId"):
         storage.read_json(uri)
+
+
+def test_list_and_delete_under_a_prefix(tmp_path, bucket):
+    make_checkpoint(tmp_path / "src", big=1000)
+    uri = storage.join(bucket, "run/round-1/merged")
+    storage.upload_checkpoint(tmp_path / "src", uri)
+    keys = storage.list_keys(storage.join(bucket, "run"))
+    assert keys == sorted(f"round-1/merged/{k}" for k in
+                          ("config.json", "model.safetensors", "tokenizer/vocab.txt", MANIFEST_NAME))
+    assert storage.exists(storage.join(bucket, "run/round-1"))  # a prefix counts as existing
+    for key in keys:
+        storage.delete(storage.join(bucket, "run", key))
+    assert storage.list_keys(storage.join(bucket, "run")) == [] and not storage.exists(uri)
+    storage.delete(storage.join(bucket, "run/never-there"))  # deleting a missing object is fine
