@@ -176,7 +176,7 @@ def main() -> int:
         print(f"slowest: {run}: {end - begin:.3f}s; operator requests in that window "
               f"({sum(1 for t, a, _, _ in journal if begin <= t <= end and a != KUBELET_AGENT)} in total):")
         for t, agent, verb, path in journal:
-            if begin - 0.05 <= t <= end and run in path:
+            if begin - 0.05 <= t <= end + 0.05 and (run in path or "pods?" in path and run in path.replace("%2F", "/")):
                 print(f"  +{t - begin:7.3f}s {agent:18s} {verb:7s} {path}")
 
     operator_requests = collections.Counter()

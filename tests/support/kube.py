@@ -474,7 +474,7 @@ class ApiServer(kmock.KubernetesEmulator):
             "POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}.get(method, method)
         self.request_counts[(agent, verb, rtype.plural + (f"/{subresource}" if subresource else ""))] += 1
         if self.journal is not None:
-            self.journal.append((time.time(), agent, verb, path))
+            self.journal.append((time.time(), agent, verb, raw.path_qs))
         if "protobuf" in raw.headers.get("Content-Type", "") and body:
             # kubectl's typed generators (`kubectl create namespace/secret ...`) send protobuf.
             raise ApiError(415, "UnsupportedMediaType", "the test API server reads JSON bodies only; "
