@@ -219,7 +219,7 @@ def train(args, accelerator, model, tokenizer, rows: list[data.Example]):
     stream = micro_batches(len(rows), args.micro_batch_size, args.seed)
     meter = progress.Progress(total_steps, args.log_every) if accelerator.is_main_process else None
     history, loss_value, tokens_seen = [], float("nan"), 0
-    start = time.monotonic()
+    start, start_cpu = time.monotonic(), time.process_time()
     for step in range(1, total_steps + 1):
         # Every process sees the same stream and takes every world-th micro-batch of the step.
         step_batches = [next(stream) for _ in range(args.grad_accum * world)]
@@ -233,8 +233,10 @@ def train(args, accelerator, model, tokenizer, rows: list[data.Example]):
             batch = {k: v.to(accelerator.device) for k, v in data.collate([rows[i] for i in indices],
                                                                          tokenizer.pad_token_id).items()}
             step_tokens += sum(len(rows[i]) for i in indices)
+            # Gradients are all-reduced once per step, on the last micro-batch. The prepared model
+            # runs its forward under autocast when --precision is bf16/fp16.
             sync = contextlib.nullcontext() if j == len(mine) - 1 else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
+            with sync:
                 loss = model(**batch, use_cache=False, num_items_in_batch=num_items).loss
                 accelerator.backward(loss)
             step_loss += loss.detach().float()
@@ -261,6 +263,7 @@ def train(args, accelerator, model, tokenizer, rows: list[data.Example]):
         "tokens_seen": tokens_seen,
         "tokens_per_second": tokens_seen / wall if wall > 0 else 0.0,
         "train_seconds": wall,
+        "train_cpu_seconds": time.process_time() - start_cpu,  # this process, all its threads
     }, model
 
 
@@ -287,17 +290,16 @@ def sha256_bytes(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def completed_output(out: str, inputs: dict, params: dict) -> dict | None:
-    """The manifest at OUT when it is a finished SFT of exactly these inputs and parameters."""
+def finished_output(out: str) -> dict | None:
+    """The manifest already at OUT, if any (a malformed one means incomplete: it is overwritten)."""
     try:
-        manifest = read_checkpoint_manifest(out)
+        return read_checkpoint_manifest(out)
     except InvalidInput:
         return None
-    if manifest and manifest.get("kind") == "sft" and manifest.get("inputs") == inputs and manifest.get(
-        "params"
-    ) == params:
-        return manifest
-    return None
+
+
+def same_run(manifest: dict, inputs: dict, params: dict) -> bool:
+    return manifest.get("kind") == "sft" and manifest.get("inputs") == inputs and manifest.get("params") == params
 
 
 def summary(metrics: dict, out: str) -> dict:
@@ -329,10 +331,12 @@ def run(args) -> dict | None:
         source, init_manifest = fetch_model(args.init, workdir, accelerator)
         if init_manifest:
             inputs["init_created"] = init_manifest.get("created")
-        done = completed_output(args.out, inputs, params)
-        if done:
+        existing = finished_output(args.out)
+        if existing and same_run(existing, inputs, params):
             log.info("%s already holds this SFT's finished output; nothing to do", args.out)
-            return summary(done.get("metrics", {}), args.out) if accelerator.is_main_process else None
+            return summary(existing.get("metrics", {}), args.out) if accelerator.is_main_process else None
+        if existing:
+            log.warning("%s holds a finished checkpoint of other inputs or parameters: replacing it", args.out)
         model, tokenizer, saved_dtype = load_model_and_tokenizer(source, args.init, Path(source).is_dir())
         records = data.read_records(args.data, raw=data_bytes)
         examples, stats = data.tokenize_records(records, tokenizer, args.max_seq_length)
