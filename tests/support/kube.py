@@ -21,6 +21,7 @@ for `kubectl get` (plain lists are printed as NAME/AGE), aggregated discovery, o
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import copy
 import datetime as dt
@@ -275,6 +276,13 @@ def _json_path(error: jsonschema.ValidationError) -> str:
     return path or "<root>"
 
 
+def _fold_string_data(rtype: ResourceType, obj: dict) -> None:
+    """A Secret's `stringData` is write-only: the API server stores it base64-encoded in `data`."""
+    if rtype.kind == "Secret" and obj.get("stringData"):
+        obj["data"] = {**(obj.get("data") or {}), **{key: base64.b64encode(str(value).encode()).decode()
+                                                     for key, value in obj.pop("stringData").items()}}
+
+
 def _entries_after(log: collections.deque, position: int) -> list:
     """The log entries newer than `position` (resourceVersions grow along the log), oldest first."""
     newer = []
@@ -491,6 +499,14 @@ class ApiServer(kmock.KubernetesEmulator):
                 status=201)
         if method in ("PATCH", "PUT") and name is not None:
             content_type = raw.headers.get("Content-Type", "application/merge-patch+json").split(";")[0]
+            if content_type == "application/apply-patch+yaml" and subresource is None \
+                    and self._get(rtype, namespace, name) is None:
+                # Server-side apply creates what does not exist yet (field management is not kept).
+                applied = yaml.safe_load(body) or {}
+                applied.setdefault("metadata", {})["name"] = name
+                return aiohttp.web.json_response(
+                    self._create(rtype, namespace, applied, strict=query.get("fieldValidation") == "Strict"),
+                    status=201)
             return aiohttp.web.json_response(self._update(
                 rtype, namespace, name, subresource, method, content_type, body,
                 strict=query.get("fieldValidation") == "Strict"))
@@ -562,6 +578,7 @@ class ApiServer(kmock.KubernetesEmulator):
             raise ApiError(409, "AlreadyExists", f'{resource} "{meta["name"]}" already exists',
                            {"name": meta["name"], "group": rtype.group, "kind": rtype.plural})
         obj["apiVersion"], obj["kind"] = rtype.api_version, rtype.kind
+        _fold_string_data(rtype, obj)
         self._admit(rtype, obj, strict)
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=now_iso(), generation=1)
         self.created_at[(rtype.plural, meta.get("namespace"), meta["name"])] = time.time()
@@ -613,6 +630,7 @@ class ApiServer(kmock.KubernetesEmulator):
             else:
                 meta.pop(key, None)
         new["apiVersion"], new["kind"] = rtype.api_version, rtype.kind
+        _fold_string_data(rtype, new)
         if subresource != "status":
             self._admit(rtype, new, strict)
         spec_changed = {k: v for k, v in new.items() if k not in ("metadata", "status")} != \

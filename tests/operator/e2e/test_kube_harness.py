@@ -234,3 +234,20 @@ def test_kubectl_delete_waits_for_finalizers(kube_api, namespace):
     status, body = api_error(lambda: custom.get_namespaced_custom_object("mot.dev", "v1alpha1", namespace,
                                                                          "motruns", "held"))
     assert (status, body["reason"]) == (404, "NotFound")
+
+
+def test_secrets_and_server_side_apply_like_a_real_server(kube_api, namespace):
+    core = kubernetes.client.CoreV1Api(kube_api.api_client())
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "plain"}, "stringData": {"key": "value"}})
+    secret = core.read_namespaced_secret("plain", namespace)
+    assert secret.data == {"key": "dmFsdWU="} and not secret.string_data  # stringData is write-only
+
+    # Server-side apply of an absent object creates it.
+    import requests
+
+    response = requests.patch(
+        f"{kube_api.url}/api/v1/namespaces/{namespace}/configmaps/applied?fieldManager=test",
+        data="apiVersion: v1\nkind: ConfigMap\nmetadata: {name: applied}\ndata: {a: b}\n",
+        headers={"Content-Type": "application/apply-patch+yaml"}, timeout=10)
+    assert response.status_code == 201, response.text
+    assert core.read_namespaced_config_map("applied", namespace).data == {"a": "b"}
