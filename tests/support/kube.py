@@ -14,8 +14,9 @@ API server answers. CEL rules (`x-kubernetes-validations`) are not evaluated her
 `parse_spec` mirrors them.
 
 Not served: protobuf request bodies (kubectl's typed generators such as `kubectl create namespace`
-send them; use manifests with `kubectl apply -f`), server-side apply field management, Table output
-for `kubectl get` (plain lists are printed as NAME/AGE), aggregated discovery, openapi v2 schemas.
+send them; use manifests with `kubectl apply -f`), server-side apply field management (an apply
+creates or merges), built-in types' printer columns (`kubectl get` tables show Name and Age; custom
+resources get their CRD's printer columns), aggregated discovery, openapi v2 and schemas in v3.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class ResourceType:
     short_names: tuple[str, ...] = ()
     status_subresource: bool = False
     schema: dict | None = None  # openAPIV3Schema of a custom resource
+    printer_columns: tuple = ()  # additionalPrinterColumns of a custom resource
 
     @property
     def api_version(self) -> str:
@@ -276,6 +278,37 @@ def _json_path(error: jsonschema.ValidationError) -> str:
     return path or "<root>"
 
 
+def _age(timestamp: str | None) -> str | None:
+    if not timestamp:
+        return None
+    seconds = int((dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(timestamp.replace("Z", "+00:00")))
+                  .total_seconds())
+    for unit, size, limit in (("s", 1, 120), ("m", 60, 120 * 60), ("h", 3600, 48 * 3600)):
+        if seconds < limit:
+            return f"{max(seconds, 0) // size}{unit}"
+    return f"{seconds // 86400}d"
+
+
+def _table(rtype: ResourceType, objs: list[dict], query) -> dict:
+    """The `Table` kubectl asks for (`Accept: ...;as=Table`): Name plus the CRD's printer columns."""
+    printer = rtype.printer_columns or ({"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},)
+    columns = [{"name": "Name", "type": "string", "format": "name", "priority": 0,
+                "description": "Name must be unique within a namespace."}]
+    columns += [{"name": c["name"], "type": c.get("type", "string"), "format": c.get("format", ""),
+                 "description": c.get("description", ""), "priority": c.get("priority", 0)} for c in printer]
+    rows = []
+    for obj in objs:
+        cells: list[Any] = [obj["metadata"]["name"]]
+        for column in printer:
+            value = _dig(obj, column["jsonPath"].lstrip("."))
+            cells.append(_age(value) if column.get("type") == "date" else value)
+        partial = obj if query.get("includeObject") == "Object" else {
+            "kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj["metadata"]}
+        rows.append({"cells": cells, "object": partial})
+    return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": ""},
+            "columnDefinitions": columns, "rows": rows}
+
+
 def _fold_string_data(rtype: ResourceType, obj: dict) -> None:
     """A Secret's `stringData` is write-only: the API server stores it base64-encoded in `data`."""
     if rtype.kind == "Secret" and obj.get("stringData"):
@@ -335,7 +368,8 @@ class ApiServer(kmock.KubernetesEmulator):
             kind=names.get("kind", ""), namespaced=spec.get("scope", "Namespaced") == "Namespaced",
             singular=names.get("singular", ""), short_names=tuple(names.get("shortNames", [])),
             status_subresource="status" in (version.get("subresources") or {}),
-            schema=(version.get("schema") or {}).get("openAPIV3Schema")))
+            schema=(version.get("schema") or {}).get("openAPIV3Schema"),
+            printer_columns=tuple(version.get("additionalPrinterColumns") or ())))
 
     # -- store helpers ----------------------------------------------------------------------------
     def _key(self, rtype: ResourceType, namespace: str | None, name: str) -> tuple:
@@ -489,10 +523,13 @@ class ApiServer(kmock.KubernetesEmulator):
                            "use `kubectl apply -f` / `kubectl create -f` with a manifest")
         if method == "GET" and watch:
             return await self._watch(raw, rtype, namespace, name, query)
+        as_table = "as=Table" in raw.headers.get("Accept", "")
         if method == "GET" and name is None:
-            return aiohttp.web.json_response(self._list(rtype, namespace, query))
+            listing = self._list(rtype, namespace, query)
+            return aiohttp.web.json_response(_table(rtype, listing["items"], query) if as_table else listing)
         if method == "GET":
-            return aiohttp.web.json_response(self._fetch(rtype, namespace, name))
+            obj = self._fetch(rtype, namespace, name)
+            return aiohttp.web.json_response(_table(rtype, [obj], query) if as_table else obj)
         if method == "POST" and name is None:
             return aiohttp.web.json_response(
                 self._create(rtype, namespace, json.loads(body or b'null'), strict=query.get("fieldValidation") == "Strict"),

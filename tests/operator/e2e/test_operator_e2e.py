@@ -91,6 +91,10 @@ def test_three_teachers_two_rounds_succeed(mot_e2e):
     assert prometheus.wait_for("mot_run_last_progress_timestamp_seconds{" + run_labels + "}")
     assert prometheus.query("mot_reconcile_errors_total") is not None
 
+    # kubectl shows the CRD's printer columns.
+    table = mot_e2e.kubectl("-n", ns, "get", "motrun", "tri").stdout.split()
+    assert table[:5] == ["NAME", "PHASE", "ROUND", "TEACHERS", "AGE"] and table[6:9] == ["Succeeded", "2/2", "3"]
+
     # Deleting the run cascades to its Jobs and removes its per-run series.
     mot_e2e.kubectl("-n", ns, "delete", "motrun", "tri")
     assert mot_e2e.jobs(ns) == []
