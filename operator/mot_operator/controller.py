@@ -3,16 +3,19 @@
 One daemon per MoTRun loops: observe its Jobs (from an in-memory index fed by a watch), call the
 pure planner, write the status, then create/suspend/resume/delete Jobs. Job events wake the daemon
 at once, so reactions do not wait for a timer; a periodic resync covers anything missed. Pods are
-not watched (RBAC: get/list only): a finished Job's Pods are read once for the trainer's
-termination message.
+not watched (RBAC: get/list only): when Jobs have finished, the run's Pods are listed once for the
+trainer's termination messages.
 Kopf keeps its own bookkeeping in annotations; our status holds only the run's state.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -32,6 +35,11 @@ from .planner import (
 from .spec import GROUP, PLURAL, VERSION, SpecError, parse_spec
 
 RESYNC_SECONDS = 30.0
+# The official client blocks: calls run in this many threads (over as many pooled connections), so
+# a burst of finished Jobs across many runs is not queued behind a handful of slow requests.
+API_THREADS = 32
+# A Job this process created recently is not created again while the watch catches up with it.
+RECENT_CREATE_SECONDS = 30.0
 ERROR_RETRY_SECONDS = 5.0
 MESSAGE_LIMIT = 1024
 log = logging.getLogger("mot_operator.controller")
@@ -46,6 +54,8 @@ class ControllerState:
     wakers: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
     # Pods of finished Jobs, read once per Job: {(namespace, run): {job: [pod, ...]}}
     pods: dict[tuple[str, str], dict[str, list[dict]]] = field(default_factory=dict)
+    # {(namespace, job): monotonic time} of the Jobs this process created
+    created: dict[tuple[str, str], float] = field(default_factory=dict)
     ready: bool = False
 
     def wake(self, namespace: str, run_label: str) -> None:
@@ -69,7 +79,12 @@ class KubeApi:
     def __init__(self, api_client=None):
         from kubernetes import client
 
-        self._client = api_client or client.ApiClient()
+        if api_client is None:
+            config = client.Configuration.get_default_copy()
+            config.connection_pool_maxsize = API_THREADS
+            api_client = client.ApiClient(config)
+        self._client = api_client
+        self._threads = ThreadPoolExecutor(API_THREADS, thread_name_prefix="kube-api")
         self.batch = client.BatchV1Api(self._client)
         self.core = client.CoreV1Api(self._client)
         self.custom = client.CustomObjectsApi(self._client)
@@ -78,16 +93,19 @@ class KubeApi:
     def _status(error) -> int | None:
         return getattr(error, "status", None)
 
-    async def job_pods(self, namespace: str, job: str) -> list[dict]:
-        """The Pods of a Job (for their termination messages), read when the Job has finished."""
-        response = await asyncio.to_thread(
-            self.core.list_namespaced_pod, namespace, label_selector=f"{naming.LABEL_JOB_NAME}={job}",
+    async def _call(self, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self._threads, functools.partial(fn, *args, **kwargs))
+
+    async def run_pods(self, namespace: str, run_label: str) -> list[dict]:
+        """The Pods of a run's Jobs (for termination messages): one list call however many finished."""
+        response = await self._call(
+            self.core.list_namespaced_pod, namespace, label_selector=f"{naming.LABEL_RUN}={run_label}",
             _preload_content=False)
         items = json.loads(response.data).get("items") or []
-        return [p for p in items if ((p.get("metadata") or {}).get("labels") or {}).get(naming.LABEL_JOB_NAME) == job]
+        return [p for p in items if ((p.get("metadata") or {}).get("labels") or {}).get(naming.LABEL_RUN) == run_label]
 
     async def patch_status(self, namespace: str, name: str, patch: dict) -> None:
-        await asyncio.to_thread(
+        await self._call(
             self.custom.patch_namespaced_custom_object_status, GROUP, VERSION, namespace, PLURAL, name,
             {"status": patch}, _content_type=MERGE_PATCH, _preload_content=False)
 
@@ -98,7 +116,7 @@ class KubeApi:
         namespace = obj["metadata"]["namespace"]
         call = self.batch.create_namespaced_job if obj["kind"] == "Job" else self.core.create_namespaced_service
         try:
-            await asyncio.to_thread(call, namespace, obj, _preload_content=False)
+            await self._call(call, namespace, obj, _preload_content=False)
         except ApiException as error:
             if self._status(error) == 409:
                 return False
@@ -109,7 +127,7 @@ class KubeApi:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            await asyncio.to_thread(self.batch.patch_namespaced_job, job, namespace, {"spec": {"suspend": suspend}},
+            await self._call(self.batch.patch_namespaced_job, job, namespace, {"spec": {"suspend": suspend}},
                                     _content_type=MERGE_PATCH, _preload_content=False)
         except ApiException as error:
             if self._status(error) != 404:
@@ -123,7 +141,7 @@ class KubeApi:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            await asyncio.to_thread(self.batch.delete_namespaced_job, job, namespace,
+            await self._call(self.batch.delete_namespaced_job, job, namespace,
                                     propagation_policy="Background", _preload_content=False)
         except ApiException as error:
             if self._status(error) != 404:
@@ -240,40 +258,72 @@ def _finished(job: dict) -> bool:
                                                                 "FailureTarget") for c in conditions)
 
 
-async def observed_jobs(namespace: str, run_name: str, job_index, state: ControllerState) -> list[ObservedJob]:
-    """The run's Jobs from the index; finished ones with their Pods' termination messages."""
+def _is_deferrable(job: dict) -> bool:
+    """A succeeded branch: its loss may arrive one pass later; nothing waits on it."""
+    labels = job["metadata"].get("labels") or {}
+    conditions = (job.get("status") or {}).get("conditions") or []
+    complete = any(c.get("status") == "True" and c.get("type") in ("Complete", "SuccessCriteriaMet")
+                   for c in conditions)
+    return complete and labels.get(naming.LABEL_STAGE) == "sft"
+
+
+async def observed_jobs(namespace: str, run_name: str, job_index, state: ControllerState,
+                        read_all: bool = True) -> tuple[list[ObservedJob], bool]:
+    """The run's Jobs from the index; finished ones with their Pods' termination messages.
+
+    The Pods are listed (one call for the whole run) when a finished Job's messages are not known
+    yet. With read_all=False, succeeded branches do not cause that read: their loss is filled in on
+    a later pass, so the next Job is created without waiting for it. Returns the observed Jobs and
+    whether some termination messages are still unread."""
     cache = state.pods.setdefault((namespace, run_name), {})
+    run_label = naming.label_value(run_name)
+    jobs = list(job_index.get((namespace, run_label), []))
+    unread = [j for j in jobs if _finished(j) and j["metadata"]["name"] not in cache]
+    if any(read_all or not _is_deferrable(j) for j in unread):
+        by_job: dict[str, list[dict]] = {}
+        for pod in await state.api.run_pods(namespace, run_label):
+            by_job.setdefault(pod["metadata"]["labels"].get(naming.LABEL_JOB_NAME), []).append(pod)
+        for job in unread:
+            name = job["metadata"]["name"]
+            if any(_termination(p) for p in by_job.get(name, [])):  # else look again next time
+                cache[name] = by_job[name]
+        unread = [j for j in unread if j["metadata"]["name"] not in cache]
     found = []
-    for job in job_index.get((namespace, naming.label_value(run_name)), []):
-        name = job["metadata"]["name"]
-        pods = []
-        if _finished(job):
-            pods = cache.get(name)
-            if pods is None:
-                pods = await state.api.job_pods(namespace, name)
-                if any(_termination(p) for p in pods):  # else look again next time
-                    cache[name] = pods
+    for job in jobs:
+        pods = cache.get(job["metadata"]["name"], []) if _finished(job) else []
         obs = observe_job(job, pods)
         if obs is not None:
             found.append(obs)
-    return found
+    return found, any(_is_deferrable(j) for j in unread) and not read_all
 
 
 async def reconcile(body: dict, status: dict, job_index, state: ControllerState,
                     now: datetime | None = None) -> tuple[dict, Plan]:
-    """Observe, plan, write status, act. Returns the status now stored and the plan."""
+    """Observe, plan, write status, act; then, if branch losses were left unread so that the next
+    Job could start sooner, read them and reconcile once more. Returns the stored status and plan."""
+    status, result, deferred = await _reconcile_once(body, status, job_index, state, now, read_all=False)
+    if deferred and result.status.get("phase") not in TERMINAL:
+        status, result, _ = await _reconcile_once(body, status, job_index, state, now, read_all=True)
+    return status, result
+
+
+async def _reconcile_once(body, status, job_index, state: ControllerState, now, read_all: bool):
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     run = RunRef(namespace=namespace, name=name, uid=meta.get("uid", ""), generation=meta.get("generation") or 1)
     now = now or datetime.now(UTC)
     spec_dict = jobrender.with_defaults(body.get("spec") or {}, state.config)
+    deferred = False
     try:
         spec = parse_spec(spec_dict)
     except SpecError as error:
         spec = None
         result = plan_invalid(run, status, error, now)
     else:
-        result = plan(run, spec, status, await observed_jobs(namespace, name, job_index, state), now)
+        observed, deferred = await observed_jobs(namespace, name, job_index, state, read_all=read_all)
+        result = plan(run, spec, status, observed, now)
+        for job in observed:
+            state.created.pop((namespace, job.name), None)
 
     api = state.api
     if result.status != status:
@@ -282,10 +332,15 @@ async def reconcile(body: dict, status: dict, job_index, state: ControllerState,
     metrics.record_plan(result)
     for event in result.events:
         api.event(body, event)
+    clock = time.monotonic()
     for request in result.create:
+        key = (namespace, request.name)
+        if clock - state.created.get(key, -RECENT_CREATE_SECONDS) < RECENT_CREATE_SECONDS:
+            continue  # created moments ago; the watch has not shown it yet
         for obj in jobrender.render(request, spec, run, state.config):
             if await api.create(obj) and obj["kind"] == "Job":
                 metrics.job_created(request.stage)
+        state.created[key] = clock
     for job in result.suspend:
         await api.set_suspend(namespace, job, True)
     for job in result.resume:
@@ -293,7 +348,7 @@ async def reconcile(body: dict, status: dict, job_index, state: ControllerState,
     for job in result.delete:
         await api.delete_job(namespace, job)
     metrics.observe_run(namespace, name, result.status, progressed=result.status != status)
-    return result.status, result
+    return result.status, result, deferred
 
 
 # ---------------------------------------------------------------------------------------------

@@ -313,6 +313,9 @@ class _Planner:
             return "waiting"
         state = entry.get("state")
         if state == "Succeeded":
+            late = self.jobs.get(entry["job"])
+            if late is not None and late.state == "Succeeded":
+                self.record_metrics(stage, entry, late)  # the executor may read results a pass later
             return "done"
         if state == "Failed":
             self.fail(stage, teacher, entry.get("attempt", 0), entry.get("message", ""), round_=round_)
@@ -342,16 +345,20 @@ class _Planner:
             entry["state"] = "Succeeded"
             entry["completionTime"] = timestamp(job.finished_at or self.now)
             entry.pop("message", None)
-            metrics = job.metrics or {}
-            if stage == "sft" and metrics.get("final_loss") is not None:
-                entry["loss"] = float(metrics["final_loss"])
-            if stage == "eval" and metrics.get("accuracy") is not None:
-                entry["score"] = float(metrics["accuracy"])
+            self.record_metrics(stage, entry, job)
             return "done"
         if job.state == "Failed":
             return self.job_failed(rec, container, key, entry, job, stage, teacher)
         entry["state"] = job.state
         return "waiting"
+
+    @staticmethod
+    def record_metrics(stage: str, entry: dict, job: ObservedJob) -> None:
+        metrics = job.metrics or {}
+        if stage == "sft" and metrics.get("final_loss") is not None:
+            entry["loss"] = float(metrics["final_loss"])
+        if stage == "eval" and metrics.get("accuracy") is not None:
+            entry["score"] = float(metrics["accuracy"])
 
     def job_failed(self, rec, container, key, entry, job, stage, teacher) -> str:
         round_ = rec["round"]

@@ -23,8 +23,9 @@ def job_body(name="demo-r1-sft-a-a1", stage="sft", round_="1", attempt="1", teac
             "spec": {"suspend": suspend}, "status": status or {}}
 
 
-def pod_body(exit_code, message):
-    return {"status": {"containerStatuses": [
+def pod_body(exit_code, message, job="demo-r1-sft-a-a1"):
+    return {"metadata": {"labels": {"mot.dev/run": "demo", "batch.kubernetes.io/job-name": job}},
+            "status": {"containerStatuses": [
         {"name": "trainer", "state": {"terminated": {"exitCode": exit_code, "message": message}}}]}}
 
 
@@ -76,9 +77,9 @@ class FakeApi:
         self.pods = pods or {}
         self.calls = []
 
-    async def job_pods(self, namespace, job):
-        self.calls.append(("job_pods", job))
-        return self.pods.get(job, [])
+    async def run_pods(self, namespace, run_label):
+        self.calls.append(("run_pods", run_label))
+        return [pod for pods in self.pods.values() for pod in pods]
 
     async def patch_status(self, namespace, name, patch):
         self.calls.append(("patch_status", name, patch))
@@ -173,7 +174,7 @@ def test_finished_jobs_pods_are_read_once_for_the_termination_message():
     status, _ = asyncio.run(controller.reconcile(motrun(status=status), status, index, state))
     assert status["rounds"][0]["branches"]["a"]["loss"] == 0.25
     asyncio.run(controller.reconcile(motrun(status=status), status, index, state))
-    assert [c for c in api.calls if c[0] == "job_pods"] == [("job_pods", "demo-r1-sft-a-a1")]  # cached
+    assert [c for c in api.calls if c[0] == "run_pods"] == [("run_pods", "demo")]  # read once, then cached
 
 
 def test_deleting_a_run_creates_a_cleanup_job_only_when_asked(monkeypatch):
@@ -184,3 +185,25 @@ def test_deleting_a_run_creates_a_cleanup_job_only_when_asked(monkeypatch):
     assert api.calls == []
     asyncio.run(controller.run_deleted(namespace="ns", name="demo", body=motrun({"storage": {"cleanup": True}})))
     assert api.calls == [("create", "demo-cleanup")]
+
+
+def test_the_merge_is_created_before_branch_results_are_read():
+    status, _ = reconcile(motrun(), FakeApi())
+    done = {"conditions": [cond("Complete")], "completionTime": NOW}
+    jobs = [job_body(status=done), job_body(name="demo-r1-sft-b-a1", teacher="b", status=done)]
+    api = FakeApi(existing={"demo-r1-sft-a-a1", "demo-r1-sft-b-a1"},
+                  pods={"demo-r1-sft-a-a1": [pod_body(0, json.dumps({"final_loss": 0.25}))],
+                        "demo-r1-sft-b-a1": [pod_body(0, json.dumps({"final_loss": 0.5}), job="demo-r1-sft-b-a1")]})
+    status, _ = reconcile(motrun(status=status), api, jobs=jobs)
+    kinds = [c[:2] for c in api.calls if c[0] in ("create", "run_pods")]
+    assert kinds == [("create", "demo-r1-merge-a1"), ("run_pods", "demo")]
+    assert [b["loss"] for b in status["rounds"][0]["branches"].values()] == [0.25, 0.5]
+
+
+def test_a_failed_jobs_message_is_read_before_deciding():
+    status, _ = reconcile(motrun(), FakeApi())
+    failed = {"conditions": [cond("Failed", "PodFailurePolicy", "exit code 2")]}
+    api = FakeApi(existing={"demo-r1-sft-a-a1", "demo-r1-sft-b-a1"},
+                  pods={"demo-r1-sft-a-a1": [pod_body(2, "data.jsonl: line 1 is not JSON")]})
+    status, _ = reconcile(motrun(status=status), api, jobs=[job_body(status=failed)])
+    assert status["phase"] == "Failed" and "line 1 is not JSON" in status["message"]

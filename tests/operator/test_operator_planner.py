@@ -368,3 +368,14 @@ def test_multinode_branch_names_leave_room_for_the_pod_index():
                      teachers=[{"name": "deepseek-r1-distill", "dataset": "d"}])
     result = plan(long_run, spec, {}, [], T0)
     assert all(len(r.name) <= 56 for r in result.create)
+
+
+def test_results_read_a_pass_later_are_filled_in():
+    cluster = Cluster(make_spec())
+    cluster.step()
+    cluster.finish_active(metrics=None)  # succeeded, termination messages not read yet
+    cluster.step()
+    assert "loss" not in cluster.status["rounds"][0]["branches"]["a"]
+    cluster.jobs["demo-r1-sft-a-a1"].metrics = {"final_loss": 0.125}
+    result = cluster.step()
+    assert cluster.status["rounds"][0]["branches"]["a"]["loss"] == 0.125 and result.create == []
