@@ -50,6 +50,9 @@ def test_branch_failing_once_is_retried_and_the_run_succeeds(mot_e2e):
     assert {"BranchFailed", "BranchRetried", "Succeeded"} <= set(reasons(mot_e2e, ns, "flaky"))
     failed = [e for e in mot_e2e.events(ns, "flaky") if e["reason"] == "BranchFailed"]
     assert failed[0]["type"] == "Warning" and "CUDA error: flaky GPU" in failed[0]["message"]
+    # The retry is counted, as Prometheus reads it.
+    assert mot_e2e.prometheus.wait_for('mot_job_retries_total{stage="sft"} >= 1')
+    assert mot_e2e.prometheus.wait_for('mot_jobs_finished_total{stage="sft",result="failed"} >= 1')
 
 
 def test_branch_always_failing_fails_the_run_with_a_clear_message(mot_e2e):
