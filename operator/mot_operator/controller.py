@@ -361,22 +361,24 @@ def configure(settings: kopf.OperatorSettings, **_):
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     # Only our explicit kopf.event() calls become Kubernetes Events, not Kopf's log lines.
     settings.posting.level = logging.WARNING
+    settings.batching.batch_window = 0.02  # react to a Job's change within tens of milliseconds
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
 
 
+# Handlers are async: Kopf runs sync handlers in a thread pool, a hop per Job event.
 @kopf.index("batch", "v1", "jobs", labels={naming.LABEL_RUN: kopf.PRESENT})
-def job_index(namespace, name, labels, body, **_):
+async def job_index(namespace, name, labels, body, **_):
     return {(namespace, labels[naming.LABEL_RUN]): _snapshot(body)}
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={naming.LABEL_RUN: kopf.PRESENT})
-def job_changed(namespace, labels, **_):
+async def job_changed(namespace, labels, **_):
     STATE.wake(namespace, labels[naming.LABEL_RUN])
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def run_changed(type, namespace, name, **_):
+async def run_changed(type, namespace, name, **_):
     if type == "DELETED":
         metrics.forget_run(namespace, name)
         STATE.pods.pop((namespace, name), None)
