@@ -29,11 +29,12 @@ class DemoConfig:
     teachers: tuple[tasks.Teacher, ...] = tasks.TEACHERS
     per_teacher: int = 200
     eval_size: int = 100
-    rounds: int = 5
-    steps: int = 10
+    rounds: int = 3
+    steps: int = 30
     learning_rate: float = 1e-3
     grad_accum: int = 16
     max_new_tokens: int = 128
+    digits: int = 3  # the teachers' (and the eval set's) problem size
     branch_evals_for_first_seed_only: bool = True
     student: StudentConfig = StudentConfig()
 
@@ -53,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("MOT_DEMO_CACHE", ".mot/demo-cache")),
                         help="where the pre-trained student is cached (default .mot/demo-cache, env MOT_DEMO_CACHE)")
     parser.add_argument("--parallel", type=int, default=None, help="processes at once (default: CPU cores)")
+    parser.add_argument("--student", type=Path, default=None,
+                        help="use this Hugging Face model folder as the student instead of pre-training one")
+    parser.add_argument("--rounds", type=int, default=None, help="override the rounds (experiments)")
+    parser.add_argument("--steps", type=int, default=None, help="override the SFT steps per branch per round")
+    parser.add_argument("--learning-rate", type=float, default=None, help="override the branches' learning rate")
 
 
 def motrun_manifest(name: str, student: Path, files: dict[str, Path], cfg: DemoConfig, seed: int) -> dict:
@@ -81,18 +87,20 @@ def run(args: argparse.Namespace) -> int:
     cfg = QUICK if args.quick else FULL
     if args.seeds:
         cfg = replace(cfg, seeds=tuple(range(args.seeds)))
+    overrides = {"rounds": args.rounds, "steps": args.steps, "learning_rate": args.learning_rate}
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     cores = os.cpu_count() or 1
     parallel = args.parallel or cores
     threads = max(1, cores // parallel)
     started = time.monotonic()
     workdir = args.workdir.resolve()
-    student = pretrain(cfg.student, args.cache_dir.resolve(), threads=cores)
+    student = args.student.resolve() if args.student else pretrain(cfg.student, args.cache_dir.resolve(), threads=cores)
     summaries = []
     for i, seed in enumerate(cfg.seeds):
         name = f"demo-seed-{seed}"
         run_dir = workdir / name
         files = tasks.build_task(run_dir / "data", seed=seed, teachers=cfg.teachers, per_teacher=cfg.per_teacher,
-                                 eval_size=cfg.eval_size)
+                                 eval_size=cfg.eval_size, digits=cfg.digits)
         manifest = motrun_manifest(name, student, files, cfg, seed)
         (run_dir / "motrun.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
         print(f"\n=== seed {seed}: {run_dir / 'motrun.yaml'} (teacher noise on the data: "
@@ -107,11 +115,14 @@ def run(args: argparse.Namespace) -> int:
             return rc
         summaries.append(json.loads((run_dir / "results.json").read_text()))
     table = summary_table(summaries)
+    digits = "/".join(map(str, cfg.student.pretrain_digits))
     text = (f"# mot demo: MoT vs baselines over {len(summaries)} seed(s)\n\n"
-            f"Student: {cfg.student.layers} layers × {cfg.student.hidden_size} wide, pre-trained on 1-3 digit "
+            + ("**--quick**: a pipeline check with a barely trained student; its scores mean nothing.\n\n"
+               if args.quick else "")
+            + f"Student: {cfg.student.layers} layers × {cfg.student.hidden_size} wide, pre-trained on {digits}-digit "
             f"additions; teachers: {', '.join(f'{t.name} ({t.description})' for t in cfg.teachers)}; "
             f"{cfg.per_teacher} problems each; {cfg.rounds} rounds × {cfg.steps} steps per branch; "
-            f"eval on {cfg.eval_size} held-out 4-digit problems (greedy, exact match of the final answer).\n\n"
+            f"eval on {cfg.eval_size} held-out {cfg.digits}-digit problems (greedy, exact match of the final answer).\n\n"
             + table + "\n\nPer seed: " + ", ".join(f"[{s['run']}]({s['run'].split('/')[1]}/report.md)"
                                                    for s in summaries) + "\n")
     (workdir / "demo-report.md").write_text(text)

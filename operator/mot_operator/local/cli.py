@@ -139,7 +139,8 @@ def run_spec(meta: dict, spec, spec_dict: dict, workdir: Path, *, parallel=None,
                                                      eval_branches=eval_branches, gpus=gpus, progress=progress))
     print(f"mot run {ref.namespace}/{ref.name}: {parallel} at a time, {threads} thread(s) each, "
           f"{gpus} GPU(s); workdir {workdir}", flush=True)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Ctrl-C and SIGTERM stop cleanly, even where the shell started us with SIGINT ignored.
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         phase = runner.run()
     except KeyboardInterrupt:
@@ -148,7 +149,8 @@ def run_spec(meta: dict, spec, spec_dict: dict, workdir: Path, *, parallel=None,
               file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     results = collect_results(runner)
     (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str))
     print()
