@@ -102,7 +102,7 @@ def run_trainer(args, model_dir: Path, data_path: Path, out: Path) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
-    proc = subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=True, env=env, stdout=subprocess.PIPE, text=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -140,7 +140,7 @@ def trainer_worker(args) -> None:
         output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.micro_batch_size,
         gradient_accumulation_steps=args.grad_accum, learning_rate=1e-4, lr_scheduler_type="cosine",
         warmup_steps=0.05, adam_beta1=0.9, adam_beta2=0.95, weight_decay=1e-4, max_grad_norm=1.0, seed=0,
-        bf16=bf16, use_cpu=not cuda, save_strategy="no", report_to="none", logging_steps=10,
+        bf16=bf16, use_cpu=not cuda, save_strategy="no", report_to="none", logging_steps=min(10, args.steps),
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=rows, data_collator=collator,
