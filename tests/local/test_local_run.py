@@ -6,7 +6,7 @@ import subprocess
 import yaml
 from mot_operator.local.progress import TaskLine
 from mot_trainer.manifest import read_checkpoint_manifest
-from support.local_run import mot_command, mot_env
+from support.local_run import mot_command, mot_env, write_manifest
 
 
 def test_run_finishes_with_report_plot_and_checkpoints(compare_run):
@@ -66,3 +66,47 @@ def test_progress_reads_the_trainer_log_line():
                         "tokens/s 5834 eta 0m43s")
     assert changed and (line.step, line.total, line.loss, line.eta) == (50, 300, 0.726, "0m43s")
     assert "step 50/300" in line.render() and "ETA 0m43s" in line.render()
+
+
+def test_progress_redraws_a_block_on_a_terminal_and_prints_plain_lines_otherwise():
+    import io
+
+    from mot_operator.local.progress import Progress
+
+    tty = io.StringIO()
+    live = Progress(stream=tty, tty=True)
+    live.set_header("MoTRun local/x: Running, round 1/2")
+    live.start("a", "r1 sft alpha")
+    live.feed("a", "step 3/10 loss 0.5 eta 0m07s\n")
+    live.redraw()
+    live.finish("a", "done")
+    live.close()
+    assert "\x1b[F\x1b[2K" in tty.getvalue() and "step 3/10" in tty.getvalue()
+
+    plain = io.StringIO()
+    lines = Progress(stream=plain, tty=False, plain_interval=0)
+    lines.set_header("round 1/2")
+    lines.start("a", "r1 sft alpha")
+    lines.feed("a", "step 3/10 loss 0.5 eta 0m07s\n")
+    lines.finish("a", "done")
+    assert "\x1b" not in plain.getvalue()
+    assert plain.getvalue().splitlines()[0] == "round 1/2" and "step 3/10" in plain.getvalue()
+
+
+def test_run_with_s3_storage_from_the_manifest(tmp_path, tiny_model, s3_server, monkeypatch):
+    """storage.uri s3://... and storage.endpoint in the manifest: checkpoints go to a real S3 server."""
+    bucket = s3_server.make_bucket("mot-local-run")
+    env = {k: v for k, v in s3_server.env.items() if k != "AWS_ENDPOINT_URL"}  # the manifest names it
+    manifest = write_manifest(tmp_path / "m", tiny_model, name="s3run", evaluation=False, steps=2, extra_spec={
+        "rounds": 1, "storage": {"uri": f"{bucket}/runs", "endpoint": s3_server.endpoint, "pathStyle": True}})
+    proc = subprocess.run(mot_command("run", manifest, "--workdir", tmp_path / "w", "--threads", 1),
+                          capture_output=True, text=True, env={**mot_env(), **env}, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    merged = f"{bucket}/runs/local/s3run/round-1/merged"
+    assert read_checkpoint_manifest(merged)["kind"] == "merge"
+    assert read_checkpoint_manifest(f"{bucket}/runs/local/s3run/round-1/branch-beta")["kind"] == "sft"
+    status = json.loads((tmp_path / "w" / "status.json").read_text())["status"]
+    assert status["phase"] == "Succeeded" and status["finalModel"] == merged
+    assert not (tmp_path / "w" / "storage").exists()
