@@ -101,22 +101,16 @@ def resolve_precision(requested: str) -> str:
 # --- model input -------------------------------------------------------------------------------
 
 
-def fetch_model(uri: str, workdir: Path, accelerator=None) -> tuple[str, dict | None]:
+def fetch_model(uri: str, workdir: Path) -> tuple[str, dict | None]:
     """A local folder (or hub id) for `uri`, plus its manifest when it has one (verified).
 
     A checkpoint of ours must carry a valid manifest; a user's model folder without one is accepted
-    as it is. On several processes, one per node downloads and the others reuse its copy.
+    as it is. Each process downloads its own copy of an s3:// model (simple; a shared per-node copy
+    would save bandwidth on multi-GPU nodes).
     """
     if storage.is_s3(uri):
-        local = workdir / "init"
-        done = workdir / "init.complete"
-        first = accelerator.local_main_process_first() if accelerator else contextlib.nullcontext()
-        with first:
-            if not done.exists():
-                manifest = read_checkpoint_manifest(uri)
-                storage.download_dir(uri, local, verify=manifest is not None)
-                done.touch()
         manifest = read_checkpoint_manifest(uri)
+        local = storage.download_dir(uri, workdir / "init", verify=manifest is not None)
         return str(local), manifest
     path = Path(uri).expanduser()
     if path.is_dir():
@@ -328,7 +322,7 @@ def run(args) -> dict | None:
     workdir = Path(tempfile.mkdtemp(prefix="mot-sft-"))
     server = progress.serve(args.metrics_port) if args.metrics_port and accelerator.is_main_process else None
     try:
-        source, init_manifest = fetch_model(args.init, workdir, accelerator)
+        source, init_manifest = fetch_model(args.init, workdir)
         if init_manifest:
             inputs["init_created"] = init_manifest.get("created")
         existing = finished_output(args.out)
