@@ -202,3 +202,21 @@ def test_two_processes_match_one_process_with_double_accumulation(tiny_model, ti
     assert two["metrics"]["tokens_seen"] == one["metrics"]["tokens_seen"]
     for (s1, l1), (s2, l2) in zip(one["metrics"]["loss_history"], two["metrics"]["loss_history"], strict=True):
         assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-4)
+
+
+def test_output_keeps_the_init_dtype_and_tied_embeddings(tiny_model, tiny_data, tmp_path):
+    """Training runs on fp32 master weights; the checkpoint is written in the init's dtype (bf16 for
+    real Qwen models) with the tied embedding stored once, as the merge expects."""
+    from safetensors import safe_open
+
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(bf16)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(bf16)
+    out = tmp_path / "out"
+    assert sft("--init", bf16, "--data", tiny_data, "--out", out, "--steps", 2, *FAST) == 0
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        assert {f.get_slice(k).get_dtype() for k in names} == {"BF16"}
+    with safe_open(str(bf16 / "model.safetensors"), "pt") as f:
+        assert names == set(f.keys())  # lm_head not written separately

@@ -270,14 +270,29 @@ def save_model(accelerator, model, tokenizer, saved_dtype, folder: Path) -> None
     if getattr(unwrapped, "supports_gradient_checkpointing", False):
         set_checkpointing(unwrapped, False)
     unwrapped.config.use_cache = True
-    unwrapped.config.dtype = saved_dtype
-    state = {k: v.to(saved_dtype) if v.is_floating_point() else v for k, v in state.items()}
-    unwrapped.save_pretrained(folder, state_dict=state)
+    unwrapped.save_pretrained(folder, state_dict=cast_state(state, saved_dtype))
+    unwrapped.config.dtype = saved_dtype  # save_pretrained wrote the fp32 training dtype
+    unwrapped.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     if not (folder / "generation_config.json").exists():
         from transformers import GenerationConfig
 
         GenerationConfig.from_model_config(unwrapped.config).save_pretrained(folder)
+
+
+def cast_state(state: dict, dtype) -> dict:
+    """Floating tensors cast to `dtype`; tensors that shared storage (tied embeddings) stay shared,
+    so save_pretrained still writes them once."""
+    cast, by_storage = {}, {}
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            cast[name] = tensor
+            continue
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key not in by_storage:
+            by_storage[key] = tensor.to(dtype)
+        cast[name] = by_storage[key]
+    return cast
 
 
 def sha256_bytes(raw: bytes) -> str:
