@@ -54,9 +54,15 @@ class ControllerState:
     wakers: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
     # Pods of finished Jobs, read once per Job: {(namespace, run): {job: [pod, ...]}}
     pods: dict[tuple[str, str], dict[str, list[dict]]] = field(default_factory=dict)
+    # {(namespace, run): (spec JSON, parsed spec or SpecError)}: parse each spec version once
+    specs: dict[tuple[str, str], tuple[str, object]] = field(default_factory=dict)
     # {(namespace, job): monotonic time} of the Jobs this process created
     created: dict[tuple[str, str], float] = field(default_factory=dict)
     ready: bool = False
+
+    def forget(self, namespace: str, name: str) -> None:
+        self.pods.pop((namespace, name), None)
+        self.specs.pop((namespace, name), None)
 
     def wake(self, namespace: str, run_label: str) -> None:
         for (ns, name), event in list(self.wakers.items()):
@@ -307,19 +313,33 @@ async def reconcile(body: dict, status: dict, job_index, state: ControllerState,
     return status, result
 
 
+def _parse_cached(state: ControllerState, namespace: str, name: str, spec_dict: dict):
+    """The parsed spec (or its SpecError); parsed again only when the spec changed."""
+    spec_dict = jobrender.with_defaults(spec_dict, state.config)
+    text = json.dumps(spec_dict, sort_keys=True)
+    cached = state.specs.get((namespace, name))
+    if cached is not None and cached[0] == text:
+        return cached[1]
+    try:
+        parsed = parse_spec(spec_dict)
+    except SpecError as error:
+        parsed = error
+    state.specs[(namespace, name)] = (text, parsed)
+    return parsed
+
+
 async def _reconcile_once(body, status, job_index, state: ControllerState, now, read_all: bool):
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     run = RunRef(namespace=namespace, name=name, uid=meta.get("uid", ""), generation=meta.get("generation") or 1)
     now = now or datetime.now(UTC)
-    spec_dict = jobrender.with_defaults(body.get("spec") or {}, state.config)
+    parsed = _parse_cached(state, namespace, name, body.get("spec") or {})
     deferred = False
-    try:
-        spec = parse_spec(spec_dict)
-    except SpecError as error:
+    if isinstance(parsed, SpecError):
         spec = None
-        result = plan_invalid(run, status, error, now)
+        result = plan_invalid(run, status, parsed, now)
     else:
+        spec = parsed
         observed, deferred = await observed_jobs(namespace, name, job_index, state, read_all=read_all)
         result = plan(run, spec, status, observed, now)
         for job in observed:
@@ -369,7 +389,12 @@ def configure(settings: kopf.OperatorSettings, **_):
 # Handlers are async: Kopf runs sync handlers in a thread pool, a hop per Job event.
 @kopf.index("batch", "v1", "jobs", labels={naming.LABEL_RUN: kopf.PRESENT})
 async def job_index(namespace, name, labels, body, **_):
-    return {(namespace, labels[naming.LABEL_RUN]): _snapshot(body)}
+    # Only what observe_job reads: a small copy per Job keeps memory and copying down.
+    return {(namespace, labels[naming.LABEL_RUN]): {
+        "metadata": {"name": name, "labels": dict(labels)},
+        "spec": {"suspend": bool((body.get("spec") or {}).get("suspend"))},
+        "status": _snapshot(body.get("status") or {}),
+    }}
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={naming.LABEL_RUN: kopf.PRESENT})
@@ -381,19 +406,16 @@ async def job_changed(namespace, labels, **_):
 async def run_changed(type, namespace, name, **_):
     if type == "DELETED":
         metrics.forget_run(namespace, name)
-        STATE.pods.pop((namespace, name), None)
+        STATE.forget(namespace, name)
     event = STATE.wakers.get((namespace, name))
     if event is not None:
         event.set()
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL)
-async def run_deleted(namespace, name, body, **_):
+async def cleanup_on_delete(namespace: str, name: str, body: dict) -> None:
     """Jobs go with the MoTRun (owner references); checkpoints only when spec.storage.cleanup asks."""
-    metrics.forget_run(namespace, name)
-    STATE.pods.pop((namespace, name), None)
     try:
-        spec = parse_spec(jobrender.with_defaults(_snapshot(body.get("spec") or {}), STATE.config))
+        spec = parse_spec(jobrender.with_defaults(body.get("spec") or {}, STATE.config))
     except SpecError:
         return  # an invalid run never wrote checkpoints
     if not (spec.storage.cleanup and spec.storage.uri):
@@ -406,36 +428,61 @@ async def run_deleted(namespace, name, body, **_):
              "created" if created else "already exists")
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=1.0)
+def _run_body(body) -> dict:
+    """What reconciling needs from the live MoTRun body: identity and spec (status is ours)."""
+    meta = body.get("metadata") or {}
+    keep = ("name", "namespace", "uid", "generation", "deletionTimestamp")
+    return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+            "metadata": {k: meta[k] for k in keep if k in meta}, "spec": _snapshot(body.get("spec") or {})}
+
+
+async def _wait_stopped(stopped, seconds: float) -> None:
+    await stopped.wait(seconds)
+
+
+async def _sleep(wake: asyncio.Event, stopped, seconds: float) -> None:
+    """Until woken (a Job or MoTRun event), stopped, or `seconds` have passed."""
+    waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(_wait_stopped(stopped, seconds))]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)
 async def run_daemon(stopped, namespace, name, body, job_index, logger, **_):
-    """Reconcile one MoTRun until it is terminal (then stop: terminal runs are never restarted)."""
+    """Reconcile one MoTRun until it is terminal (never restarted), then wait for its deletion.
+
+    Kopf keeps its finalizer on the MoTRun while this daemon lives, so a deleted run's checkpoint
+    cleanup (spec.storage.cleanup) is started here before the MoTRun goes."""
     key = (namespace, name)
     wake = STATE.wakers.setdefault(key, asyncio.Event())
     # This daemon is the only writer of the run's status: what it last wrote is newer than a body
     # the watch has not delivered yet.
     status = _snapshot(body.get("status") or {})
+    done = status.get("phase") in TERMINAL
     try:
-        while not stopped:
+        while not stopped and not body.get("metadata", {}).get("deletionTimestamp"):
             wake.clear()
             delay = RESYNC_SECONDS
-            if body.get("metadata", {}).get("deletionTimestamp"):
-                return
             try:
-                status, result = await reconcile(_snapshot(body), status, job_index, STATE)
+                status, result = await reconcile(_run_body(body), status, job_index, STATE)
                 if status.get("phase") in TERMINAL and not result.delete:
-                    log.info("MoTRun %s/%s is %s: %s", namespace, name, status["phase"], status.get("message", ""))
-                    return
-                if result.requeue_after is not None:
+                    if not done:
+                        log.info("MoTRun %s/%s is %s: %s", namespace, name, status["phase"],
+                                 status.get("message", ""))
+                    done = True
+                    delay = 3600.0  # nothing left to do but wait for deletion
+                elif result.requeue_after is not None:
                     delay = min(delay, max(result.requeue_after, 0.05))
             except Exception as error:  # noqa: BLE001 - keep the loop alive, count and retry
                 metrics.RECONCILE_ERRORS.inc()
                 logger.exception(f"reconcile of {namespace}/{name} failed: {error}")
                 status = _snapshot(body.get("status") or {})  # our view may be off: re-read
                 delay = ERROR_RETRY_SECONDS
-            try:  # a Job/Pod/MoTRun event wakes us at once; stop waits at most 1 s (cancellation)
-                await asyncio.wait_for(wake.wait(), timeout=delay)
-            except TimeoutError:
-                pass
+            await _sleep(wake, stopped, delay)
     finally:
         STATE.wakers.pop(key, None)
-
+    if body.get("metadata", {}).get("deletionTimestamp"):
+        await cleanup_on_delete(namespace, name, _run_body(body))

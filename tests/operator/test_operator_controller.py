@@ -181,9 +181,9 @@ def test_deleting_a_run_creates_a_cleanup_job_only_when_asked(monkeypatch):
     api = FakeApi()
     monkeypatch.setattr(controller, "STATE", controller.ControllerState(
         config=OperatorConfig(default_storage_uri="s3://ckpt"), api=api))
-    asyncio.run(controller.run_deleted(namespace="ns", name="demo", body=motrun()))
+    asyncio.run(controller.cleanup_on_delete("ns", "demo", motrun()))
     assert api.calls == []
-    asyncio.run(controller.run_deleted(namespace="ns", name="demo", body=motrun({"storage": {"cleanup": True}})))
+    asyncio.run(controller.cleanup_on_delete("ns", "demo", motrun({"storage": {"cleanup": True}})))
     assert api.calls == [("create", "demo-cleanup")]
 
 
