@@ -78,6 +78,7 @@ def test_accuracy_std_and_truncation_computed_by_hand(tiny_model, tmp_path, monk
     assert result["samples"] == 2 and result["problems"] == 4
     assert result["truncated"] == 1
     assert result["per_problem"][3]["truncated"] == [True, False]
+    assert result["per_problem"][3]["finished"] == [False, False]
     assert result["per_problem"][2]["predictions"] == ["7", "6"]
     assert result["heldout_loss"] is None  # no reference responses in this file
 

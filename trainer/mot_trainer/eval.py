@@ -122,7 +122,8 @@ def score(records: list[data.Record], samples: list[list[Generation]]) -> dict:
     """Accuracy (mean and std over samples), truncation count and per-problem details."""
     per_sample_accuracy = []
     per_problem = [
-        {"source": r.where, "reference": r.answer, "predictions": [], "correct": [], "truncated": [], "generations": []}
+        {"source": r.where, "reference": r.answer, "predictions": [], "correct": [], "truncated": [],
+         "finished": [], "generations": []}
         for r in records
     ]
     truncated = 0
@@ -137,6 +138,7 @@ def score(records: list[data.Record], samples: list[list[Generation]]) -> dict:
             entry["predictions"].append(predicted)
             entry["correct"].append(ok)
             entry["truncated"].append(cut)
+            entry["finished"].append(g.finished)
             entry["generations"].append(g.text)
         per_sample_accuracy.append(correct / len(records))
     return {
