@@ -156,10 +156,10 @@ def _assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[i
             continue
         before = _render(messages[:i], tokenizer, generation_prompt=True) if i else ""
         upto = _render(messages[: i + 1], tokenizer)
+        # Common prefixes rather than lengths: a template may render earlier turns differently
+        # once later ones follow (e.g. dropping reasoning), and the span must index `full`.
         start = _common_prefix(before, full)
         end = _common_prefix(upto, full)
-        if not _has_template(tokenizer):
-            end = min(len(full), end)
         spans.append((start, max(start, end)))
     return full, spans
 
