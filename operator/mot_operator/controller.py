@@ -384,6 +384,9 @@ def configure(settings: kopf.OperatorSettings, **_):
     settings.batching.batch_window = 0.02  # react to a Job's change within tens of milliseconds
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    # The CRD ships with the chart and namespaces come from flags: no need to list/watch
+    # namespaces and CRDs cluster-wide (the chart's RBAC does not grant it).
+    settings.scanning.disabled = True
 
 
 # Handlers are async: Kopf runs sync handlers in a thread pool, a hop per Job event.

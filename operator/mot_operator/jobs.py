@@ -12,7 +12,8 @@ from .spec import API_VERSION, KIND, MoTRunSpec, RoleResources
 CONTAINER = "trainer"
 EXIT_INVALID_INPUT = 2
 RENDEZVOUS_PORT = 29500
-UID = 1000
+TRAINER_METRICS_PORT = 9090  # the chart's PodMonitor scrapes the port named "metrics"
+UID = 65532  # the trainer image's user (Dockerfile)
 ANNOTATION_OUTPUT = "mot.dev/output"
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 
@@ -128,8 +129,15 @@ def render_job(request: JobRequest, spec: MoTRunSpec, run: RunRef, config: Opera
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "capabilities": {"drop": ["ALL"]}},
     }
+    ports = []
+    if request.stage == "sft":
+        # Live mot_trainer_* metrics for the chart's PodMonitor (port name "metrics").
+        container["args"] += ["--metrics-port", str(TRAINER_METRICS_PORT)]
+        ports.append({"name": "metrics", "containerPort": TRAINER_METRICS_PORT})
     if multinode:
-        container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
+        ports.append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT})
+    if ports:
+        container["ports"] = ports
     pod_spec = {
         "restartPolicy": "Never",
         "containers": [container],

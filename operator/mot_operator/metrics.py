@@ -79,6 +79,9 @@ def record_plan(plan: Plan) -> None:
             JOB_RETRIES.labels(stage=_STAGE_OF_RETRY[event.reason]).inc()
 
 
+IDLE_PHASES = frozenset({"Succeeded", "Failed", "Suspended"})
+
+
 def job_created(stage: str) -> None:
     JOBS_CREATED.labels(stage=stage).inc()
 
@@ -93,7 +96,11 @@ def observe_run(namespace: str, name: str, status: dict, progressed: bool) -> No
     if status.get("round"):
         RUN_ROUND.labels(namespace=namespace, motrun=name).set(status["round"])
     last = last_progress(status)
-    if progressed or last is not None:
+    if status.get("phase") in IDLE_PHASES:
+        # A finished or suspended run is not expected to progress: drop the series so the
+        # "no progress" alert only ever looks at runs that should be moving.
+        _remove(RUN_LAST_PROGRESS, namespace, name)
+    elif progressed or last is not None:
         RUN_LAST_PROGRESS.labels(namespace=namespace, motrun=name).set(time.time() if progressed else last)
     losses: dict[str, float] = {}
     score = None

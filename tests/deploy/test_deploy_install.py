@@ -36,11 +36,6 @@ RUN_TIMEOUT_S = 150
 TEST_AGENT = "deploy-test"
 # Clients that are not the operator: Helm, this test, the test kubelet.
 NOT_OPERATOR = {"Helm", TEST_AGENT, "python-requests"}
-# Kopf's cluster observation (kopf/_core/reactor/observation.py): without these permissions it logs a
-# warning and falls back to the namespaces it was given and the resources found at start, so the
-# chart does not grant them (and `settings.scanning.disabled` turns them off).
-KOPF_OPTIONAL = {("list", "namespaces"), ("watch", "namespaces"),
-                 ("list", "customresourcedefinitions"), ("watch", "customresourcedefinitions")}
 
 
 def wait_until(predicate, timeout: float, what: str, on_timeout=lambda: ""):
@@ -217,7 +212,7 @@ def test_helm_install_then_the_deployed_operator_runs_a_motrun(cluster, s3_serve
             for resource in rule["resources"]:
                 granted.setdefault(resource, set()).update(rule["verbs"])
         made = {(verb, resource) for (agent, verb, resource) in cluster.requests()
-                if agent not in NOT_OPERATOR and verb != "discovery"} - KOPF_OPTIONAL
+                if agent not in NOT_OPERATOR and verb != "discovery"}
         assert made, "no request from the operator was seen"
         denied = sorted((verb, resource) for verb, resource in made if verb not in granted.get(resource, ()))
         assert not denied, f"the operator made requests its RBAC would deny: {denied}"

@@ -333,6 +333,9 @@ class LocalKubelet:
         log_path = scratch / "container.log"
         argv = list(container.get("command") or []) + list(container.get("args") or [])
         argv[0] = shutil.which(argv[0], path=env["PATH"]) or argv[0]
+        # Each real Pod has its own network namespace; local processes share one, so a fixed
+        # container port (the trainer's --metrics-port) becomes "any free port" here.
+        argv = [_free_port_arg(argv, i) for i in range(len(argv))]
         with open(log_path, "wb") as log:
             try:
                 process = subprocess.Popen(argv, env=env, cwd=scratch, stdout=log, stderr=subprocess.STDOUT,
@@ -450,3 +453,7 @@ def _field_value(pod: dict, path: str) -> str | None:
     for part in path.split("."):
         value = value.get(part) if isinstance(value, dict) else None
     return None if value is None else str(value)
+
+
+def _free_port_arg(argv: list[str], index: int) -> str:
+    return "0" if index > 0 and argv[index - 1] == "--metrics-port" else argv[index]
