@@ -92,6 +92,20 @@ def test_container_command_env_and_security():
     assert "nvidia.com/gpu" not in str(container["resources"])
 
 
+def test_branch_jobs_expose_trainer_metrics_for_the_pod_monitor():
+    spec = spec_of()
+    job = render_job(first_request(spec), spec, RUN, CONFIG)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    port = container["args"][container["args"].index("--metrics-port") + 1]
+    assert container["ports"] == [{"name": "metrics", "containerPort": int(port)}]
+    import argparse
+
+    from mot_trainer.sft import add_arguments  # the trainer really takes the flag
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(container["args"][1:]).metrics_port == int(port)
+
+
 def test_operator_defaults_fill_what_the_spec_leaves_unset():
     raw = {"student": "s", "teachers": [{"name": "a", "dataset": "d"}]}
     spec = parse_spec(with_defaults(raw, CONFIG))

@@ -90,6 +90,17 @@ def test_run_gauges_and_removal_on_delete():
     metrics.forget_run("ns1", "run-y")
 
 
+@pytest.mark.parametrize("phase", ["Succeeded", "Failed", "Suspended"])
+def test_idle_runs_have_no_last_progress_series(phase):
+    """The no-progress alert must never fire for a run that is not supposed to move."""
+    metrics.observe_run("ns2", "run-idle", status_with("Running"), progressed=True)
+    assert value("mot_run_last_progress_timestamp_seconds", namespace="ns2", motrun="run-idle") > 0
+    metrics.observe_run("ns2", "run-idle", status_with("Succeeded", phase=phase), progressed=True)
+    assert value("mot_run_last_progress_timestamp_seconds", namespace="ns2", motrun="run-idle") is None
+    assert value("mot_run_round", namespace="ns2", motrun="run-idle") == 1  # the other gauges stay
+    metrics.forget_run("ns2", "run-idle")
+
+
 def get(url):
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
