@@ -3,6 +3,7 @@ against the Kubernetes API schema with kubernetes-validate."""
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import sys
@@ -98,9 +99,8 @@ def test_branch_jobs_expose_trainer_metrics_for_the_pod_monitor():
     container = job["spec"]["template"]["spec"]["containers"][0]
     port = container["args"][container["args"].index("--metrics-port") + 1]
     assert container["ports"] == [{"name": "metrics", "containerPort": int(port)}]
-    import argparse
-
     from mot_trainer.sft import add_arguments  # the trainer really takes the flag
+
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     assert parser.parse_args(container["args"][1:]).metrics_port == int(port)
