@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import kubernetes
@@ -24,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.deploy import CHART_DIR
 from support.kube import start_kube_api
 from support.kubelet import LocalKubelet
+from support.mot_e2e import wait_until
 from support.prometheus import free_port
 
 pytestmark = pytest.mark.e2e
@@ -38,14 +38,6 @@ TEST_AGENT = "deploy-test"
 NOT_OPERATOR = {"Helm", TEST_AGENT, "python-requests"}
 
 
-def wait_until(predicate, timeout: float, what: str, on_timeout=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{on_timeout()}")
 
 
 def helm_install(kubeconfig: Path, values: dict) -> dict:
@@ -147,7 +139,7 @@ def test_helm_install_then_the_deployed_operator_runs_a_motrun(cluster, s3_serve
     try:
         # The Deployment's readiness probe path answers once Kopf watches.
         wait_until(lambda: operator.poll() is None and probe("/readyz"), 60, "the operator's /readyz",
-                   operator_log)
+                   on_timeout=operator_log)
         assert probe("/healthz")
 
         run = {
@@ -172,7 +164,7 @@ def test_helm_install_then_the_deployed_operator_runs_a_motrun(cluster, s3_serve
 
         final = wait_until(lambda: status() if status().get("phase") in ("Succeeded", "Failed") else None,
                            RUN_TIMEOUT_S, "the MoTRun to finish",
-                           lambda: f"status: {yaml.safe_dump(status())}\noperator log:\n{operator_log()}")
+                           on_timeout=lambda: f"status: {yaml.safe_dump(status())}\noperator log:\n{operator_log()}")
         assert final["phase"] == "Succeeded", yaml.safe_dump(final)
         assert operator.poll() is None, operator_log()
 

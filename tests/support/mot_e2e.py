@@ -32,8 +32,10 @@ BUCKET = "mot-e2e"
 CREDENTIALS_SECRET = "mot-s3"
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
-    """Poll until `predicate()` is truthy and return it; fail naming `what` (and the last value)."""
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition", interval: float = 0.2,
+               on_timeout=lambda: ""):
+    """Poll until `predicate()` is truthy and return it; fail naming `what`, the last value and
+    whatever `on_timeout()` adds (logs, state)."""
     deadline = time.monotonic() + timeout
     value = None
     while time.monotonic() < deadline:
@@ -41,7 +43,7 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last value: {value!r}")
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last value: {value!r}\n{on_timeout()}")
 
 
 @dataclass

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -15,19 +14,12 @@ import kubernetes
 import pytest
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 from support.kubelet import LocalKubelet
+from support.mot_e2e import wait_until
 from support.prometheus import free_port
 
 KUBECTL = str(Path(sys.executable).parent / "kubectl")
 
 
-def wait_until(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
