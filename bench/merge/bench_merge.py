@@ -70,8 +70,9 @@ def llama_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
 def make_checkpoint(folder: Path, cfg: dict, seed: int, shard_bytes: int) -> int:
     """Random bf16 weights in shards of about shard_bytes, with an index, config and manifest."""
     import torch
-    from mot_trainer.manifest import write_manifest
     from safetensors.torch import save_file
+
+    from mot_trainer.manifest import write_manifest
 
     folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
@@ -154,6 +155,7 @@ def measure(cmd: list[str], env: dict, log: Path) -> dict:
 def compare_outputs(a: Path, b: Path) -> dict:
     """Tensor-by-tensor byte comparison of two merged folders."""
     import torch
+
     from mot_trainer.merge.io import Checkpoint, ReadBuffer
 
     left, right = Checkpoint(a), Checkpoint(b)

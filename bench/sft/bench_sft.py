@@ -51,8 +51,9 @@ def parse_args(argv=None):
 
 def build_inputs(args, work: Path) -> tuple[Path, Path]:
     import torch
-    from mot_trainer.tiny import arithmetic_records, corpus_texts, train_tokenizer
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    from mot_trainer.tiny import arithmetic_records, corpus_texts, train_tokenizer
 
     records = arithmetic_records(args.records, seed=0, style="steps")
     data_path = work / "data.jsonl"
@@ -109,8 +110,9 @@ def run_trainer(args, model_dir: Path, data_path: Path, out: Path) -> dict:
 def trainer_worker(args) -> None:
     """A plain transformers Trainer with the same settings `mot-train sft` uses."""
     import torch
-    from mot_trainer import data
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+
+    from mot_trainer import data
 
     torch.set_num_threads(args.threads)
     model_dir, data_path, out = json.loads(args.trainer_worker)

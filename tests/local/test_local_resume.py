@@ -8,8 +8,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from mot_trainer.manifest import read_checkpoint_manifest
 from support.local_run import mot_command, mot_env, write_manifest
+
+from mot_trainer.manifest import read_checkpoint_manifest
 
 
 def _start(manifest: Path, workdir: Path) -> subprocess.Popen:

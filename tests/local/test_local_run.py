@@ -4,9 +4,10 @@ import json
 import subprocess
 
 import yaml
+from support.local_run import mot_command, mot_env, write_manifest
+
 from mot_operator.local.progress import TaskLine
 from mot_trainer.manifest import read_checkpoint_manifest
-from support.local_run import mot_command, mot_env, write_manifest
 
 
 def test_run_finishes_with_report_plot_and_checkpoints(compare_run):

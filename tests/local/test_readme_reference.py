@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import yaml
+
 from mot_operator import docs_gen
 
 REPO = Path(__file__).resolve().parents[2]

@@ -17,6 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from celpy import celtypes
+
 from mot_operator import spec as specmod
 from mot_operator.planner import ObservedJob, RunRef, plan
 from mot_operator.spec import SpecError, apply_defaults, parse_spec

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 import kubernetes_validate
 import pytest
+
 from mot_operator import naming
 from mot_operator.jobs import OperatorConfig, render, render_cleanup_job, render_job, with_defaults
 from mot_operator.planner import ObservedJob, RunRef, plan

@@ -8,10 +8,11 @@ import urllib.error
 import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from mot_operator import metrics
 from mot_operator.operator_cmd import Health, make_server
 from mot_operator.planner import Event, Plan
-from prometheus_client.parser import text_string_to_metric_families
 
 CONTRACT = {
     "mot_runs": "gauge", "mot_run_round": "gauge", "mot_run_last_progress_timestamp_seconds": "gauge",

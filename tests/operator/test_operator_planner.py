@@ -7,6 +7,7 @@ import copy
 from datetime import UTC, datetime, timedelta
 
 import pytest
+
 from mot_operator.planner import ObservedJob, RunRef, plan, plan_invalid
 from mot_operator.spec import SpecError, parse_spec
 

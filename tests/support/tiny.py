@@ -23,6 +23,7 @@ def tiny_records():
 def tiny_model(tmp_path_factory):
     """Path of a randomly initialised tiny HF model folder (tokenizer with chat template included)."""
     import torch
+
     from mot_trainer.tiny import arithmetic_records, build_tiny_model, corpus_texts
 
     torch.set_num_threads(1)

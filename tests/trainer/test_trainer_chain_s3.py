@@ -8,10 +8,11 @@ import subprocess
 import sys
 
 import torch
+from safetensors.torch import load_file
+
 from mot_trainer import storage
 from mot_trainer.manifest import read_checkpoint_manifest
 from mot_trainer.tiny import arithmetic_records
-from safetensors.torch import load_file
 
 torch.set_num_threads(1)
 

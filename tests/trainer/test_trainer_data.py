@@ -7,9 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from mot_trainer import data
 from mot_trainer.errors import InvalidInput
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 torch.set_num_threads(1)
 

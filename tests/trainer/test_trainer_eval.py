@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from mot_trainer import answers, cli, data
 from mot_trainer import eval as mot_eval
 from mot_trainer.tiny import arithmetic_records
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 torch.set_num_threads(1)
 

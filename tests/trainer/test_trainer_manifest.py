@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from mot_trainer.errors import InvalidInput
 from mot_trainer.manifest import (
     FORMAT,

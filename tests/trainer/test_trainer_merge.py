@@ -9,9 +9,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from mot_trainer import cli, storage
 from mot_trainer.manifest import MANIFEST_NAME, verify_folder, write_manifest
-from safetensors.torch import load_file, save_file
 
 torch.set_num_threads(1)
 

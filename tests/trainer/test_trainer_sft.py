@@ -10,9 +10,10 @@ import sys
 import pytest
 import requests
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from mot_trainer import cli, progress
 from mot_trainer.manifest import MANIFEST_NAME, verify_folder
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 torch.set_num_threads(1)
 

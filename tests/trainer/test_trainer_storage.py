@@ -8,6 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 import pytest
+
 from mot_trainer import storage
 from mot_trainer.errors import InvalidInput
 from mot_trainer.manifest import MANIFEST_NAME, read_checkpoint_manifest, write_manifest

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
+
 from mot_operator.demo import tasks
 from mot_operator.demo.student import StudentConfig, pretrain
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from mot_trainer.tiny import arithmetic_records
 from support.mot_e2e import wait_until
+
+from mot_trainer.tiny import arithmetic_records
 
 pytestmark = pytest.mark.e2e
 
