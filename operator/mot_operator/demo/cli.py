@@ -1,7 +1,7 @@
 """`mot demo`: a complete MoT run on CPU with nothing to download, and the baselines beside it.
 
 It builds a tiny student and pre-trains it on short additions (cached), generates three teachers'
-chain-of-thought data for 4-digit additions (same format, different noise) and a held-out eval set,
+chain-of-thought data for 3-digit additions (same format, different noise) and a held-out eval set,
 writes a MoTRun manifest per seed and runs each with `mot run --compare`. The summary gives MoT,
 the best single teacher (STD) and the union of all teachers (MTD) at equal SFT steps, as the mean
 and spread over seeds, with held-out loss beside exact match. docs/demo.md says what was tried.

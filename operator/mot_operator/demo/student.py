@@ -43,7 +43,7 @@ class StudentConfig:
 
 
 def tokenizer_texts(cfg: StudentConfig) -> list[str]:
-    """Texts covering everything the student will read: pre-training and the demo's 4-digit task."""
+    """Texts covering everything the student will read: pre-training and the demo's target task (3-digit by default)."""
     rows = tasks.pretraining_rows(cfg.seed, 1500, cfg.pretrain_digits)
     import random
 
