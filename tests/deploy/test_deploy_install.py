@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.deploy import CHART_DIR
 from support.kube import start_kube_api
 from support.kubelet import LocalKubelet
-from support.mot_e2e import wait_until
+from support.processes import stop_process, wait_until
 from support.prometheus import free_port
 
 pytestmark = pytest.mark.e2e
@@ -209,10 +209,5 @@ def test_helm_install_then_the_deployed_operator_runs_a_motrun(cluster, s3_serve
         denied = sorted((verb, resource) for verb, resource in made if verb not in granted.get(resource, ()))
         assert not denied, f"the operator made requests its RBAC would deny: {denied}"
     finally:
-        operator.terminate()
-        try:
-            operator.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            operator.kill()
-            operator.wait()
+        stop_process(operator, timeout=20)
         kubelet.stop()

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import requests
 import yaml
 
 from support.kubelet import LocalKubelet
+from support.processes import stop_process, wait_until
 from support.prometheus import PrometheusServer, free_port, start_prometheus
 
 FIXTURES = ("mot_e2e",)
@@ -30,20 +30,6 @@ FIXTURES = ("mot_e2e",)
 BIN = Path(sys.executable).parent
 BUCKET = "mot-e2e"
 CREDENTIALS_SECRET = "mot-s3"
-
-
-def wait_until(predicate, timeout: float = 30.0, what: str = "condition", interval: float = 0.2,
-               on_timeout=lambda: ""):
-    """Poll until `predicate()` is truthy and return it; fail naming `what`, the last value and
-    whatever `on_timeout()` adds (logs, state)."""
-    deadline = time.monotonic() + timeout
-    value = None
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last value: {value!r}\n{on_timeout()}")
 
 
 @dataclass
@@ -86,13 +72,8 @@ class OperatorProcess:
         self.process.wait(timeout=30)
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process:
+            stop_process(self.process, timeout=20)
 
     def log_tail(self, lines: int = 60) -> str:
         log = self.log_dir / f"operator-{self.starts}.log"

@@ -20,6 +20,8 @@ import pytest
 import requests
 import yaml
 
+from support.processes import stop_process
+
 FIXTURES = ("prometheus_factory",)
 
 
@@ -63,13 +65,7 @@ class PrometheusServer:
                              f"targets: {[(t['scrapeUrl'], t['health'], t['lastError']) for t in self.targets()]}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=10)
 
 
 def prometheus_binary() -> str | None:

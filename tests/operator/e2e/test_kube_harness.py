@@ -14,7 +14,7 @@ import kubernetes
 import pytest
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 from support.kubelet import LocalKubelet
-from support.mot_e2e import wait_until
+from support.processes import wait_until
 from support.prometheus import free_port
 
 KUBECTL = str(Path(sys.executable).parent / "kubectl")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from support.mot_e2e import wait_until
+from support.processes import wait_until
 
 from mot_trainer.tiny import arithmetic_records
 
