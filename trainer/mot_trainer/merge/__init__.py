@@ -36,7 +36,7 @@ METHODS = {
     "ties": "mot_trainer.merge.ties",
     "dare": "mot_trainer.merge.dare",
 }
-SLICE_ELEMENTS = 1 << 20  # 4 MiB of fp32: slices stay in cache (2x less CPU than 32 MiB ones)
+SLICE_ELEMENTS = 1 << 18  # 1 MiB of fp32: slices stay in a core's L2 (measured fastest of 64Ki-1Mi; 8M: 2x CPU)
 TIED_HEAD = "lm_head.weight"
 
 
@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> dict:
                 out_dir = _prepare_output(args.out, work, folders)
                 copied = io.copy_side_files(checkpoints[0].folder, out_dir)
                 merger = _TensorMerger(method, checkpoints, base, weights, args, pending)
-                files = io.write_sharded(out_dir, specs, max_shard, merger.chunks_for)
+                hashes = io.write_sharded(out_dir, specs, max_shard, merger.chunks_for)
+                files = list(hashes)
                 io.remove_stale_weights(out_dir, keep=files + copied)
             finally:
                 for ckpt in checkpoints + ([base] if base else []):
@@ -100,6 +101,7 @@ def run(args: argparse.Namespace) -> dict:
             params={"method": args.method, "weights": weights, "scale": args.scale, "density": args.density,
                     "seed": args.seed, "shard_size": max_shard},
             metrics=metrics,
+            hashes=hashes,  # computed while writing
         )
         if storage.is_s3(args.out):
             storage.upload_checkpoint(out_dir, args.out)
@@ -219,15 +221,19 @@ class _TensorMerger:
         self.done_bytes = 0
         self.last_log = time.monotonic()
 
-    def chunks_for(self, spec):
+    def chunks_for(self, spec, take):
+        """Fill writer buffers from `take()` with the merged bytes of one output tensor, slice by slice."""
         self._fail_fast()
         first = self.checkpoints[0]
         if not spec.is_float:  # integer buffers (e.g. position ids) are not averaged: first input's
-            yield first.read_into(first.tensors[spec.name], self.buffers[0])
+            for start, count in _slices(spec.numel, SLICE_ELEMENTS):
+                buffer = take()
+                first.read_into(first.tensors[spec.name], buffer, start, count)
+                yield buffer
             return
+        out_dtype = _torch_dtype(spec.dtype)
         step = SLICE_ELEMENTS if self.method.ELEMENTWISE else max(spec.numel, 1)
-        for start in range(0, spec.numel, step):
-            count = min(step, spec.numel - start)
+        for start, count in _slices(spec.numel, step):
             tensors = (
                 ckpt.read_into(ckpt.tensors[spec.name], buf, start, count)
                 for ckpt, buf in zip(self.checkpoints, self.buffers, strict=True)
@@ -236,11 +242,12 @@ class _TensorMerger:
             if self.base is not None:
                 base = self.base.read_into(self.base.tensors[spec.name], self.base_buffer, start, count)
             merged = self.method.merge(tensors, self.weights, base=base, name=spec.name,
-                                       workspace=self.workspace, **self.params)
-            # Converted into a reused buffer: write_sharded writes each slice before asking for the next.
-            yield self.workspace.take("out", merged, _torch_dtype(spec.dtype)).copy_(merged)
-        if spec.numel == 0:
-            yield first.read_into(first.tensors[spec.name], self.buffers[0])
+                                       workspace=self.workspace, **self.params).reshape(-1)
+            # Whole-tensor results too are handed to the writer in slices: its buffers stay small.
+            for offset, n in _slices(count, SLICE_ELEMENTS):
+                buffer = take()
+                buffer.tensor(n, out_dtype).copy_(merged[offset:offset + n])
+                yield buffer
         self._progress(spec.nbytes)
 
     def _fail_fast(self) -> None:
@@ -255,6 +262,11 @@ class _TensorMerger:
         if now - self.last_log >= 10:
             self.last_log = now
             log.info("merged %.2f GB of tensors", self.done_bytes / 1e9)
+
+
+def _slices(numel: int, step: int):
+    for start in range(0, numel, step):
+        yield start, min(step, numel - start)
 
 
 def _torch_dtype(code: str):
