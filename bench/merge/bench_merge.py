@@ -4,10 +4,14 @@
 
 Builds K synthetic Llama-shaped bf16 checkpoints (sharded safetensors, config, manifest), then runs,
 each as a child process under /usr/bin/time (wall time, peak RSS, CPU time):
-  raw      read every input byte with plain reads and write one output of one input's size
-  mot      mot-train merge --inputs ... (uniform average, fp32 accumulation, bf16 output)
-  mergekit mergekit-yaml with merge_method linear, dtype float32, out_dtype bfloat16
+  raw       read every input byte with plain 64 MiB reads and write one output of one input's size
+  rawfloor  the same bytes with 1 MiB reads (they stay in cache) into a preallocated output: the
+            fastest plain I/O found on the development VM, i.e. the floor for any merge
+  mot       mot-train merge --inputs ... (uniform average, fp32 accumulation, bf16 output)
+  mergekit  mergekit-yaml with merge_method linear, dtype float32, out_dtype bfloat16
 and compares the mot and mergekit outputs tensor by tensor (bit-identical expected).
+--repeat N runs the whole sequence N times and reports medians (wall times on a small VM vary by 2x
+from run to run, mostly in how fast the kernel takes written pages).
 By default the inputs are in the page cache (warm); --cold evicts them (posix_fadvise DONTNEED)
 before each run. Not part of the test suite: it needs ~4 x size + 3 x size of disk and minutes.
 """
@@ -18,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -101,15 +106,17 @@ def make_checkpoint(folder: Path, cfg: dict, seed: int, shard_bytes: int) -> int
     return total
 
 
-def raw_io(inputs: list[str], out: str) -> None:
-    """The I/O floor: read every input file, write the first input's weight bytes once."""
-    buf = bytearray(64 << 20)
+def raw_io(inputs: list[str], out: str, chunk: int = 64 << 20, preallocate: bool = False) -> None:
+    """Plain I/O: read every input file, write the first input's weight bytes once."""
+    buf = bytearray(chunk)
     view = memoryview(buf)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     for k, folder in enumerate(inputs):
         for path in sorted(Path(folder).glob("*.safetensors")):
             dest = open(out_dir / path.name, "wb") if k == 0 else None  # noqa: SIM115
+            if dest and preallocate:
+                os.posix_fallocate(dest.fileno(), 0, path.stat().st_size)
             with open(path, "rb", buffering=0) as f:
                 while n := f.readinto(buf):
                     if dest:
@@ -184,11 +191,16 @@ def main() -> None:
     parser.add_argument("--input-shard", type=int, default=500_000_000)
     parser.add_argument("--cold", action="store_true", help="evict the inputs from the page cache before each run")
     parser.add_argument("--runs", default="raw,mot,mergekit")
+    parser.add_argument("--repeat", type=int, default=1, help="run the sequence N times; report medians")
     parser.add_argument("--keep", action="store_true", help="keep the inputs for another run")
     parser.add_argument("--raw-io", nargs="+", help=argparse.SUPPRESS)  # child mode: inputs..., out last
+    parser.add_argument("--raw-floor", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.raw_io:
-        raw_io(args.raw_io[:-1], args.raw_io[-1])
+        if args.raw_floor:
+            raw_io(args.raw_io[:-1], args.raw_io[-1], chunk=1 << 20, preallocate=True)
+        else:
+            raw_io(args.raw_io[:-1], args.raw_io[-1])
         return
 
     work = Path(args.workdir)
@@ -213,24 +225,31 @@ def main() -> None:
     )
     commands = {
         "raw": [sys.executable, __file__, "--mergekit", "-", "--raw-io", *map(str, inputs), str(work / "out-raw")],
+        "rawfloor": [sys.executable, __file__, "--mergekit", "-", "--raw-floor", "--raw-io", *map(str, inputs),
+                     str(work / "out-rawfloor")],
         "mot": [str(VENV_BIN / "mot-train"), "merge", "--inputs", *map(str, inputs), "--out", str(work / "out-mot")],
         "mergekit": [args.mergekit, str(mk_config), str(work / "out-mergekit"), "--no-copy-tokenizer"],
     }
-    for name in args.runs.split(","):
-        shutil.rmtree(work / f"out-{name}", ignore_errors=True)
-        os.sync()
-        evict(inputs) if args.cold else warm(inputs)
-        key = name if name not in results else f"{name}#{sum(k.split('#')[0] == name for k in results) + 1}"
-        results[key] = measure(commands[name], env, work / f"{name}.log")
-        os.sync()
-        print(key, results[key], "load average", os.getloadavg(), flush=True)
-    if "mot" in results and "mergekit" in results:
+    names = args.runs.split(",")
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for _ in range(args.repeat):
+        for name in names:
+            shutil.rmtree(work / f"out-{name}", ignore_errors=True)
+            os.sync()
+            evict(inputs) if args.cold else warm(inputs)
+            runs[name].append(measure(commands[name], env, work / f"{name}.log"))
+            os.sync()
+            print(name, runs[name][-1], "load average", os.getloadavg(), flush=True)
+    if (work / "out-mot").exists() and (work / "out-mergekit").exists():
         results["mot_vs_mergekit"] = compare_outputs(work / "out-mot", work / "out-mergekit")
-        results["ratio_wall_mot_over_mergekit"] = round(results["mot"]["wall_s"] / results["mergekit"]["wall_s"], 3)
-        results["ratio_rss_mot_over_mergekit"] = round(
-            results["mot"]["peak_rss_gb"] / results["mergekit"]["peak_rss_gb"], 3)
-    if "mot" in results and "raw" in results:
-        results["ratio_wall_mot_over_raw"] = round(results["mot"]["wall_s"] / results["raw"]["wall_s"], 3)
+    results["runs"] = runs
+    median = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
+    results["median"] = median
+    for name, other in [("mot", "mergekit"), ("mot", "raw"), ("mot", "rawfloor")]:
+        if name in median and other in median:
+            results[f"ratio_wall_{name}_over_{other}"] = round(median[name]["wall_s"] / median[other]["wall_s"], 3)
+    if "mot" in median and "mergekit" in median:
+        results["ratio_rss_mot_over_mergekit"] = round(median["mot"]["peak_rss_gb"] / median["mergekit"]["peak_rss_gb"], 3)
     print(json.dumps(results, indent=2))
     (work / "results.json").write_text(json.dumps(results, indent=2))
     for name in set(args.runs.split(",")):

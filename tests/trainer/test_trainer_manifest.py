@@ -75,3 +75,48 @@ def test_malformed_manifest_is_invalid_input(folder):
 def test_read_checkpoint_manifest_local(folder):
     written = write_manifest(folder, kind="sft", inputs={}, params={}, metrics={"final_loss": 0.5})
     assert read_checkpoint_manifest(str(folder)) == written
+
+
+def _stamps_supported(path) -> bool:
+    import os
+
+    try:
+        os.setxattr(path, "user.mot.probe", b"1")
+        os.removexattr(path, "user.mot.probe")
+        return True
+    except OSError:
+        return False
+
+
+def test_unchanged_files_are_not_hashed_twice(folder, monkeypatch):
+    import mot_trainer.manifest as manifest_module
+
+    if not _stamps_supported(folder / "config.json"):
+        pytest.skip("no user xattrs on this filesystem: every check hashes, which is correct but slow")
+    write_manifest(folder, kind="sft", inputs={}, params={}, metrics={})
+
+    def no_reading(path):
+        raise AssertionError(f"{path} was read again")
+
+    monkeypatch.setattr(manifest_module, "sha256_file", no_reading)
+    verify_folder(folder)  # every file answered from its stamp
+
+
+def test_a_rewrite_of_a_stamped_file_is_caught(folder):
+    """Same size, new bytes, written right after the manifest: the stamp no longer matches (new mtime)."""
+    write_manifest(folder, kind="sft", inputs={}, params={}, metrics={})
+    blob = bytearray((folder / "sub" / "weights.bin").read_bytes())
+    blob[10] ^= 0xFF
+    (folder / "sub" / "weights.bin").write_bytes(bytes(blob))
+    with pytest.raises(InvalidInput, match="weights.bin: sha256 .* does not match"):
+        verify_folder(folder)
+
+
+def test_a_file_written_moments_ago_gets_no_stamp(tmp_path):
+    """Within the timestamp tick a second write could keep the mtime: such a hash is not recorded."""
+    from mot_trainer.manifest import stamped_sha256
+
+    path = tmp_path / "fresh.bin"
+    path.write_bytes(b"x" * 1000)
+    sha256_file(path)
+    assert stamped_sha256(path) is None

@@ -313,3 +313,32 @@ def test_ties_on_tied_model_whose_base_has_no_head(tmp_path):
     assert merge("--method", "ties", "--base", tmp_path / "base", "--inputs", *paths, "--out", out) == 0
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.generate(torch.tensor([[4, 5]]), max_new_tokens=3, do_sample=False).shape == (1, 5)
+
+
+def test_a_failed_write_leaves_no_manifest(tmp_path, termination_log, monkeypatch):
+    """The background writer's error reaches the CLI (retryable exit, not 2) and nothing is published."""
+    from mot_trainer.merge import io as merge_io
+
+    inputs = [write_checkpoint(tmp_path / f"in{i}", random_tensors(i)) for i in range(2)]
+
+    def disk_full(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(merge_io, "_write_all", disk_full)
+    code = merge("--inputs", *inputs, "--out", tmp_path / "out")
+    assert code not in (0, 2)
+    assert "No space left on device" in termination_log.read_text()
+    assert not (tmp_path / "out" / MANIFEST_NAME).exists()
+    assert not (tmp_path / "out" / "model.safetensors").exists()  # only the .partial, never renamed
+
+
+def test_output_hashes_computed_while_writing_match_the_files(tmp_path):
+    inputs = [write_checkpoint(tmp_path / f"in{i}", random_tensors(i, torch.bfloat16)) for i in range(3)]
+    assert merge("--inputs", *inputs, "--out", tmp_path / "out", "--shard-size", "100B") == 0
+    import hashlib
+
+    manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
+    for entry in manifest["files"]:
+        assert entry["sha256"] == hashlib.sha256((tmp_path / "out" / entry["path"]).read_bytes()).hexdigest()
+    paths = {e["path"] for e in manifest["files"]}
+    assert "model.safetensors.index.json" in paths and sum(p.endswith(".safetensors") for p in paths) == 2
