@@ -52,6 +52,9 @@ class ControllerState:
     config: jobrender.OperatorConfig = field(default_factory=jobrender.OperatorConfig)
     api: object = None  # a KubeApi; set by `mot operator` before Kopf starts
     wakers: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
+    by_label: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (namespace, run label) -> names
+    # {(namespace, run): metadata.generation} last seen on a MoTRun event: only a new spec wakes a daemon
+    generations: dict[tuple[str, str], int] = field(default_factory=dict)
     # Pods of finished Jobs, read once per Job: {(namespace, run): {job: [pod, ...]}}
     pods: dict[tuple[str, str], dict[str, list[dict]]] = field(default_factory=dict)
     # {(namespace, run): (spec JSON, parsed spec or SpecError)}: parse each spec version once
@@ -63,10 +66,24 @@ class ControllerState:
     def forget(self, namespace: str, name: str) -> None:
         self.pods.pop((namespace, name), None)
         self.specs.pop((namespace, name), None)
+        self.generations.pop((namespace, name), None)
+
+    def waker(self, namespace: str, name: str) -> asyncio.Event:
+        key = (namespace, name)
+        if key not in self.wakers:
+            self.wakers[key] = asyncio.Event()
+            self.by_label.setdefault((namespace, naming.label_value(name)), set()).add(name)
+        return self.wakers[key]
+
+    def drop_waker(self, namespace: str, name: str) -> None:
+        self.wakers.pop((namespace, name), None)
+        self.by_label.get((namespace, naming.label_value(name)), set()).discard(name)
 
     def wake(self, namespace: str, run_label: str) -> None:
-        for (ns, name), event in list(self.wakers.items()):
-            if ns == namespace and naming.label_value(name) == run_label:
+        """Wake the daemons of the runs whose Jobs carry this run label (one, unless names collide)."""
+        for name in self.by_label.get((namespace, run_label), ()):
+            event = self.wakers.get((namespace, name))
+            if event is not None:
                 event.set()
 
 
@@ -99,21 +116,22 @@ class KubeApi:
     def _status(error) -> int | None:
         return getattr(error, "status", None)
 
-    async def _call(self, fn, *args, **kwargs):
-        return await asyncio.get_running_loop().run_in_executor(self._threads, functools.partial(fn, *args, **kwargs))
+    async def _call(self, fn, *args, **kwargs) -> bytes:
+        """Run a client call (with _preload_content=False: no model objects) in a thread; its body."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._threads, functools.partial(_body_of, fn, *args, _preload_content=False, **kwargs))
 
     async def run_pods(self, namespace: str, run_label: str) -> list[dict]:
         """The Pods of a run's Jobs (for termination messages): one list call however many finished."""
-        response = await self._call(
-            self.core.list_namespaced_pod, namespace, label_selector=f"{naming.LABEL_RUN}={run_label}",
-            _preload_content=False)
-        items = json.loads(response.data).get("items") or []
+        data = await self._call(self.core.list_namespaced_pod, namespace,
+                                label_selector=f"{naming.LABEL_RUN}={run_label}")
+        items = json.loads(data).get("items") or []
         return [p for p in items if ((p.get("metadata") or {}).get("labels") or {}).get(naming.LABEL_RUN) == run_label]
 
     async def patch_status(self, namespace: str, name: str, patch: dict) -> None:
         await self._call(
             self.custom.patch_namespaced_custom_object_status, GROUP, VERSION, namespace, PLURAL, name,
-            {"status": patch}, _content_type=MERGE_PATCH, _preload_content=False)
+            {"status": patch}, _content_type=MERGE_PATCH)
 
     async def create(self, obj: dict) -> bool:
         """True when created; False when it already exists (a deterministic name: adopt it)."""
@@ -122,7 +140,7 @@ class KubeApi:
         namespace = obj["metadata"]["namespace"]
         call = self.batch.create_namespaced_job if obj["kind"] == "Job" else self.core.create_namespaced_service
         try:
-            await self._call(call, namespace, obj, _preload_content=False)
+            await self._call(call, namespace, obj)
         except ApiException as error:
             if self._status(error) == 409:
                 return False
@@ -134,7 +152,7 @@ class KubeApi:
 
         try:
             await self._call(self.batch.patch_namespaced_job, job, namespace, {"spec": {"suspend": suspend}},
-                                    _content_type=MERGE_PATCH, _preload_content=False)
+                                    _content_type=MERGE_PATCH)
         except ApiException as error:
             if self._status(error) != 404:
                 raise
@@ -148,10 +166,21 @@ class KubeApi:
 
         try:
             await self._call(self.batch.delete_namespaced_job, job, namespace,
-                                    propagation_policy="Background", _preload_content=False)
+                                    propagation_policy="Background")
         except ApiException as error:
             if self._status(error) != 404:
                 raise
+
+
+def _body_of(fn, *args, **kwargs) -> bytes:
+    """Call, read the whole response and give its connection back to the pool. (An unread raw
+    response keeps its connection until garbage-collected, which then closes it: every request paid
+    for a new TCP connection, and a burst of 100 runs for thousands of them.)"""
+    response = fn(*args, **kwargs)
+    try:
+        return response.data
+    finally:
+        response.release_conn()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,10 +435,16 @@ async def job_changed(namespace, labels, **_):
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def run_changed(type, namespace, name, **_):
+async def run_changed(type, namespace, name, meta, **_):
     if type == "DELETED":
         metrics.forget_run(namespace, name)
         STATE.forget(namespace, name)
+    # Most MoTRun events echo the daemon's own status writes: those need no reconcile (under a burst
+    # of 100 runs they doubled the work). A new spec (generation) or a deletion does.
+    generation = meta.get("generation")
+    if STATE.generations.get((namespace, name)) == generation and not meta.get("deletionTimestamp"):
+        return
+    STATE.generations[(namespace, name)] = generation
     event = STATE.wakers.get((namespace, name))
     if event is not None:
         event.set()
@@ -459,8 +494,7 @@ async def run_daemon(stopped, namespace, name, body, job_index, logger, **_):
 
     Kopf keeps its finalizer on the MoTRun while this daemon lives, so a deleted run's checkpoint
     cleanup (spec.storage.cleanup) is started here before the MoTRun goes."""
-    key = (namespace, name)
-    wake = STATE.wakers.setdefault(key, asyncio.Event())
+    wake = STATE.waker(namespace, name)
     # This daemon is the only writer of the run's status: what it last wrote is newer than a body
     # the watch has not delivered yet.
     status = _snapshot(body.get("status") or {})
@@ -486,6 +520,6 @@ async def run_daemon(stopped, namespace, name, body, job_index, logger, **_):
                 delay = ERROR_RETRY_SECONDS
             await _sleep(wake, stopped, delay)
     finally:
-        STATE.wakers.pop(key, None)
+        STATE.drop_waker(namespace, name)
     if body.get("metadata", {}).get("deletionTimestamp"):
         await cleanup_on_delete(namespace, name, _run_body(body))
