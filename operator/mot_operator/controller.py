@@ -293,13 +293,19 @@ def _finished(job: dict) -> bool:
                                                                 "FailureTarget") for c in conditions)
 
 
-def _is_deferrable(job: dict) -> bool:
-    """A succeeded branch: its loss may arrive one pass later; nothing waits on it."""
+def _is_deferrable(job: dict, jobs: list[dict]) -> bool:
+    """A succeeded branch whose round has no unfinished branch left: its completion may start the
+    merge, which should not wait for the Pod list; its loss may arrive one pass later. (Earlier
+    branches start nothing: reading their loss at once costs one status write instead of two.)"""
     labels = job["metadata"].get("labels") or {}
     conditions = (job.get("status") or {}).get("conditions") or []
     complete = any(c.get("status") == "True" and c.get("type") in ("Complete", "SuccessCriteriaMet")
                    for c in conditions)
-    return complete and labels.get(naming.LABEL_STAGE) == "sft"
+    if not complete or labels.get(naming.LABEL_STAGE) != "sft":
+        return False
+    round_ = labels.get(naming.LABEL_ROUND)
+    return all(_finished(j) for j in jobs if (j["metadata"].get("labels") or {}).get(naming.LABEL_STAGE) == "sft"
+               and j["metadata"]["labels"].get(naming.LABEL_ROUND) == round_)
 
 
 async def observed_jobs(namespace: str, run_name: str, job_index, state: ControllerState,
@@ -307,14 +313,15 @@ async def observed_jobs(namespace: str, run_name: str, job_index, state: Control
     """The run's Jobs from the index; finished ones with their Pods' termination messages.
 
     The Pods are listed (one call for the whole run) when a finished Job's messages are not known
-    yet. With read_all=False, succeeded branches do not cause that read: their loss is filled in on
-    a later pass, so the next Job is created without waiting for it. Returns the observed Jobs and
-    whether some termination messages are still unread."""
+    yet. With read_all=False, the last succeeded branches of a round do not cause that read: their
+    loss is filled in on a later pass, so the merge is created without waiting for it. Returns the
+    observed Jobs and whether such deferred messages are still unread."""
     cache = state.pods.setdefault((namespace, run_name), {})
     run_label = naming.label_value(run_name)
     jobs = list(job_index.get((namespace, run_label), []))
     unread = [j for j in jobs if _finished(j) and j["metadata"]["name"] not in cache]
-    if any(read_all or not _is_deferrable(j) for j in unread):
+    deferrable = [j for j in unread if not read_all and _is_deferrable(j, jobs)]
+    if len(deferrable) < len(unread):
         by_job: dict[str, list[dict]] = {}
         for pod in await state.api.run_pods(namespace, run_label):
             by_job.setdefault(pod["metadata"]["labels"].get(naming.LABEL_JOB_NAME), []).append(pod)
@@ -329,7 +336,7 @@ async def observed_jobs(namespace: str, run_name: str, job_index, state: Control
         obs = observe_job(job, pods)
         if obs is not None:
             found.append(obs)
-    return found, any(_is_deferrable(j) for j in unread) and not read_all
+    return found, any(j["metadata"]["name"] not in cache for j in deferrable)
 
 
 async def reconcile(body: dict, status: dict, job_index, state: ControllerState,
