@@ -147,7 +147,6 @@ class Checkpoint:
         self._check_index()
         self._fds: dict[Path, int] = {}
         self._hinted: dict[int, int] = {}  # fd -> end of the range asked for with WILLNEED
-        self._fds_lock = threading.Lock()
 
     def _weight_files(self) -> list[Path]:
         index = self.folder / INDEX_NAME
@@ -217,12 +216,11 @@ class Checkpoint:
             self._hinted[fd] = end + READ_AHEAD
 
     def _fd(self, path: Path) -> int:
-        with self._fds_lock:  # the prefetch thread and the merging thread both read
-            fd = self._fds.get(path)
-            if fd is None:
-                fd = self._fds[path] = os.open(path, os.O_RDONLY)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            return fd
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        return fd
 
     def close(self) -> None:
         for fd in self._fds.values():
