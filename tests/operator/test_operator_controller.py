@@ -207,3 +207,15 @@ def test_a_failed_jobs_message_is_read_before_deciding():
                   pods={"demo-r1-sft-a-a1": [pod_body(2, "data.jsonl: line 1 is not JSON")]})
     status, _ = reconcile(motrun(status=status), api, jobs=[job_body(status=failed)])
     assert status["phase"] == "Failed" and "line 1 is not JSON" in status["message"]
+
+
+def test_a_branch_finishing_before_the_others_is_recorded_in_one_status_write():
+    """Only a round's last branch may start the merge; an earlier one's loss is read in the same pass."""
+    status, _ = reconcile(motrun(), FakeApi())
+    done = {"conditions": [cond("Complete")], "completionTime": NOW}
+    jobs = [job_body(status=done), job_body(name="demo-r1-sft-b-a1", teacher="b", status={"active": 1})]
+    api = FakeApi(existing={"demo-r1-sft-a-a1", "demo-r1-sft-b-a1"},
+                  pods={"demo-r1-sft-a-a1": [pod_body(0, json.dumps({"final_loss": 0.25}))]})
+    status, _ = reconcile(motrun(status=status), api, jobs=jobs)
+    assert [c[0] for c in api.calls if c[0] in ("run_pods", "patch_status")] == ["run_pods", "patch_status"]
+    assert status["rounds"][0]["branches"]["a"]["loss"] == 0.25
