@@ -205,6 +205,7 @@ def test_tampered_or_incomplete_input_is_refused(tmp_path, termination_log):
         (["--weights", "1", "-1"], "non-negative"),
         (["--shard-size", "lots"], "--shard-size"),
         (["--method", "dare", "--base", "BASE", "--density", "0"], "--density"),
+        (["--threads", "0"], "--threads"),
     ],
 )
 def test_bad_options_are_invalid_input(tmp_path, termination_log, args, message):
@@ -315,17 +316,21 @@ def test_ties_on_tied_model_whose_base_has_no_head(tmp_path):
     assert model.generate(torch.tensor([[4, 5]]), max_new_tokens=3, do_sample=False).shape == (1, 5)
 
 
-def test_a_failed_write_leaves_no_manifest(tmp_path, termination_log, monkeypatch):
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_a_failed_write_leaves_no_manifest(tmp_path, termination_log, monkeypatch, threads):
     """The background writer's error reaches the CLI (retryable exit, not 2) and nothing is published."""
+    from mot_trainer import merge as merge_pkg
     from mot_trainer.merge import io as merge_io
 
+    monkeypatch.setattr(merge_pkg, "SLICE_ELEMENTS", 4)  # many slices in flight on the merging threads
+    monkeypatch.setattr(merge_pkg, "PARALLEL_SLICE_ELEMENTS", 4)
     inputs = [write_checkpoint(tmp_path / f"in{i}", random_tensors(i)) for i in range(2)]
 
     def disk_full(fd, data):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(merge_io, "_write_all", disk_full)
-    code = merge("--inputs", *inputs, "--out", tmp_path / "out")
+    code = merge("--inputs", *inputs, "--out", tmp_path / "out", "--threads", threads)
     assert code not in (0, 2)
     assert "No space left on device" in termination_log.read_text()
     assert not (tmp_path / "out" / MANIFEST_NAME).exists()
@@ -342,3 +347,37 @@ def test_output_hashes_computed_while_writing_match_the_files(tmp_path):
         assert entry["sha256"] == hashlib.sha256((tmp_path / "out" / entry["path"]).read_bytes()).hexdigest()
     paths = {e["path"] for e in manifest["files"]}
     assert "model.safetensors.index.json" in paths and sum(p.endswith(".safetensors") for p in paths) == 2
+
+
+@pytest.mark.parametrize("method", ["average", "task-arithmetic", "ties"])
+def test_merging_on_several_threads_gives_the_same_bytes(tmp_path, monkeypatch, method):
+    """Slices merged concurrently are written in order and computed exactly as on one thread."""
+    from mot_trainer import merge as merge_pkg
+
+    monkeypatch.setattr(merge_pkg, "SLICE_ELEMENTS", 3)  # every tensor spans several slices
+    monkeypatch.setattr(merge_pkg, "PARALLEL_SLICE_ELEMENTS", 5)
+    base, _, paths, base_path = with_base(tmp_path, k=4)
+    options = ["--method", method, "--weights", "1", "0.5", "2", "1"]
+    if method != "average":
+        options += ["--base", base_path]
+    outputs = []
+    for threads in ("1", "4"):
+        out = tmp_path / f"out-{threads}"
+        assert merge("--inputs", *paths, "--out", out, "--threads", threads, *options) == 0
+        outputs.append((out / "model.safetensors").read_bytes())
+    assert outputs[0] == outputs[1]
+
+
+def test_default_threads_follow_the_cpu_quota(tmp_path, monkeypatch):
+    from mot_trainer import merge as merge_pkg
+
+    monkeypatch.setattr(merge_pkg.os, "sched_getaffinity", lambda pid: set(range(16)))
+    quota = tmp_path / "cpu.max"
+    monkeypatch.setattr(merge_pkg, "CGROUP_CPU_MAX", quota)
+    assert merge_pkg.default_threads() == merge_pkg.MAX_THREADS  # no cgroup file: the affinity mask
+    quota.write_text("max 100000\n")
+    assert merge_pkg.default_threads() == merge_pkg.MAX_THREADS
+    quota.write_text("250000 100000\n")  # a pod limited to 2.5 CPUs: 2, one of them for the writer
+    assert merge_pkg.default_threads() == 1
+    quota.write_text("50000 100000\n")
+    assert merge_pkg.default_threads() == 1

@@ -147,6 +147,7 @@ class Checkpoint:
         self._check_index()
         self._fds: dict[Path, int] = {}
         self._hinted: dict[int, int] = {}  # fd -> end of the range asked for with WILLNEED
+        self._lock = threading.Lock()  # several merging threads may read at once
 
     def _weight_files(self) -> list[Path]:
         index = self.folder / INDEX_NAME
@@ -211,15 +212,25 @@ class Checkpoint:
     def _read_ahead(self, fd: int, end: int) -> None:
         """Ask the kernel to load the next READ_AHEAD bytes in the background, so a cold read overlaps
         with the merging (the kernel's own readahead is a few hundred KB: each slice read waited)."""
-        if end > self._hinted.get(fd, 0) - READ_AHEAD // 2:
-            os.posix_fadvise(fd, end, READ_AHEAD, os.POSIX_FADV_WILLNEED)
-            self._hinted[fd] = end + READ_AHEAD
+        if end <= self._hinted.get(fd, 0) - READ_AHEAD // 2:
+            return
+        with self._lock:
+            hinted = self._hinted.get(fd, 0)
+            if end > hinted - READ_AHEAD // 2:
+                self._hinted[fd] = max(hinted, end + READ_AHEAD)
+            else:
+                return
+        os.posix_fadvise(fd, end, READ_AHEAD, os.POSIX_FADV_WILLNEED)
 
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = os.open(path, os.O_RDONLY)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                    self._fds[path] = fd
         return fd
 
     def close(self) -> None:
@@ -259,17 +270,19 @@ def _header_bytes(shard: list[TensorInfo]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_sharded(out_dir: Path, specs: list[TensorInfo], max_shard_bytes: int, chunks_for) -> dict[str, str]:
+def write_sharded(out_dir: Path, specs: list[TensorInfo], max_shard_bytes: int, chunks_for,
+                  in_flight: int = 1) -> dict[str, str]:
     """Write `specs` (name/dtype/shape/nbytes of the output) as shards plus an index when sharded.
 
     `chunks_for(spec, take)` fills buffers obtained from `take()` (a ReadBuffer each, filled through
-    its `view` or `tensor`) and yields them; their bytes, concatenated, are the tensor's data. A buffer
-    is written in the background and must not be touched once yielded. Returns {file name: sha256}.
+    its `view` or `tensor`) and yields them in order; their bytes, concatenated, are the tensor's data.
+    It may hold up to `in_flight` taken buffers before yielding the first of them. A buffer is written
+    in the background and must not be touched once yielded. Returns {file name: sha256}.
     """
     shards = plan_shards(specs, max_shard_bytes)
     names = shard_names(len(shards))
     hashes: dict[str, str] = {}
-    with _BackgroundWriter() as writer:
+    with _BackgroundWriter(slots=in_flight + 2) as writer:
         for shard, name in zip(shards, names, strict=True):
             path = out_dir / name
             header = _header_bytes(shard)
@@ -295,14 +308,12 @@ def write_sharded(out_dir: Path, specs: list[TensorInfo], max_shard_bytes: int, 
 class _BackgroundWriter:
     """One thread that writes queued buffers to the current file and hashes them as it goes.
 
-    At most SLOTS buffers are in flight: `take` waits for one the thread has finished with. A write
+    At most `slots` buffers are in flight: `take` waits for one the thread has finished with. A write
     error is raised in the caller at its next `take`, `close` or at exit."""
 
-    SLOTS = 3
-
-    def __init__(self) -> None:
+    def __init__(self, slots: int = 3) -> None:
         self._free: queue.Queue[ReadBuffer] = queue.Queue()
-        for _ in range(self.SLOTS):
+        for _ in range(slots):
             self._free.put(ReadBuffer())
         self._jobs: queue.Queue = queue.Queue()
         self._results: queue.Queue = queue.Queue()
