@@ -9,6 +9,8 @@ each as a child process under /usr/bin/time (wall time, peak RSS, CPU time):
             fastest plain I/O found on the development VM, i.e. the floor for any merge
   mot       mot-train merge --inputs ... (uniform average, fp32 accumulation, bf16 output)
   mergekit  mergekit-yaml with merge_method linear, dtype float32, out_dtype bfloat16
+  import    python -c "import torch": the fixed cost in every merge process (mot and mergekit alike)
+For mot, merge_s is the merge's own wall time from its log (process start and `import torch` excluded).
 and compares the mot and mergekit outputs tensor by tensor (bit-identical expected).
 --repeat N runs the whole sequence N times and reports medians (wall times on a small VM vary by 2x
 from run to run, mostly in how fast the kernel takes written pages).
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -29,7 +32,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VENV_BIN = Path(sys.executable).parent
 
 
 def llama_config(layers: int, hidden: int, intermediate: int, vocab: int) -> dict:
@@ -159,6 +161,14 @@ def measure(cmd: list[str], env: dict, log: Path) -> dict:
             "cpu_s": round(float(user) + float(system), 1)}
 
 
+def merge_seconds(log: Path) -> float:
+    """The wall time `mot-train merge` logs for the merge itself ("... into OUT in 3.2s")."""
+    found = re.findall(r"merged \d+ inputs, .* in ([0-9.]+)s", log.read_text())
+    if not found:
+        raise SystemExit(f"no merge time in {log}")
+    return float(found[-1])
+
+
 def compare_outputs(a: Path, b: Path) -> dict:
     """Tensor-by-tensor byte comparison of two merged folders."""
     import torch
@@ -227,8 +237,9 @@ def main() -> None:
         "raw": [sys.executable, __file__, "--mergekit", "-", "--raw-io", *map(str, inputs), str(work / "out-raw")],
         "rawfloor": [sys.executable, __file__, "--mergekit", "-", "--raw-floor", "--raw-io", *map(str, inputs),
                      str(work / "out-rawfloor")],
-        "mot": [str(VENV_BIN / "mot-train"), "merge", "--inputs", *map(str, inputs), "--out", str(work / "out-mot")],
+        "mot": [sys.executable, "-m", "mot_trainer.cli", "merge", "--inputs", *map(str, inputs), "--out", str(work / "out-mot")],
         "mergekit": [args.mergekit, str(mk_config), str(work / "out-mergekit"), "--no-copy-tokenizer"],
+        "import": [sys.executable, "-c", "import torch"],
     }
     names = args.runs.split(",")
     runs: dict[str, list[dict]] = {name: [] for name in names}
@@ -238,6 +249,8 @@ def main() -> None:
             os.sync()
             evict(inputs) if args.cold else warm(inputs)
             runs[name].append(measure(commands[name], env, work / f"{name}.log"))
+            if name == "mot":
+                runs[name][-1]["merge_s"] = merge_seconds(work / f"{name}.log")
             os.sync()
             print(name, runs[name][-1], "load average", os.getloadavg(), flush=True)
     if (work / "out-mot").exists() and (work / "out-mergekit").exists():
@@ -248,6 +261,9 @@ def main() -> None:
     for name, other in [("mot", "mergekit"), ("mot", "raw"), ("mot", "rawfloor")]:
         if name in median and other in median:
             results[f"ratio_wall_{name}_over_{other}"] = round(median[name]["wall_s"] / median[other]["wall_s"], 3)
+    for other in ("raw", "rawfloor"):
+        if "mot" in median and other in median:
+            results[f"ratio_merge_s_mot_over_{other}"] = round(median["mot"]["merge_s"] / median[other]["wall_s"], 3)
     if "mot" in median and "mergekit" in median:
         results["ratio_rss_mot_over_mergekit"] = round(median["mot"]["peak_rss_gb"] / median["mergekit"]["peak_rss_gb"], 3)
     print(json.dumps(results, indent=2))

@@ -185,8 +185,11 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     model_dir, data_path = build_inputs(args, work)
     results = {"mot-train sft": [], "transformers Trainer": []}
+    contenders = [("mot-train sft", run_mot_train), ("transformers Trainer", run_trainer)]
     for i in range(args.repeats):
-        for name, fn in (("mot-train sft", run_mot_train), ("transformers Trainer", run_trainer)):
+        # Each goes first in every other repeat: the machine's first process pays one-off costs (on a
+        # GPU, loading the CUDA kernels: 45.6 s vs 37.4 s for the same mot-train run, measured).
+        for name, fn in (contenders if i % 2 == 0 else contenders[::-1]):
             out = work / f"out-{name.split()[0]}-{i}"
             shutil.rmtree(out, ignore_errors=True)  # mot-train would reuse a finished identical output
             r = fn(args, model_dir, data_path, out)
