@@ -231,7 +231,8 @@ def default_threads() -> int:
 
 def available_cpus() -> int:
     """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a pod's limit)."""
-    cpus = len(os.sched_getaffinity(0))
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux only
+    cpus = len(affinity(0)) if affinity else os.cpu_count() or 1
     try:
         quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
         if quota != "max":
