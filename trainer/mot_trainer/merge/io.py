@@ -212,14 +212,10 @@ class Checkpoint:
     def _read_ahead(self, fd: int, end: int) -> None:
         """Ask the kernel to load the next READ_AHEAD bytes in the background, so a cold read overlaps
         with the merging (the kernel's own readahead is a few hundred KB: each slice read waited)."""
-        if end <= self._hinted.get(fd, 0) - READ_AHEAD // 2:
-            return
         with self._lock:
-            hinted = self._hinted.get(fd, 0)
-            if end > hinted - READ_AHEAD // 2:
-                self._hinted[fd] = max(hinted, end + READ_AHEAD)
-            else:
+            if end <= self._hinted.get(fd, 0) - READ_AHEAD // 2:
                 return
+            self._hinted[fd] = end + READ_AHEAD
         os.posix_fadvise(fd, end, READ_AHEAD, os.POSIX_FADV_WILLNEED)
 
     def _fd(self, path: Path) -> int:
