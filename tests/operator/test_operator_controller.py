@@ -163,12 +163,18 @@ def test_the_operator_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-def test_finished_jobs_pods_are_read_once_for_the_termination_message():
+def first_branch_done():
+    """Round 1 started; branch a's Job completed (its pod says loss 0.25), branch b's still runs."""
     status, _ = reconcile(motrun(), FakeApi())
     done = {"conditions": [cond("Complete")], "completionTime": NOW}
     jobs = [job_body(status=done), job_body(name="demo-r1-sft-b-a1", teacher="b", status={"active": 1})]
     api = FakeApi(existing={"demo-r1-sft-a-a1", "demo-r1-sft-b-a1"},
                   pods={"demo-r1-sft-a-a1": [pod_body(0, json.dumps({"final_loss": 0.25}))]})
+    return status, jobs, api
+
+
+def test_finished_jobs_pods_are_read_once_for_the_termination_message():
+    status, jobs, api = first_branch_done()
     state = controller.ControllerState(config=OperatorConfig(default_storage_uri="s3://ckpt"), api=api)
     index = {("ns", "demo"): jobs}
     status, _ = asyncio.run(controller.reconcile(motrun(status=status), status, index, state))
@@ -211,11 +217,7 @@ def test_a_failed_jobs_message_is_read_before_deciding():
 
 def test_a_branch_finishing_before_the_others_is_recorded_in_one_status_write():
     """Only a round's last branch may start the merge; an earlier one's loss is read in the same pass."""
-    status, _ = reconcile(motrun(), FakeApi())
-    done = {"conditions": [cond("Complete")], "completionTime": NOW}
-    jobs = [job_body(status=done), job_body(name="demo-r1-sft-b-a1", teacher="b", status={"active": 1})]
-    api = FakeApi(existing={"demo-r1-sft-a-a1", "demo-r1-sft-b-a1"},
-                  pods={"demo-r1-sft-a-a1": [pod_body(0, json.dumps({"final_loss": 0.25}))]})
+    status, jobs, api = first_branch_done()
     status, _ = reconcile(motrun(status=status), api, jobs=jobs)
     assert [c[0] for c in api.calls if c[0] in ("run_pods", "patch_status")] == ["run_pods", "patch_status"]
     assert status["rounds"][0]["branches"]["a"]["loss"] == 0.25
