@@ -48,6 +48,8 @@ def rows(node: dict, path: str, required: bool) -> list[list[str]]:
     default = node.get("default")
     shown_default = "" if default is None or default == {} else f"`{json.dumps(default)}`"
     rules = [f"Rule: {r.get('message') or r['rule']}." for r in node.get("x-kubernetes-validations", [])]
+    if node.get("x-kubernetes-list-type") == "map":
+        rules.append(f"A list keyed by {', '.join(node.get('x-kubernetes-list-map-keys', []))}: no two items share it.")
     limits = _constraints(node)
     text = " ".join(filter(None, [node.get("description", ""), f"({limits})" if limits else "", *rules]))
     out = [[f"`{path}`", _type(node), "yes" if required else "", shown_default, _cell(text)]]
@@ -73,7 +75,7 @@ def reference(crd_path: Path) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in table]
     if rules:
         lines += ["", "Rules checked by the API server (and by `mot run`):", ""]
-        lines += [f"- {_cell(r.get('message') or r['rule'])}" for r in rules]
+        lines += [f"- `spec{r.get('fieldPath', '')}`: {_cell(r.get('message') or r['rule'])}" for r in rules]
     return "\n".join(lines)
 
 

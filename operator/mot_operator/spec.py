@@ -1,8 +1,9 @@
 """MoTRun spec: typed view, defaults and validation, read from the CRD so there is one schema.
 
-The Kubernetes API server applies the CRD's defaults and checks its schema and CEL rules; the local
+The Kubernetes API server applies the CRD's defaults and checks its schema and rules; the local
 runner has no API server, so `parse_spec` does the same here: defaults, enums and bounds come from
-the CRD's openAPIV3Schema (checked with jsonschema), and the CEL rules are mirrored in `_check_rules`.
+the CRD's openAPIV3Schema (checked with jsonschema), its CEL rules and list keys are evaluated by
+`crd_rules`, and `check_update` applies the rules the cluster applies to an edited MoTRun.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from . import crd_rules
+
 CRD_FILENAME = "motruns.mot.dev.yaml"
 GROUP = "mot.dev"
 VERSION = "v1alpha1"
@@ -28,7 +31,7 @@ _NUMBER_TEXT = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
 
 class SpecError(ValueError):
-    """An invalid MoTRun spec; `field` is a path like "spec.teachers[1].name"."""
+    """An invalid MoTRun spec; `field` is the path the API server names, like "spec.teachers[1].weight"."""
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
@@ -251,6 +254,11 @@ def _schema_error(error: jsonschema.ValidationError) -> SpecError:
 
 def parse_spec(spec: dict) -> MoTRunSpec:
     """Apply the CRD's defaults, check its schema and rules, and return the typed spec."""
+    return _build(validated(spec))
+
+
+def validated(spec: dict) -> dict:
+    """The spec with the CRD's defaults applied, once its schema and rules hold (else SpecError)."""
     if not isinstance(spec, dict):
         raise SpecError("spec", f"must be an object, got {type(spec).__name__}")
     validator = _spec_validator()
@@ -258,33 +266,24 @@ def parse_spec(spec: dict) -> MoTRunSpec:
     error = jsonschema.exceptions.best_match(validator.iter_errors(data), key=_error_rank)
     if error is not None:
         raise _schema_error(error)
-    _check_rules(data)
-    return _build(data)
+    _raise_first(crd_rules.violations(openapi_schema()["properties"]["spec"], data))
+    return data
+
+
+def check_update(old: dict, new: dict) -> None:
+    """Refuse what the API server refuses when a MoTRun's spec goes from `old` to `new` (both
+    valid): the CRD's transition rules, i.e. everything but `rounds` and `suspend` is immutable."""
+    _raise_first(crd_rules.violations(openapi_schema()["properties"]["spec"], validated(new), validated(old)))
+
+
+def _raise_first(violations: list[crd_rules.Violation]) -> None:
+    if violations:
+        raise SpecError(violations[0].path, violations[0].detail)
 
 
 def _error_rank(error: jsonschema.ValidationError):
     # Prefer the deepest error (the one naming the exact field), then best_match's own order.
     return (-len(error.absolute_path), *jsonschema.exceptions.relevance(error))
-
-
-def _check_rules(data: dict) -> None:
-    """The CRD's CEL rules that concern one spec (the update-only immutability rules excepted)."""
-    seen: dict[str, int] = {}
-    for i, teacher in enumerate(data["teachers"]):
-        if teacher["name"] in seen:
-            raise SpecError(
-                f"spec.teachers[{i}].name",
-                f"teacher names must be unique: {teacher['name']!r} is also teachers[{seen[teacher['name']]}]",
-            )
-        seen[teacher["name"]] = i
-    if not any(t["weight"] > 0 for t in data["teachers"]):
-        raise SpecError("spec.teachers", "at least one teacher needs a merge weight above 0")
-    branch = data["resources"]["branch"]
-    if branch["nodes"] > 1 and branch["gpus"] < 1:
-        raise SpecError("spec.resources.branch.nodes", "multi-node branches need gpus >= 1 per node")
-    for role in ("merge", "eval"):
-        if data["resources"][role]["nodes"] != 1:
-            raise SpecError(f"spec.resources.{role}.nodes", f"{role} Jobs run on one node")
 
 
 def _quantity(value) -> str | None:

@@ -1,6 +1,6 @@
 """The MoTRun CRD: a structural schema with descriptions, defaults and bounds; examples valid
-(check-jsonschema); invalid manifests refused by the schema, by its CEL rules (evaluated with
-cel-python) and by parse_spec, each naming the field."""
+(check-jsonschema); invalid manifests refused by the schema, by its CEL rules and list keys
+(crd_rules, on cel-python) and by parse_spec, each naming the field the API server names."""
 
 from __future__ import annotations
 
@@ -11,16 +11,15 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import celpy
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from celpy import celtypes
 
+from mot_operator import crd_rules
 from mot_operator import spec as specmod
 from mot_operator.planner import ObservedJob, RunRef, plan
-from mot_operator.spec import SpecError, apply_defaults, parse_spec
+from mot_operator.spec import SpecError, apply_defaults, check_update, parse_spec
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / "motruns.mot.dev.yaml"
@@ -42,72 +41,11 @@ def schema_nodes(node, path="$"):
         yield from schema_nodes(node["additionalProperties"], f"{path}{{}}")
 
 
-# ---------------------------------------------------------------------------------------------
-# CEL, evaluated as the API server does: on defaulted objects, numbers typed by the schema
-
-
-def to_cel(value, schema):
-    kind = schema.get("type")
-    if isinstance(value, dict):
-        props = schema.get("properties") or {}
-        extra = schema.get("additionalProperties") if isinstance(schema.get("additionalProperties"), dict) else {}
-        return celtypes.MapType({celtypes.StringType(k): to_cel(v, props.get(k, extra)) for k, v in value.items()})
-    if isinstance(value, list):
-        return celtypes.ListType([to_cel(v, schema.get("items") or {}) for v in value])
-    if isinstance(value, bool):
-        return celtypes.BoolType(value)
-    if kind == "number":
-        return celtypes.DoubleType(value)
-    if isinstance(value, int):
-        return celtypes.IntType(value)
-    return celpy.json_to_cel(value)
-
-
-def cel_rules(node=SPEC_SCHEMA, path="spec"):
-    """(path, schema node, rule) for every x-kubernetes-validations rule under spec."""
-    for rule in node.get("x-kubernetes-validations") or []:
-        yield path, node, rule
-    for name, sub in (node.get("properties") or {}).items():
-        yield from cel_rules(sub, f"{path}.{name}")
-    if isinstance(node.get("items"), dict):
-        yield from cel_rules(node["items"], f"{path}[]")
-
-
-def _values_at(value, path):
-    """Values at a rule path like spec.teachers[].name (one per list element)."""
-    values = [value]
-    for part in path.split(".")[1:]:
-        many = part.endswith("[]")
-        key = part[:-2] if many else part
-        nxt = []
-        for v in values:
-            if isinstance(v, dict) and key in v:
-                nxt += v[key] if many else [v[key]]
-        values = nxt
-    return values
-
-
-ENV = celpy.Environment()
-
-
 def failing_rules(new: dict, old: dict | None = None) -> list[str]:
-    """Messages of the CEL rules a (defaulted) spec breaks; transition rules only when `old` is given."""
-    failures = []
-    for path, node, rule in cel_rules():
-        transition = "oldSelf" in rule["rule"]
-        if transition and old is None:
-            continue
-        program = ENV.program(ENV.compile(rule["rule"]))
-        olds = _values_at(old, path) if transition else []
-        for i, value in enumerate(_values_at(new, path)):
-            activation = {"self": to_cel(value, node)}
-            if transition:
-                if i >= len(olds):
-                    continue
-                activation["oldSelf"] = to_cel(olds[i], node)
-            if not bool(program.evaluate(activation)):
-                failures.append(rule["message"])
-    return failures
+    """Messages of the CEL rules and list keys a (defaulted) spec breaks; transition rules only when
+    `old` is given."""
+    found = crd_rules.violations(SPEC_SCHEMA, new) if old is None else crd_rules.violations(SPEC_SCHEMA, new, old)
+    return [v.detail for v in found]
 
 
 def defaulted(spec: dict) -> dict:
@@ -190,7 +128,7 @@ def _with(path: str, value):
 DELETE = object()
 TWO = [{"name": "a", "dataset": "d"}, {"name": "b", "dataset": "d"}]
 
-# (case, manifest, field parse_spec names, refused by: "schema" | "cel")
+# (case, manifest, field parse_spec names, refused by: "schema" | "rule" (CEL or list keys))
 INVALID = [
     ("no-student", _with("spec.student", DELETE), "spec.student", "schema"),
     ("no-teachers", _with("spec.teachers", []), "spec.teachers", "schema"),
@@ -204,11 +142,11 @@ INVALID = [
     ("unknown-field", _with("spec.training", {"stpes": 50}), "spec.training.stpes", "schema"),
     ("weight-negative", _with("spec.teachers.0.weight", -1), "spec.teachers[0].weight", "schema"),
     ("eval-without-dataset", _with("spec.evaluation", {"samples": 2}), "spec.evaluation.dataset", "schema"),
-    ("duplicate-teachers", _with("spec.teachers", [TWO[0], dict(TWO[0])]), "spec.teachers[1].name", "cel"),
-    ("all-weights-zero", _with("spec.teachers", [{**t, "weight": 0} for t in TWO]), "spec.teachers", "cel"),
+    ("duplicate-teachers", _with("spec.teachers", [TWO[0], dict(TWO[0])]), "spec.teachers[1]", "rule"),
+    ("all-weights-zero", _with("spec.teachers", [{**t, "weight": 0} for t in TWO]), "spec.teachers", "rule"),
     ("multinode-without-gpus", _with("spec.resources", {"branch": {"nodes": 2}}),
-     "spec.resources.branch.nodes", "cel"),
-    ("multinode-merge", _with("spec.resources", {"merge": {"nodes": 2}}), "spec.resources.merge.nodes", "cel"),
+     "spec.resources.branch.nodes", "rule"),
+    ("multinode-merge", _with("spec.resources", {"merge": {"nodes": 2}}), "spec.resources.merge.nodes", "rule"),
 ]
 
 
@@ -218,7 +156,7 @@ def test_parse_spec_refuses_invalid_specs_naming_the_field(case, manifest, field
         parse_spec(manifest["spec"])
     assert info.value.field == field, str(info.value)
     assert field in str(info.value)
-    if by == "cel":  # the CRD's CEL rules refuse it too (the API server's side of the same rule)
+    if by == "rule":  # the CRD's rules refuse it too (the API server's side of the same rule)
         assert failing_rules(defaulted(manifest["spec"])), case
 
 
@@ -238,32 +176,87 @@ def test_check_jsonschema_refuses_the_schema_level_invalid_manifests(tmp_path):
         assert str(path) in proc.stdout, f"{path.name} was accepted:\n{proc.stdout}"
 
 
-def test_cel_rules_compile_and_immutability_covers_everything_but_rounds_and_suspend():
-    rules = list(cel_rules())
-    for _path, _node, rule in rules:
-        ENV.compile(rule["rule"])  # syntax
-        assert rule.get("message")
-    old = defaulted(yaml.safe_load((REPO / "examples" / "paper.yaml").read_text())["spec"])
+def paper_spec() -> dict:
+    return defaulted(yaml.safe_load((REPO / "examples" / "paper.yaml").read_text())["spec"])
+
+
+# One edit per immutable spec field, each valid on its own (applied to paper.yaml's spec).
+EDITS = {
+    "student": "s3://other", "teachers": lambda old: old[:3], "training": lambda old: {**old, "steps": 9},
+    "merge": lambda old: {**old, "method": "ties"}, "evaluation": DELETE,
+    "storage": lambda old: {**old, "uri": "s3://x"},
+    "resources": lambda old: {**old, "merge": {**old["merge"], "gpus": 1}},
+    "image": "other:1", "serviceAccountName": "sa", "maxRetries": 5, "retryBackoffSeconds": 1,
+    "activeDeadlineSeconds": 1, "queueName": "q", "ttlSecondsAfterFinished": 5,
+}
+
+
+def edited(spec: dict, name: str) -> dict:
+    changed = copy.deepcopy(spec)
+    edit = EDITS[name]
+    if edit is DELETE:
+        del changed[name]
+    else:
+        changed[name] = edit(changed[name]) if callable(edit) else edit
+    return changed
+
+
+# Where the API server reports each rule: the rule's schema node plus its fieldPath. Written out,
+# not derived, so that a rule moved or a fieldPath dropped fails here.
+RULE_PATHS = {
+    **{f"{name} {'are' if name in ('teachers', 'resources') else 'is'} immutable": f"spec.{name}" for name in EDITS},
+    "at least one teacher needs a merge weight above 0": "spec.teachers",
+    "multi-node branches need gpus >= 1 per node": "spec.resources.branch.nodes",
+    "merge Jobs run on one node": "spec.resources.merge.nodes",
+    "eval Jobs run on one node": "spec.resources.eval.nodes",
+}
+# A spec breaking each rule that is checked on create.
+BREAKS = {
+    "at least one teacher needs a merge weight above 0": _with("spec.teachers", [{**t, "weight": 0} for t in TWO]),
+    "multi-node branches need gpus >= 1 per node": _with("spec.resources", {"branch": {"nodes": 2}}),
+    "merge Jobs run on one node": _with("spec.resources", {"merge": {"nodes": 2}}),
+    "eval Jobs run on one node": _with("spec.resources", {"eval": {"nodes": 3}}),
+}
+FIELD_ERROR_REASONS = {"FieldValueInvalid", "FieldValueForbidden", "FieldValueRequired", "FieldValueDuplicate"}
+
+
+def test_every_rule_names_its_field_as_the_api_server_does():
+    """Each CEL rule has a fieldPath and a reason, and parse_spec (a new MoTRun) or check_update
+    (an edited one) refuses what breaks it at that path, with the rule's message."""
+    rules = list(crd_rules.rules(SPEC_SCHEMA))
+    assert {rule.message: rule.reported_at for rule in rules} == RULE_PATHS
+    for rule in rules:
+        assert rule.field_path and rule.reason in FIELD_ERROR_REASONS, rule
+        with pytest.raises(SpecError) as info:
+            if rule.transition:
+                check_update(paper_spec(), edited(paper_spec(), rule.field_path.lstrip(".")))
+            else:
+                parse_spec(BREAKS[rule.message]["spec"])
+        assert info.value.field == RULE_PATHS[rule.message], (rule, str(info.value))
+        assert str(info.value) == f'{RULE_PATHS[rule.message]}: Invalid value: "object": {rule.message}'
+
+
+def test_teachers_are_a_list_keyed_by_name():
+    """Duplicate names are refused at the duplicate, as the API server reports a list-type map."""
+    teachers = SPEC_SCHEMA["properties"]["teachers"]
+    assert (teachers["x-kubernetes-list-type"], teachers["x-kubernetes-list-map-keys"]) == ("map", ["name"])
+    spec = _with("spec.teachers", [TWO[0], TWO[1], dict(TWO[0])])["spec"]
+    with pytest.raises(SpecError) as info:
+        parse_spec(spec)
+    assert str(info.value) == 'spec.teachers[2]: Duplicate value: map[string]interface {}{"name":"a"}'
+    # The API server compares keyed lists without regard to order: reordering is no edit.
+    old = paper_spec()
+    check_update(old, {**old, "teachers": old["teachers"][::-1]})
+
+
+def test_immutability_covers_everything_but_rounds_and_suspend():
+    old = paper_spec()
     assert failing_rules(old, old) == []
     for name in ("rounds", "suspend"):
-        changed = copy.deepcopy(old)
-        changed[name] = 7 if name == "rounds" else True
-        assert failing_rules(changed, old) == [], name
-    edits = {
-        "student": "s3://other", "teachers": old["teachers"][:3], "training": {**old["training"], "steps": 9},
-        "merge": {**old["merge"], "method": "ties"}, "evaluation": DELETE, "storage": {**old["storage"], "uri": "s3://x"},
-        "resources": {**old["resources"], "merge": {**old["resources"]["merge"], "gpus": 1}},
-        "image": "other:1", "serviceAccountName": "sa", "maxRetries": 5, "retryBackoffSeconds": 1,
-        "activeDeadlineSeconds": 1, "queueName": "q", "ttlSecondsAfterFinished": 5,
-    }
-    assert set(edits) | {"rounds", "suspend"} == set(SPEC_SCHEMA["properties"]), "a spec field lacks a rule"
-    for name, value in edits.items():
-        changed = copy.deepcopy(old)
-        if value is DELETE:
-            del changed[name]
-        else:
-            changed[name] = value
-        assert any("immutable" in m for m in failing_rules(changed, old)), f"{name} is not immutable"
+        check_update(old, {**old, name: 7 if name == "rounds" else True})
+    assert set(EDITS) | {"rounds", "suspend"} == set(SPEC_SCHEMA["properties"]), "a spec field lacks a rule"
+    for name in EDITS:
+        assert any("immutable" in m for m in failing_rules(edited(old, name), old)), f"{name} is not immutable"
 
 
 def test_defaults_come_from_the_crd_file(tmp_path, monkeypatch):

@@ -44,6 +44,8 @@ import kmock
 import pytest
 import yaml
 
+from mot_operator import crd_rules
+
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / "motruns.mot.dev.yaml"
 
@@ -338,6 +340,7 @@ class ApiServer(kmock.KubernetesEmulator):
     request_counts: collections.Counter = attrs.field(factory=collections.Counter)
     created_at: dict = attrs.field(factory=dict)  # (plural, namespace, name) -> time.time() of create
     journal: list | None = attrs.field(default=None)  # set to [] to record (time, agent, verb, path) per request
+    faults: list = attrs.field(factory=list)  # fail_next(): [verb, plural, match, error, times left]
     _rv: int = attrs.field(default=1)
     _event_log: dict = attrs.field(factory=lambda: collections.defaultdict(
         lambda: collections.deque(maxlen=EVENT_LOG_SIZE)))
@@ -370,6 +373,29 @@ class ApiServer(kmock.KubernetesEmulator):
             status_subresource="status" in (version.get("subresources") or {}),
             schema=(version.get("schema") or {}).get("openAPIV3Schema"),
             printer_columns=tuple(version.get("additionalPrinterColumns") or ())))
+
+    # -- fault injection (tests) ------------------------------------------------------------------
+    def fail_next(self, verb: str, plural: str, error: ApiError, *, times: int = 1,
+                  match: Callable[[dict], bool] | None = None) -> None:
+        """Answer the next `times` `verb` requests on `plural` (whose JSON body satisfies `match`, if
+        given) with `error` instead of serving them. Call it in the server's loop (KubeApi.call)."""
+        self.faults.append([verb, plural, match, error, times])
+
+    def _injected_fault(self, verb: str, plural: str, body: bytes) -> ApiError | None:
+        for fault in self.faults:
+            fault_verb, fault_plural, match, error, left = fault
+            if left <= 0 or (fault_verb, fault_plural) != (verb, plural):
+                continue
+            if match is not None:
+                try:
+                    parsed = json.loads(body or b"null")
+                except ValueError:
+                    parsed = None
+                if not isinstance(parsed, dict) or not match(parsed):
+                    continue
+            fault[4] = left - 1
+            return error
+        return None
 
     # -- store helpers ----------------------------------------------------------------------------
     def _key(self, rtype: ResourceType, namespace: str | None, name: str) -> tuple:
@@ -448,8 +474,9 @@ class ApiServer(kmock.KubernetesEmulator):
         return self._remove(rtype, obj)
 
     # -- validation -------------------------------------------------------------------------------
-    def _admit(self, rtype: ResourceType, obj: dict, strict: bool) -> None:
-        """Default, prune and validate a custom object against its CRD schema, like the API server."""
+    def _admit(self, rtype: ResourceType, obj: dict, strict: bool, old: dict | None = None) -> None:
+        """Default, prune and validate a custom object against its CRD schema, CEL rules and list
+        keys (transition rules against `old` on an update), like the API server."""
         if rtype.plural == "customresourcedefinitions":
             return
         if not rtype.schema:
@@ -470,10 +497,16 @@ class ApiServer(kmock.KubernetesEmulator):
             {**schema, "properties": {k: v for k, v in (schema.get("properties") or {}).items()
                                       if k not in ("apiVersion", "kind", "metadata")}}))
         errors = sorted(validator.iter_errors(body), key=lambda e: list(e.absolute_path))
-        if errors:
-            causes = [{"reason": "FieldValueInvalid", "field": _json_path(e),
-                       "message": f"Invalid value: {json.dumps(e.instance)[:80]}: {e.message}"}
-                      for e in errors]
+        causes = [{"reason": "FieldValueInvalid", "field": _json_path(e),
+                   "message": f"Invalid value: {json.dumps(e.instance)[:80]}: {e.message}"}
+                  for e in errors]
+        if not errors:
+            old_body = {k: v for k, v in (old or {}).items() if k not in ("apiVersion", "kind", "metadata")}
+            found = (crd_rules.violations(schema, body, path="") if old is None
+                     else crd_rules.violations(schema, body, old_body, path=""))
+            causes = [{"reason": "FieldValueInvalid", "field": v.path.lstrip("."), "message": v.detail}
+                      for v in found]
+        if causes:
             summary = "; ".join(f"{c['field']}: {c['message']}" for c in causes)
             raise ApiError(422, "Invalid", f"{title}: {summary}",
                            {"name": name, "group": rtype.group, "kind": rtype.kind, "causes": causes})
@@ -517,6 +550,8 @@ class ApiServer(kmock.KubernetesEmulator):
         self.request_counts[(agent, verb, rtype.plural + (f"/{subresource}" if subresource else ""))] += 1
         if self.journal is not None:
             self.journal.append((time.time(), agent, verb, raw.path_qs))
+        if self.faults and (fault := self._injected_fault(verb, rtype.plural, body)) is not None:
+            raise fault
         if "protobuf" in raw.headers.get("Content-Type", "") and body:
             # kubectl's typed generators (`kubectl create namespace/secret ...`) send protobuf.
             raise ApiError(415, "UnsupportedMediaType", "the test API server reads JSON bodies only; "
@@ -669,7 +704,7 @@ class ApiServer(kmock.KubernetesEmulator):
         new["apiVersion"], new["kind"] = rtype.api_version, rtype.kind
         _fold_string_data(rtype, new)
         if subresource != "status":
-            self._admit(rtype, new, strict)
+            self._admit(rtype, new, strict, old=current)
         spec_changed = {k: v for k, v in new.items() if k not in ("metadata", "status")} != \
             {k: v for k, v in current.items() if k not in ("metadata", "status")}
         if spec_changed and rtype.plural not in ("events",):
