@@ -1,5 +1,6 @@
 """`mot run` stopped mid-run (Ctrl-C, then SIGKILL) and started again finishes without redoing
-finished branches: their manifests are untouched and their trainers ran once."""
+finished branches: their manifests are untouched and their trainers ran once. A resume with an
+edited manifest is held to the cluster's update rules against the spec the run started with."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from support.local_run import mot_command, mot_env, write_manifest
 
 from mot_trainer.manifest import read_checkpoint_manifest
@@ -55,6 +57,16 @@ def test_interrupted_run_resumes_without_redoing_branches(tmp_path, tiny_model):
     saved = json.loads((workdir / "status.json").read_text())
     assert {j["state"] for j in saved["jobs"] if j["teacher"] == "alpha"} == {"Succeeded"}
 
+    # 1b. Resuming with an edited manifest is refused where the cluster refuses the same edit, and
+    # leaves the run as it was.
+    before = (workdir / "status.json").read_bytes()
+    edited = write_manifest(tmp_path / "edited", tiny_model, name="resume", evaluation=False, steps=13)
+    refused = subprocess.run(mot_command("run", edited, "--workdir", workdir), capture_output=True, text=True,
+                             env=mot_env(), timeout=120)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert 'spec.training: Invalid value: "object": training is immutable' in refused.stderr, refused.stderr
+    assert (workdir / "status.json").read_bytes() == before
+
     # 2. Resume, then SIGKILL `mot run` during round 2: its trainer must not outlive it.
     proc = _start(manifest, workdir)
     _wait_for(run_dir / "round-2" / "branch-alpha" / "mot-manifest.json", proc)
@@ -79,3 +91,21 @@ def test_interrupted_run_resumes_without_redoing_branches(tmp_path, tiny_model):
         for teacher in ("alpha", "beta"):
             assert read_checkpoint_manifest(str(run_dir / f"round-{rnd}" / f"branch-{teacher}")) is not None
     assert os.path.exists(workdir / "report.md")
+
+
+def test_resume_checks_the_recorded_spec_as_the_cluster_checks_an_update(tmp_path, tiny_model):
+    """status.json records the spec; `rounds` may change on resume (and is recorded), training may not."""
+    from mot_operator.local.runner import LocalRunner, Options
+    from mot_operator.planner import RunRef
+    from mot_operator.spec import SpecError, parse_spec
+
+    spec = {"student": str(tiny_model), "teachers": [{"name": "a", "dataset": "a.jsonl"}], "rounds": 2}
+    ref, workdir = RunRef("local", "edits"), tmp_path / "work"
+    LocalRunner(ref, parse_spec(spec), spec, workdir, Options()).save()
+    more_rounds = {**spec, "rounds": 4}
+    LocalRunner(ref, parse_spec(more_rounds), more_rounds, workdir, Options()).save()
+    assert json.loads((workdir / "status.json").read_text())["spec"]["rounds"] == 4
+    other_teacher = {**more_rounds, "teachers": [{"name": "b", "dataset": "a.jsonl"}]}
+    with pytest.raises(SpecError) as info:
+        LocalRunner(ref, parse_spec(other_teacher), other_teacher, workdir, Options())
+    assert info.value.field == "spec.teachers" and "teachers are immutable" in str(info.value)

@@ -128,6 +128,7 @@ def run_spec(meta: dict, spec, spec_dict: dict, workdir: Path, *, parallel=None,
     from mot_operator.local.progress import Progress
     from mot_operator.local.runner import LocalRunner, Options, collect_results, detect_gpus, split_threads
     from mot_operator.planner import RunRef
+    from mot_operator.spec import SpecError
 
     workdir.mkdir(parents=True, exist_ok=True)
     storage_env(spec_dict)
@@ -135,8 +136,14 @@ def run_spec(meta: dict, spec, spec_dict: dict, workdir: Path, *, parallel=None,
     parallel, threads = split_threads(parallel, threads, gpus, os.cpu_count() or 1)
     progress = Progress(stream=open(os.devnull, "w") if quiet else sys.stdout)  # noqa: SIM115
     ref = RunRef(namespace=meta.get("namespace") or "local", name=meta["name"])
-    runner = LocalRunner(ref, spec, workdir, Options(parallel=parallel, threads=threads, compare=compare,
-                                                     eval_branches=eval_branches, gpus=gpus, progress=progress))
+    try:
+        runner = LocalRunner(ref, spec, spec_dict, workdir, Options(
+            parallel=parallel, threads=threads, compare=compare, eval_branches=eval_branches, gpus=gpus,
+            progress=progress))
+    except SpecError as exc:
+        print(f"error: cannot resume {workdir} with this manifest: {exc} (the run there started with "
+              f"another spec; use another --workdir to start afresh)", file=sys.stderr)
+        return EXIT_INVALID
     print(f"mot run {ref.namespace}/{ref.name}: {parallel} at a time, {threads} thread(s) each, "
           f"{gpus} GPU(s); workdir {workdir}", flush=True)
     # Ctrl-C and SIGTERM stop cleanly, even where the shell started us with SIGINT ignored.

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mot_operator.local.progress import Progress
+from mot_operator.spec import check_update
 from mot_trainer import manifest as mot_manifest
 from mot_trainer import storage
 
@@ -144,11 +145,14 @@ def _die_with_parent() -> None:  # runs in the child: SIGKILL of `mot run` must 
 
 
 class LocalRunner:
-    def __init__(self, run_ref, spec, workdir: Path, options: Options):
+    def __init__(self, run_ref, spec, spec_dict: dict, workdir: Path, options: Options):
+        """`spec` parsed from `spec_dict`; a run resumed from `workdir` must not break the CRD's
+        update rules against the spec it started with (SpecError, before anything is touched)."""
         from mot_operator import planner  # noqa: F401 - fail early if the planner is missing
 
         self.run_ref = run_ref
         self.spec = spec
+        self.spec_dict = spec_dict
         self.workdir = workdir
         self.opt = options
         self.progress = options.progress or Progress()
@@ -166,6 +170,8 @@ class LocalRunner:
         if not self.state_path.exists():
             return
         saved = json.loads(self.state_path.read_text())
+        if saved.get("spec") is not None:  # (status.json from before specs were recorded: none)
+            check_update(saved["spec"], self.spec_dict)
         self.status = saved.get("status") or {}
         for raw in saved.get("jobs", []):
             job = LocalJob(**raw)
@@ -186,6 +192,7 @@ class LocalRunner:
         atomic_write_json(self.state_path, {
             "run": {"namespace": self.run_ref.namespace, "name": self.run_ref.name},
             "updated": _iso(now_utc()),
+            "spec": self.spec_dict,
             "status": self.status,
             "jobs": [asdict(j) for j in sorted(self.jobs.values(), key=lambda j: j.order)],
         })
