@@ -44,10 +44,29 @@ def write_termination_message(message: str) -> None:
         log.warning("cannot write termination message to %s: %s", path, exc)
 
 
+class UsageError(SystemExit):
+    """argparse's refusal of the command line (exit code 2), carrying argparse's own message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(EXIT_INVALID)
+        self.message = message
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors keep their message for the termination log: usage and message
+    still go to stderr, then UsageError (a SystemExit with code 2). Subparsers inherit the class."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        text = f"{self.prog}: error: {message}"
+        sys.stderr.write(text + "\n")
+        raise UsageError(text)
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The full parser, or with `only`, one whose other subcommands are not imported (a merge Job
     need not import the SFT stack)."""
-    parser = argparse.ArgumentParser(prog="mot-train", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="mot-train", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default=os.environ.get("MOT_LOG_LEVEL", "INFO"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name, (module, help_text) in COMMANDS.items():
@@ -63,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(only=next((arg for arg in argv if arg in COMMANDS), None))
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse: bad options are invalid input
+    except SystemExit as exc:  # argparse: bad options are invalid input; --help exits 0
         if exc.code not in (0, None):
-            write_termination_message("invalid arguments: see usage above")
+            write_termination_message(getattr(exc, "message", None) or "invalid arguments")
             return EXIT_INVALID
         return EXIT_OK
     logging.basicConfig(
