@@ -3,6 +3,7 @@ float64), refusals with exit code 2, sharded output that transformers loads, inp
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -381,3 +382,149 @@ def test_default_threads_follow_the_cpu_quota(tmp_path, monkeypatch):
     assert merge_pkg.default_threads() == 1
     quota.write_text("50000 100000\n")
     assert merge_pkg.default_threads() == 1
+
+
+@pytest.mark.parametrize("size", ["5i", "lots", "0", "2XB", "1.5.0MB"])
+def test_bad_shard_size_is_an_argparse_error(tmp_path, termination_log, size):
+    inputs = [write_checkpoint(tmp_path / f"in{i}", random_tensors(i)) for i in range(2)]
+    assert merge("--inputs", *inputs, "--out", tmp_path / "out", "--shard-size", size) == 2
+    message = termination_log.read_text()
+    assert message.startswith("mot-train merge: error: argument --shard-size:") and repr(size) in message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, size", [("1000", 1000), ("5KB", 5000), ("5kib", 5120), ("1.5MB", 1_500_000),
+                                        ("2GB", 2_000_000_000), ("1GiB", 1 << 30), ("3 T", 3 * 10**12),
+                                        ("7B", 7)])
+def test_shard_sizes_parse(text, size):
+    from mot_trainer.merge import shard_size
+
+    assert shard_size(text) == size
+
+
+def head_checkpoint(folder, seed, *, tie, model_type="test"):
+    """A checkpoint with an embedding; an untied one (tie False) also has its own lm_head."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"model.embed_tokens.weight": torch.randn(9, 4, generator=g), "a.weight": torch.randn(4, 4, generator=g)}
+    if tie is not True:
+        tensors["lm_head.weight"] = torch.randn(9, 4, generator=g)
+    config = {"model_type": model_type}
+    if tie is not None:
+        config["tie_word_embeddings"] = tie
+    return write_checkpoint(folder, tensors, config=config)
+
+
+@pytest.mark.parametrize("tied_at", [0, 2])
+def test_inputs_disagreeing_on_tied_embeddings_are_refused_in_any_order(tmp_path, termination_log, tied_at):
+    """Tied first used to exit 0 and drop the untied inputs' heads; tied last exited 2."""
+    inputs = [head_checkpoint(tmp_path / f"in{i}", i, tie=i == tied_at) for i in range(3)]
+    assert merge("--inputs", *inputs, "--out", tmp_path / "out") == 2
+    message = termination_log.read_text()
+    assert message.startswith("invalid input: tie_word_embeddings differs")
+    untied = inputs[1] if tied_at == 0 else inputs[0]  # compared with input 0: the first that disagrees
+    assert f"{inputs[tied_at]} has true" in message and f"{untied} has false" in message
+    assert not (tmp_path / "out" / MANIFEST_NAME).exists()
+
+
+def test_base_disagreeing_on_tied_embeddings_is_refused(tmp_path, termination_log):
+    inputs = [head_checkpoint(tmp_path / f"in{i}", i, tie=False) for i in range(2)]
+    base = head_checkpoint(tmp_path / "base", 9, tie=True)
+    assert merge("--method", "task-arithmetic", "--base", base, "--inputs", *inputs, "--out", tmp_path / "out") == 2
+    message = termination_log.read_text()
+    assert f"--base {base} has true" in message and f"{inputs[0]} has false" in message
+
+
+@pytest.mark.parametrize(
+    "model_type, omitted_means",
+    [("gpt2", True), ("qwen2", False), ("not-a-transformers-model", False)],
+)
+def test_omitted_tie_setting_means_the_config_class_default(tmp_path, termination_log, model_type, omitted_means):
+    """A config without tie_word_embeddings gets its model type's default, as transformers loads it."""
+    explicit = head_checkpoint(tmp_path / "explicit", 0, tie=omitted_means, model_type=model_type)
+    omitted = head_checkpoint(tmp_path / "omitted", 1, tie=None, model_type=model_type)
+    if omitted_means:  # tie=None writes a head: drop it, so the checkpoint looks tied as its default says
+        state = load_file(tmp_path / "omitted" / "model.safetensors")
+        del state["lm_head.weight"]
+        write_checkpoint(tmp_path / "omitted", state, config={"model_type": model_type})
+    assert merge("--inputs", explicit, omitted, "--out", tmp_path / "same") == 0
+    contrary = head_checkpoint(tmp_path / "contrary", 2, tie=not omitted_means, model_type=model_type)
+    assert merge("--inputs", omitted, contrary, "--out", tmp_path / "differs") == 2
+    assert f"{omitted} has {str(omitted_means).lower()}" in termination_log.read_text()
+
+
+def plain_hf_folders(tmp_path, tiny_model, count):
+    """User's own model folders: save_pretrained (safetensors) plus tokenizer files, no manifest."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    paths = []
+    for i in range(count):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        folder = tmp_path / f"user-model-{i}"
+        model.save_pretrained(folder)
+        for name in os.listdir(tiny_model):
+            if name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                shutil.copyfile(tiny_model / name, folder / name)
+        assert (folder / "model.safetensors").exists() and not (folder / MANIFEST_NAME).exists()
+        paths.append(folder)
+    return paths
+
+
+def sha256_of(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_plain_model_folders_merge_with_the_flag_and_are_recorded(tmp_path, termination_log, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    plain = plain_hf_folders(tmp_path, tiny_model, 2)
+    (plain[1] / "runs").mkdir()
+    (plain[1] / "runs" / "events.log").write_text("not part of the model")  # not used: not hashed
+    shutil.copytree(plain[0], tmp_path / "ours")  # one of our checkpoints among them
+    write_manifest(tmp_path / "ours", kind="sft", inputs={}, params={}, metrics={})
+    inputs = [str(p) for p in plain] + [str(tmp_path / "ours")]
+    out = tmp_path / "merged"
+
+    assert merge("--inputs", *inputs, "--out", out) == 2
+    message = termination_log.read_text()
+    assert message.startswith(f"invalid input: --inputs {plain[0]}: no {MANIFEST_NAME}")
+    assert "--allow-unmanifested-inputs" in message and not out.joinpath(MANIFEST_NAME).exists()
+
+    assert merge("--inputs", *inputs, "--out", out, "--allow-unmanifested-inputs") == 0
+    manifest = verify_folder(out)
+    assert manifest["inputs"]["models"] == inputs
+    recorded = manifest["inputs"]["unmanifested"]
+    assert sorted(recorded) == sorted(map(str, plain))  # the input with a manifest is not listed
+    for folder in plain:
+        entries = {e["path"]: e for e in recorded[str(folder)]}
+        expected = sorted(p.name for p in folder.iterdir() if p.is_file())
+        assert sorted(entries) == expected and "model.safetensors" in entries and "config.json" in entries
+        for path, entry in entries.items():
+            assert entry["sha256"] == sha256_of(folder / path) and entry["size"] == (folder / path).stat().st_size
+    merged = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    sources = [AutoModelForCausalLM.from_pretrained(p).state_dict() for p in inputs]
+    for name, value in merged.items():
+        torch.testing.assert_close(value, sum(s[name] for s in sources) / 3, rtol=0, atol=1e-6)
+
+
+def test_plain_model_folder_on_s3_merges_with_the_flag(tmp_path, s3_server, monkeypatch, termination_log, tiny_model):
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    bucket = s3_server.make_bucket("merge-plain")
+    plain = plain_hf_folders(tmp_path, tiny_model, 2)
+    uris = [f"{bucket}/users/model-{i}" for i in range(2)]
+    for folder, uri in zip(plain, uris, strict=True):
+        for path in folder.iterdir():
+            storage.write_bytes(storage.join(uri, path.name), path.read_bytes())
+    out = f"{bucket}/merged"
+    assert merge("--inputs", *uris, "--out", out) == 2
+    assert "--allow-unmanifested-inputs" in termination_log.read_text()
+    assert merge("--inputs", *uris, "--out", out, "--allow-unmanifested-inputs") == 0
+    manifest = verify_folder(storage.download_dir(out, tmp_path / "dl"))
+    for folder, uri in zip(plain, uris, strict=True):
+        entries = {e["path"]: e["sha256"] for e in manifest["inputs"]["unmanifested"][uri]}
+        assert entries == {p.name: sha256_of(p) for p in folder.iterdir()}

@@ -1,9 +1,11 @@
 """`mot-train merge`: merge checkpoints in weight space, streaming tensor by tensor.
 
-Inputs must be complete checkpoints (a valid mot-manifest.json). Tensors are read by header offset
-and merged in fp32 in slices of at most SLICE_ELEMENTS elements (whole tensors for methods that need
-per-tensor statistics), so peak memory stays near a few slices whatever the model size and the
-number of inputs. With more than 2 CPUs the slices are merged on a few threads (`--threads`). The
+Inputs must be complete checkpoints (a valid mot-manifest.json); a user's own model folders without
+one are merged only with --allow-unmanifested-inputs, and then the sha256 of every file used from them
+is recorded in the output's manifest. Inputs (and the base) must agree on tie_word_embeddings.
+Tensors are read by header offset and merged in fp32 in slices of at most SLICE_ELEMENTS elements
+(whole tensors for methods that need per-tensor statistics), so peak memory stays near a few slices
+whatever the model size and the number of inputs. With more than 2 CPUs the slices are merged on a few threads (`--threads`). The
 output is written as shards as it goes, then the manifest last.
 s3:// inputs are downloaded (and verified) and an s3:// output is staged under $TMPDIR.
 """
@@ -11,6 +13,7 @@ s3:// inputs are downloaded (and verified) and an s3:// output is staged under $
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import math
@@ -26,7 +29,15 @@ import torch
 
 from mot_trainer import storage
 from mot_trainer.errors import InvalidInput
-from mot_trainer.manifest import MANIFEST_NAME, verify_file, verify_folder, write_manifest
+from mot_trainer.manifest import (
+    MANIFEST_NAME,
+    read_checkpoint_manifest,
+    sha256_file,
+    stamped_sha256,
+    verify_file,
+    verify_folder,
+    write_manifest,
+)
 from mot_trainer.merge import io
 from mot_trainer.merge.io import ReadBuffer
 from mot_trainer.merge.workspace import Workspace
@@ -41,6 +52,8 @@ METHODS = {
 }
 SLICE_ELEMENTS = 1 << 18  # 1 MiB of fp32: slices stay in a core's L2 (measured fastest of 64Ki-1Mi; 8M: 2x CPU)
 TIED_HEAD = "lm_head.weight"
+TIE_KEY = "tie_word_embeddings"
+ALLOW_UNMANIFESTED = "--allow-unmanifested-inputs"
 # With several merging threads: bigger slices, fewer hand-offs (16-core bench: 1.68-1.84 s with 1 Mi
 # for 3-8 threads, 2.13-2.37 s with 256 Ki); past ~4 threads the writer's sha256 of the output bounds it.
 PARALLEL_SLICE_ELEMENTS = 1 << 20
@@ -50,7 +63,12 @@ CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # "QUOTA PERIOD" or "max PERIOD
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inputs", nargs="+", required=True, metavar="URI",
-                        help="checkpoint folders (local or s3://), each with a valid mot-manifest.json")
+                        help="checkpoint folders (local or s3://), each with a valid mot-manifest.json "
+                             f"(see {ALLOW_UNMANIFESTED})")
+    parser.add_argument(ALLOW_UNMANIFESTED, action="store_true",
+                        help="also merge inputs that have no mot-manifest.json (e.g. your own Hugging Face "
+                             "model folders): they are used as they are, unverified, and the sha256 of every "
+                             "file used from them is recorded in the output's manifest")
     parser.add_argument("--out", required=True, metavar="URI", help="output folder (local or s3://)")
     parser.add_argument("--weights", nargs="+", type=float, metavar="W",
                         help="one weight per input (default uniform); normalised to sum 1")
@@ -62,10 +80,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="lambda: multiplies the merged difference")
     parser.add_argument("--density", type=float, default=0.5, help="ties/dare: fraction of each difference kept")
     parser.add_argument("--seed", type=int, default=0, help="dare: seed of the drop masks")
-    parser.add_argument("--shard-size", default="2GB", help="maximum output shard size (e.g. 2GB, 500MB)")
+    parser.add_argument("--shard-size", type=shard_size, default="2GB", metavar="SIZE",
+                        help="maximum output shard size, e.g. 2GB, 500MB, 1GiB or bytes (default 2GB)")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="slices merged at once (default: one per available CPU beyond the first, at most "
                              f"{MAX_THREADS}; 1 merges on the main thread)")
+
+
+def shard_size(text: str) -> int:
+    """argparse type of --shard-size: the size in bytes; a bad one is an argparse error (exit 2)."""
+    try:
+        return io.parse_size(text)
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--shard-size: ")) from None
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -75,7 +102,8 @@ def run(args: argparse.Namespace) -> dict:
     started = time.monotonic()
     method = importlib.import_module(METHODS[args.method])
     weights = _check_options(args, method)
-    max_shard = io.parse_size(args.shard_size)
+    max_shard = args.shard_size if isinstance(args.shard_size, int) else io.parse_size(args.shard_size)
+    allow_unmanifested = getattr(args, "allow_unmanifested_inputs", False)
     threads = args.threads if args.threads is not None else default_threads()
     with tempfile.TemporaryDirectory(prefix="mot-merge-") as workdir:
         work = Path(workdir)
@@ -83,10 +111,16 @@ def run(args: argparse.Namespace) -> dict:
         hash_threads = max(1, min(4, (os.cpu_count() or 2) - 1))
         hashing = ThreadPoolExecutor(max_workers=hash_threads, thread_name_prefix="verify")
         try:
-            folders, pending = _fetch_inputs(args.inputs, work, hashing)
+            folders, pending, unmanifested = _fetch_inputs(args.inputs, work, hashing, allow_unmanifested)
             base_folder = _fetch_base(args.base, work) if args.base else None
             checkpoints = [io.Checkpoint(f, label=uri) for f, uri in zip(folders, args.inputs, strict=True)]
             base = io.Checkpoint(base_folder, label=f"--base {args.base}") if base_folder else None
+            # Inputs without a manifest: every file used from them is hashed (on the other cores) and
+            # recorded in the output's manifest, so the merged model can be traced to them.
+            recorded = {args.inputs[i]: [hashing.submit(_hash_entry, checkpoints[i].folder, rel)
+                                         for rel in checkpoints[i].used_files()]
+                        for i in unmanifested}
+            pending += [f for futures in recorded.values() for f in futures]
             try:
                 specs = _check_compatible(checkpoints, base)
                 out_dir = _prepare_output(args.out, work, folders)
@@ -105,12 +139,15 @@ def run(args: argparse.Namespace) -> dict:
             hashing.shutdown(cancel_futures=True)
         wall = time.monotonic() - started
         parameters = sum(spec.numel for spec in specs)
+        inputs = {"models": list(args.inputs), "base": args.base}
+        if recorded:
+            inputs["unmanifested"] = {uri: [f.result() for f in futures] for uri, futures in recorded.items()}
         metrics = {"tensors": len(specs), "parameters": parameters, "bytes": sum(s.nbytes for s in specs),
                    "shards": sum(f.endswith(".safetensors") for f in files), "wall_seconds": round(wall, 3)}
         write_manifest(
             out_dir,
             kind="merge",
-            inputs={"models": list(args.inputs), "base": args.base},
+            inputs=inputs,
             params={"method": args.method, "weights": weights, "scale": args.scale, "density": args.density,
                     "seed": args.seed, "shard_size": max_shard},
             metrics=metrics,
@@ -146,27 +183,47 @@ def _check_options(args, method) -> list[float]:
     return [float(w) for w in weights]
 
 
-def _fetch_inputs(uris, work: Path, hashing: ThreadPoolExecutor) -> tuple[list[Path], list[Future]]:
+def _fetch_inputs(uris, work: Path, hashing: ThreadPoolExecutor,
+                  allow_unmanifested: bool = False) -> tuple[list[Path], list[Future], list[int]]:
     """Local folders: sizes checked now, sha256 verified on a background thread while the merge reads
-    (the output's manifest waits for it). s3:// inputs: downloaded and fully verified first."""
-    folders, pending = [], []
+    (the output's manifest waits for it). s3:// inputs: downloaded and fully verified first.
+
+    An input without a manifest is refused unless `allow_unmanifested`; then it is used as it is (an
+    s3:// one: everything under its prefix is downloaded). Returns the local folders, the pending
+    verifications and the indexes of the inputs without a manifest."""
+    folders, pending, unmanifested = [], [], []
     for i, uri in enumerate(uris):
         if storage.is_s3(uri):
-            folders.append(storage.download_dir(uri, work / f"input-{i}"))
+            has_manifest = read_checkpoint_manifest(uri) is not None
+        else:
+            if not Path(uri).is_dir():
+                raise InvalidInput(f"--inputs {uri}: no such folder")
+            has_manifest = (Path(uri) / MANIFEST_NAME).exists()
+        if not has_manifest:
+            if not allow_unmanifested:
+                raise InvalidInput(f"--inputs {uri}: no {MANIFEST_NAME}; the checkpoint is incomplete (to merge "
+                                   f"a model folder of your own that has none, pass {ALLOW_UNMANIFESTED})")
+            log.warning("--inputs %s has no %s; using it unverified (%s)", uri, MANIFEST_NAME, ALLOW_UNMANIFESTED)
+            unmanifested.append(i)
+        if storage.is_s3(uri):
+            folders.append(storage.download_dir(uri, work / f"input-{i}", verify=has_manifest))
             continue
         folder = Path(uri)
-        if not folder.is_dir():
-            raise InvalidInput(f"--inputs {uri}: no such folder")
-        manifest = verify_folder(folder, check_hashes=False)
-        pending += [hashing.submit(verify_file, folder / e["path"], e["sha256"]) for e in manifest["files"]]
+        if has_manifest:
+            manifest = verify_folder(folder, check_hashes=False)
+            pending += [hashing.submit(verify_file, folder / e["path"], e["sha256"]) for e in manifest["files"]]
         folders.append(folder)
-    return folders, pending
+    return folders, pending, unmanifested
+
+
+def _hash_entry(folder: Path, rel: str) -> dict:
+    """{"path", "size", "sha256"} of a file of an input without a manifest, as a manifest lists it."""
+    path = folder / rel
+    return {"path": rel, "size": path.stat().st_size, "sha256": stamped_sha256(path) or sha256_file(path)}
 
 
 def _fetch_base(uri: str, work: Path) -> Path:
     """The base may be a user's model without a manifest; one that has a manifest must match it."""
-    from mot_trainer.manifest import read_checkpoint_manifest
-
     verify = read_checkpoint_manifest(uri) is not None
     if not verify:
         log.warning("--base %s has no %s; using it unverified", uri, MANIFEST_NAME)
@@ -179,8 +236,9 @@ def _check_compatible(checkpoints, base) -> list:
     first = checkpoints[0]
     names = set(first.tensors)
     others = checkpoints[1:] + ([base] if base else [])
+    _check_tie_settings([first, *others])
     holders = [TIED_HEAD in c.tensors for c in [first, *others]]
-    if _tied(first.config()) and any(holders) and not all(holders):
+    if any(holders) and not all(holders) and _effective_tie(_tie_setting(first.config())):
         # Tied embeddings: some writers save the shared head, others drop it. It is redundant.
         log.info("tie_word_embeddings: dropping %s (present in only some inputs)", TIED_HEAD)
         names.discard(TIED_HEAD)
@@ -201,10 +259,48 @@ def _check_compatible(checkpoints, base) -> list:
     return [info for name, info in first.tensors.items() if name in names]
 
 
-def _tied(config: dict) -> bool:
-    for cfg in (config, config.get("text_config") or {}):
-        if "tie_word_embeddings" in cfg:
-            return bool(cfg["tie_word_embeddings"])
+def _check_tie_settings(checkpoints) -> None:
+    """InvalidInput naming two checkpoints whose effective tie_word_embeddings differ: a tied model
+    has no head of its own, so merging it with untied ones would silently drop theirs."""
+    settings = [_tie_setting(c.config()) for c in checkpoints]
+    if len(set(settings)) == 1:
+        return  # the same setting (or the same model type's default): no need to ask transformers
+    values = [_effective_tie(s) for s in settings]
+    for ckpt, value in zip(checkpoints[1:], values[1:], strict=True):
+        if value != values[0]:
+            raise InvalidInput(
+                f"{TIE_KEY} differs: {ckpt.label} has {str(value).lower()}, {checkpoints[0].label} has "
+                f"{str(values[0]).lower()}; merge only models with the same {TIE_KEY}")
+
+
+def _tie_setting(config: dict) -> tuple:
+    """("set", value) from the config (or its text_config, as pre-v5 composite models save it), else
+    ("default", model_type): the config class's default applies."""
+    for cfg in (config, config.get("text_config")):
+        if isinstance(cfg, dict) and TIE_KEY in cfg:
+            return ("set", bool(cfg[TIE_KEY]))
+    model_type = config.get("model_type")
+    return ("default", model_type if isinstance(model_type, str) else None)
+
+
+def _effective_tie(setting: tuple) -> bool:
+    kind, value = setting
+    return value if kind == "set" else _default_tie(value)
+
+
+@functools.cache
+def _default_tie(model_type) -> bool:
+    """transformers' tie_word_embeddings for a config that does not set it: its config class's default
+    (True for gpt2, False for qwen2 ...); False, as transformers assumes, for an unknown model type."""
+    if isinstance(model_type, str) and model_type:
+        try:
+            from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+            default = getattr(CONFIG_MAPPING[model_type], TIE_KEY, None)
+        except (ImportError, KeyError):
+            default = None
+        if isinstance(default, bool):
+            return default
     return False
 
 

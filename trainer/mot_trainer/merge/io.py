@@ -180,14 +180,25 @@ class Checkpoint:
             if info is None or info.file.name != file:
                 raise InvalidInput(f"{self.label}: {INDEX_NAME} puts tensor {name!r} in {file}, which lacks it")
 
+    def used_files(self) -> list[str]:
+        """Relative paths of the files a merge reads or copies: the safetensors weights in use, their
+        index, and the side files (config, tokenizer ...)."""
+        used = {f.relative_to(self.folder).as_posix() for f in self.files}
+        if (self.folder / INDEX_NAME).exists():
+            used.add(INDEX_NAME)
+        return sorted(used | set(side_files(self.folder)))
+
     def config(self) -> dict:
         path = self.folder / "config.json"
         if not path.exists():
             return {}
         try:
-            return json.loads(path.read_text())
+            config = json.loads(path.read_text())
         except ValueError as exc:
             raise InvalidInput(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise InvalidInput(f"{path}: not a JSON object")
+        return config
 
     def read_into(self, info: TensorInfo, buffer: ReadBuffer, start: int = 0, count: int | None = None):
         """Elements [start, start+count) of a tensor, flat, read into `buffer`.
@@ -405,19 +416,25 @@ def remove_stale_weights(out_dir: Path, keep: list[str]) -> None:
             path.unlink()
 
 
+def side_files(src: Path) -> list[str]:
+    """Config, tokenizer, generation config ...: every top-level non-weight file of `src`."""
+    return [
+        path.name for path in sorted(src.iterdir())
+        if path.is_file() and path.name != MANIFEST_NAME and not _WEIGHT_FILE.match(path.name)
+        and not path.name.endswith(".partial")
+    ]
+
+
 def copy_side_files(src: Path, out_dir: Path) -> list[str]:
-    """Copy config, tokenizer, generation config ... (every top-level non-weight file) from `src`."""
-    copied = []
-    for path in sorted(src.iterdir()):
-        name = path.name
-        if not path.is_file() or name == MANIFEST_NAME or _WEIGHT_FILE.match(name) or name.endswith(".partial"):
-            continue
-        shutil.copyfile(path, out_dir / name)
-        copied.append(name)
+    """Copy the side files (config, tokenizer, generation config ...) from `src`; their names."""
+    copied = side_files(src)
+    for name in copied:
+        shutil.copyfile(src / name, out_dir / name)
     return copied
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*$", re.IGNORECASE)
+# A number, then optionally a prefix K/M/G/T (binary with "i": KiB), then optionally "B".
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(I)?)?B?\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
@@ -425,9 +442,9 @@ def parse_size(text: str) -> int:
     match = _SIZE.match(str(text))
     if not match:
         raise InvalidInput(f"--shard-size: cannot read {text!r} as a size (e.g. 2GB, 500MB, 1GiB)")
-    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
-    power = "BKMGT".index(unit[0]) if unit[0] != "B" else 0
-    base = 1024 if "I" in unit else 1000
+    number, prefix, binary = float(match.group(1)), (match.group(2) or "").upper(), match.group(3)
+    power = "KMGT".index(prefix) + 1 if prefix else 0
+    base = 1024 if binary else 1000
     size = int(number * base**power)
     if size <= 0:
         raise InvalidInput(f"--shard-size: must be positive, got {text!r}")
