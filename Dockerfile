@@ -4,8 +4,10 @@
 #   docker build --target trainer  -t mot-trainer:0.1.0 .    # `mot-train` in the Jobs: CUDA torch
 # Pass --build-arg VERSION=<pyproject version> --build-arg REVISION=$(git rev-parse HEAD) for the labels.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
-# CUDA 12.8 + cuDNN 9 runtime with torch preinstalled; its Python must be >= 3.11 (pyproject).
-ARG TORCH_IMAGE=pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
+# The one torch pin: the Makefile reads it, so the test suite runs against the torch the trainer
+# image ships. PyPI's Linux x86_64 torch wheel is the CUDA build (2.13.0: CUDA 13.0, its CUDA and
+# cuDNN libraries come as pip packages); the node needs only the NVIDIA driver (>= 580 for CUDA 13).
+ARG TORCH_VERSION=2.13.0
 ARG VERSION=0.1.0
 
 # ---- wheel: the project as one wheel, without its dependencies ----
@@ -14,10 +16,15 @@ ARG VERSION
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# crds/ is the one source of the MoTRun schema; operator/mot_operator/motruns.mot.dev.yaml links to it
+# and the wheel packages the file it points to. Without crds/ the link dangles and setuptools
+# silently leaves the CRD out, so the RUN checks the wheel holds it.
+COPY crds/ crds/
 COPY operator/ operator/
 COPY trainer/ trainer/
 RUN pip wheel --no-deps --wheel-dir /wheels . \
-    && test -f "/wheels/mot_operator-${VERSION}-py3-none-any.whl"
+    && python -c "import sys, zipfile; names = zipfile.ZipFile(sys.argv[1]).namelist(); sys.exit(None if sys.argv[2] in names else f'{sys.argv[1]} lacks {sys.argv[2]}')" \
+       "/wheels/mot_operator-${VERSION}-py3-none-any.whl" mot_operator/motruns.mot.dev.yaml
 
 # ---- operator-venv: the operator's dependencies in a venv that the final stage copies whole ----
 FROM ${PYTHON_IMAGE} AS operator-venv
@@ -49,8 +56,20 @@ USER 65532:65532
 EXPOSE 8080
 CMD ["mot", "operator"]
 
+# ---- trainer-venv: CUDA torch from PyPI at the pinned version, then the trainer's dependencies ----
+FROM ${PYTHON_IMAGE} AS trainer-venv
+ARG VERSION
+ARG TORCH_VERSION
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY --from=wheel /wheels /wheels
+# One resolve with torch pinned: pip cannot pick another torch for transformers or accelerate.
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir --find-links /wheels \
+       "torch==${TORCH_VERSION}" "mot-operator[trainer]==${VERSION}" \
+    && /opt/venv/bin/python -c "import sys, torch, mot_trainer.cli; assert torch.version.cuda, 'CPU-only torch'; assert torch.__version__.split('+')[0] == sys.argv[1], torch.__version__" "${TORCH_VERSION}"
+
 # ---- trainer: what every branch, merge and eval Job runs (`mot-train`) ----
-FROM ${TORCH_IMAGE} AS trainer
+FROM ${PYTHON_IMAGE} AS trainer
 ARG VERSION
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="mot-trainer" \
@@ -59,22 +78,14 @@ LABEL org.opencontainers.image.title="mot-trainer" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}"
-ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PATH=/opt/venv/bin:$PATH \
     HF_HOME=/tmp/huggingface \
     HF_HUB_DISABLE_TELEMETRY=1
-COPY --from=wheel /wheels /wheels
-# The venv sees the base image's CUDA torch (system site-packages), so pip keeps it instead of
-# pulling another torch.
-RUN python -m venv --system-site-packages /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir --find-links /wheels "mot-operator[trainer]==${VERSION}" \
-    && /opt/venv/bin/python -c "import torch, mot_trainer; assert torch.version.cuda, 'CPU-only torch'" \
-    && rm -rf /wheels \
-    && groupadd --system --gid 65532 mot \
+RUN groupadd --system --gid 65532 mot \
     && useradd --system --uid 65532 --gid mot --create-home --home-dir /home/mot --shell /usr/sbin/nologin mot
+COPY --from=trainer-venv /opt/venv /opt/venv
 WORKDIR /home/mot
 USER 65532:65532
 CMD ["mot-train", "--help"]

@@ -3,8 +3,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# torch first and pinned: an unpinned torch pulls several GB of CUDA packages.
-TORCH_PIN := torch==2.13.0
+# torch first and pinned: an unpinned torch pulls several GB of CUDA packages. The pin is the
+# Dockerfile's ARG TORCH_VERSION, so the tests run against the torch the trainer image ships.
+TORCH_PIN := torch==$(shell sed -n 's/^ARG TORCH_VERSION=//p' Dockerfile)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test venv test-deps apt-deps lint bench-merge bench-sft bench-operator clean
@@ -12,8 +13,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstall when pyproject.toml changes.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# Reinstall when pyproject.toml or the Dockerfile (the torch pin) changes.
+$(VENV)/.installed: pyproject.toml Dockerfile | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH_PIN)
 	$(BIN)/pip install -q -e '.[operator,trainer,local]'
 	touch $@

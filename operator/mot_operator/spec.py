@@ -145,7 +145,8 @@ class MoTRunSpec:
 
 
 def crd_path() -> Path:
-    """The CRD file: $MOT_CRD_PATH, else the copy (symlink) packaged beside this module."""
+    """The CRD file: $MOT_CRD_PATH, else the one beside this module: in a checkout a link to
+    crds/motruns.mot.dev.yaml (the one source), in the wheel the file's content."""
     return Path(os.environ.get("MOT_CRD_PATH") or Path(__file__).with_name(CRD_FILENAME))
 
 

@@ -1,45 +1,23 @@
-"""The Dockerfile: hadolint clean, two targets (operator without torch, trainer on a CUDA torch base),
-pinned base images, non-root users, OCI labels, and a build context limited by .dockerignore.
+"""The Dockerfile: hadolint clean, two targets (operator without torch, trainer with the CUDA torch the
+tests run against), pinned base images and torch, non-root users, OCI labels, and a build context
+limited by .dockerignore.
 
-No container engine exists here, so the images are linted and inspected, not built."""
+No container engine exists here, so the images are linted and inspected, not built; the `wheel`
+stage and the installs from its wheel are reproduced in test_deploy_image_install.py."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import shutil
 import subprocess
 import sys
-import tomllib
-import zipfile
 from pathlib import Path
 
 import pytest
-from support.deploy import REPO
+from support.deploy import DOCKERFILE, REPO, DockerIgnore, build_context, dockerfile_args, dockerfile_stages
 
-DOCKERFILE = REPO / "Dockerfile"
 OCI_LABELS = {"title", "description", "source", "licenses", "version", "revision"}
-
-
-def stages() -> dict[str, list[str]]:
-    """{stage name: its instructions, continuation lines joined}."""
-    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
-    found: dict[str, list[str]] = {}
-    current = None
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        match = re.match(r"FROM\s+(\S+)(?:\s+AS\s+(\S+))?", line, re.IGNORECASE)
-        if match:
-            current = match.group(2) or match.group(1)
-            found[current] = [line]
-        elif current:
-            found[current].append(line)
-    return found
-
-
-def build_args() -> dict[str, str]:
-    return dict(re.findall(r"^ARG\s+(\w+)=(\S+)", DOCKERFILE.read_text(), re.MULTILINE))
 
 
 def hadolint() -> str:
@@ -57,32 +35,53 @@ def test_hadolint_is_clean():
 
 
 def test_two_targets_operator_and_trainer():
-    found = stages()
+    found = dockerfile_stages()
     assert {"operator", "trainer"} <= found.keys()
     operator = " ".join(found["operator"] + found["operator-venv"])
-    assert "[operator]" in operator and "[trainer]" not in operator and "torch" not in found["operator"][0]
+    assert "[operator]" in operator and "[trainer]" not in operator and "torch==" not in operator
     assert re.search(r"import torch\"\s*2>/dev/null", operator), "the operator image must prove it has no torch"
-    trainer = " ".join(found["trainer"])
-    assert found["trainer"][0].startswith("FROM ${TORCH_IMAGE}")
-    assert "[trainer]" in trainer and "torch.version.cuda" in trainer
+    trainer = " ".join(found["trainer"] + found["trainer-venv"])
+    assert "COPY --from=trainer-venv /opt/venv /opt/venv" in found["trainer"]
+    # torch at the pinned version in the same resolve as the trainer extra, and proven CUDA-enabled.
+    assert re.search(r'pip install [^&]*"torch==\$\{TORCH_VERSION\}" "mot-operator\[trainer\]==\$\{VERSION\}"',
+                     trainer), trainer
+    assert "ARG TORCH_VERSION" in found["trainer-venv"] and "torch.version.cuda" in trainer
 
 
-def test_base_images_are_pinned():
-    args = build_args()
-    python_image, torch_image = args["PYTHON_IMAGE"], args["TORCH_IMAGE"]
-    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", python_image), python_image
-    assert re.fullmatch(r"pytorch/pytorch:\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime", torch_image), torch_image
-    for stage in stages().values():
+def test_base_images_and_torch_are_pinned():
+    args = dockerfile_args()
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", args["PYTHON_IMAGE"]), args["PYTHON_IMAGE"]
+    assert re.fullmatch(r"\d+\.\d+\.\d+", args["TORCH_VERSION"]), args["TORCH_VERSION"]
+    for name, stage in dockerfile_stages().items():
         image = stage[0].split()[1]
-        assert image in {"${PYTHON_IMAGE}", "${TORCH_IMAGE}"}, f"unpinned base image {image}"
-    # Our own package is installed at exactly the version built.
-    assert all("==${VERSION}" in line for stage in stages().values() for line in stage
-               if "pip install" in line)
+        assert image == "${PYTHON_IMAGE}", f"stage {name}: base image {image} is not the pinned Python"
+    # Every requirement pip installs is pinned: our own package at exactly the version built.
+    for stage in dockerfile_stages().values():
+        for line in stage:
+            for command in line.split("&&"):
+                if "pip install" not in command:
+                    continue
+                requirements = re.findall(r'"([^"]+)"', command)
+                assert requirements and all("==${" in req for req in requirements), command
+                assert any(req.startswith("mot-operator[") and req.endswith("==${VERSION}")
+                           for req in requirements), command
+
+
+def test_torch_pin_is_the_one_the_tests_run_against():
+    """The trainer image's torch (Dockerfile ARG TORCH_VERSION) is the one `make` installs for the
+    suite, and the one this suite is running with."""
+    pinned = dockerfile_args()["TORCH_VERSION"]
+    plan = subprocess.run(["make", "-n", "-B", "venv"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    assert re.findall(r"pip install -q torch==(\S+)", plan.stdout) == [pinned], plan.stdout
+    running = importlib.metadata.version("torch").split("+")[0]
+    assert running == pinned, (f"the tests run torch {running} but the trainer image ships {pinned}: "
+                               "rerun `make test` to reinstall the pinned torch")
 
 
 @pytest.mark.parametrize("target", ["operator", "trainer"])
 def test_final_images_run_as_non_root_with_oci_labels(target):
-    instructions = stages()[target]
+    instructions = dockerfile_stages()[target]
     users = [line.split()[1] for line in instructions if line.startswith("USER ")]
     assert users and users[-1] == "65532:65532", f"{target} must end as the non-root user"
     labels = set(re.findall(r"org\.opencontainers\.image\.(\w+)=", " ".join(instructions)))
@@ -97,48 +96,30 @@ def test_chart_runs_the_operator_image_as_its_user():
     pod = one(manifests(), "Deployment")["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsUser"] == 65532 and pod["securityContext"]["runAsGroup"] == 65532
     assert pod["containers"][0]["command"] == ["mot", "operator"]
-    assert 'CMD ["mot", "operator"]' in stages()["operator"]
+    assert 'CMD ["mot", "operator"]' in dockerfile_stages()["operator"]
 
 
-def test_dockerignore_keeps_the_context_to_the_sources():
+def test_dockerignore_semantics():
+    """The matcher the context is built with behaves as Docker documents it."""
+    ignore = DockerIgnore("*\n!keep/\n**/__pycache__\n**/*.py[cod]\nkeep/secret*\n!keep/secret.ok\n/abs/x\n")
+    assert ignore.excluded(".venv") and ignore.excluded(".venv/bin/python") and ignore.excluded("tests/a.py")
+    assert not ignore.excluded("keep") and not ignore.excluded("keep/a/b.py")
+    assert ignore.excluded("keep/a/__pycache__/b.cpython-311.pyc") and ignore.excluded("keep/__pycache__")
+    assert ignore.excluded("keep/a.pyc") and not ignore.excluded("keep/a.py")
+    assert ignore.excluded("keep/secret.txt") and not ignore.excluded("keep/secret.ok")
+    assert ignore.excluded("keep/secret/x") and [p for _, p, _ in ignore.patterns][-1] == "abs/x"
+    assert ignore.may_reinclude_under("keep") and not ignore.may_reinclude_under(".venv")
+
+
+def test_dockerignore_keeps_the_context_to_the_sources(tmp_path):
     lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
     assert lines[0] == "*", "ignore everything, then allow what the build copies"
-    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    context = build_context(REPO, tmp_path / "context")
+    tops = {path.split("/")[0] for path in context}
+    assert tops == {"pyproject.toml", "README.md", "crds", "operator", "trainer"}, tops
     copied = set()
-    for line in stages()["wheel"]:
+    for line in dockerfile_stages()["wheel"]:
         if line.startswith("COPY ") and "--from" not in line:
             copied.update(part.rstrip("/") for part in line.split()[1:-1])
-    assert copied and copied <= allowed, f"COPY needs {copied - allowed} in .dockerignore"
-    assert "pyproject.toml" in allowed and ".venv" not in allowed
-
-
-def test_wheel_stage_builds_from_the_docker_context_alone(tmp_path):
-    """What the `wheel` stage does, on exactly the files .dockerignore lets into the build context:
-    the wheel has the version the Dockerfile expects, both packages, the CRD the operator loads,
-    and both commands."""
-    context = tmp_path / "context"
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    context.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, context / name)
-    for name in ("operator", "trainer"):
-        shutil.copytree(REPO / name, context / name, ignore=ignore)
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-         "--wheel-dir", str(tmp_path / "wheels"), str(context)],
-        capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-    assert build_args()["VERSION"] == version, "Dockerfile ARG VERSION must match pyproject.toml"
-    wheel = tmp_path / "wheels" / f"mot_operator-{version}-py3-none-any.whl"
-    assert wheel.exists(), list((tmp_path / "wheels").iterdir())
-    with zipfile.ZipFile(wheel) as archive:
-        names = set(archive.namelist())
-        entry_points = archive.read(f"mot_operator-{version}.dist-info/entry_points.txt").decode()
-        metadata = archive.read(f"mot_operator-{version}.dist-info/METADATA").decode()
-    assert {"mot_operator/operator_cmd.py", "mot_operator/motruns.mot.dev.yaml", "mot_trainer/cli.py"} <= names
-    assert "mot = mot_operator.cli:main" in entry_points and "mot-train = mot_trainer.cli:main" in entry_points
-    assert "Provides-Extra: operator" in metadata and "Provides-Extra: trainer" in metadata
-    assert not any(name.startswith("tests/") for name in names)
+    assert copied == tops, f"the context and the wheel stage's COPYs differ: {copied ^ tops}"

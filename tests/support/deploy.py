@@ -3,8 +3,12 @@ of PromQL queries and out of the code's Prometheus registries."""
 
 from __future__ import annotations
 
+import json
+import os
+import posixpath
 import re
-from pathlib import Path
+import shutil
+from pathlib import Path, PurePosixPath
 
 import yaml
 
@@ -137,3 +141,168 @@ def exported_metric_names() -> set[str]:
     from mot_trainer.progress import REGISTRY as TRAINER_REGISTRY
 
     return registry_sample_names(OPERATOR_REGISTRY) | registry_sample_names(TRAINER_REGISTRY) | PROMETHEUS_BUILTINS
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Dockerfile and its build context, as Docker sees them (no container engine runs here)
+
+DOCKERFILE = REPO / "Dockerfile"
+
+
+def dockerfile_stages(dockerfile: Path = DOCKERFILE) -> dict[str, list[str]]:
+    """{stage name: its instructions, continuation lines joined}."""
+    text = re.sub(r"\\\n\s*", " ", dockerfile.read_text())
+    found: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r"FROM\s+(\S+)(?:\s+AS\s+(\S+))?", line, re.IGNORECASE)
+        if match:
+            current = match.group(2) or match.group(1)
+            found[current] = [line]
+        elif current:
+            found[current].append(line)
+    return found
+
+
+def dockerfile_args(dockerfile: Path = DOCKERFILE) -> dict[str, str]:
+    """The ARG defaults: {name: value}."""
+    return dict(re.findall(r"^ARG\s+(\w+)=(\S+)", dockerfile.read_text(), re.MULTILINE))
+
+
+class DockerIgnore:
+    """A .dockerignore read and matched as Docker does (moby/patternmatcher, the docker CLI's context
+    walk): each pattern is cleaned and matched against the path relative to the context root; `*` and
+    `?` never match `/`, `**` matches any number of directories; a pattern that matches a parent
+    directory matches everything under it; the last pattern that matches decides, and `!` re-includes."""
+
+    def __init__(self, text: str):
+        self.patterns: list[tuple[bool, str, re.Pattern]] = []  # (re-include, cleaned pattern, regex)
+        for line in text.lstrip("\ufeff").splitlines():
+            if line.startswith("#"):
+                continue
+            line = line.strip()
+            if not line:
+                continue
+            include = line.startswith("!")
+            pattern = line[1:].strip() if include else line
+            if not pattern:
+                continue
+            pattern = os.path.normpath(pattern).replace(os.sep, "/")
+            if pattern.startswith("//"):  # normpath keeps a leading "//"; Go's Clean does not
+                pattern = "/" + pattern.lstrip("/")
+            if len(pattern) > 1 and pattern.startswith("/"):
+                pattern = pattern[1:]
+            self.patterns.append((include, pattern, re.compile(self._regex(pattern))))
+
+    @staticmethod
+    def _regex(pattern: str) -> str:
+        out, i = "^", 0
+        while i < len(pattern):
+            ch = pattern[i]
+            if pattern.startswith("**", i):
+                i += 2
+                if pattern.startswith("/", i):
+                    i += 1
+                out += ".*" if i == len(pattern) else "(.*/)?"
+                continue
+            if ch == "*":
+                out += "[^/]*"
+            elif ch == "?":
+                out += "[^/]"
+            elif ch in ".+()|{}$^":
+                out += "\\" + ch
+            elif ch == "\\":
+                i += 1
+                out += "\\" + pattern[i] if i < len(pattern) else "\\\\"
+            else:
+                out += ch  # letters, "/", and "[...]" classes as in Go's filepath.Match
+            i += 1
+        return out + "$"
+
+    def excluded(self, path: str) -> bool:
+        """Whether the file or directory at `path` (relative, "/"-separated) stays out of the context."""
+        parts = path.split("/")
+        parents = ["/".join(parts[:n]) for n in range(1, len(parts))]
+        matched = False
+        for include, _, regex in self.patterns:
+            if include != matched:  # only an exclusion can change "kept", only a `!` "excluded"
+                continue
+            if regex.match(path) or any(regex.match(parent) for parent in parents):
+                matched = not include
+        return matched
+
+    def may_reinclude_under(self, directory: str) -> bool:
+        """The docker CLI descends into an excluded directory only when a `!` pattern starts with it."""
+        prefix = directory + "/"
+        return any((pattern + "/").startswith(prefix) for include, pattern, _ in self.patterns if include)
+
+
+def build_context(source: Path, context: Path) -> list[str]:
+    """Copy into `context` what `docker build source` sends: the files .dockerignore lets through,
+    symlinks kept as symlinks (never followed). Returns the paths copied, relative and sorted."""
+    ignore_file = source / ".dockerignore"
+    ignore = DockerIgnore(ignore_file.read_text() if ignore_file.exists() else "")
+    copied = []
+    context.mkdir(parents=True, exist_ok=True)
+    for root, dirs, files in os.walk(source):  # os.walk does not follow directory symlinks
+        base = Path(root).relative_to(source)
+        for name in sorted(dirs):
+            rel = (base / name).as_posix()
+            if (Path(root) / name).is_symlink():
+                dirs.remove(name)
+                files.append(name)  # a link is copied as a link, whatever it points to
+            elif ignore.excluded(rel):
+                if not ignore.may_reinclude_under(rel):
+                    dirs.remove(name)
+            else:
+                (context / rel).mkdir(parents=True, exist_ok=True)
+                copied.append(rel)
+        for name in sorted(files):
+            rel = (base / name).as_posix()
+            if ignore.excluded(rel):
+                continue
+            (context / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / rel, context / rel, follow_symlinks=False)
+            copied.append(rel)
+    return sorted(copied)
+
+
+def _instruction_args(line: str) -> list[str]:
+    """The arguments of a COPY/WORKDIR line, exec (JSON) or shell form, flags (`--chown=...`) dropped."""
+    rest = line.split(None, 1)[1].strip()
+    words = json.loads(rest) if rest.startswith("[") else rest.split()
+    return [word for word in words if not word.startswith("--")]
+
+
+def apply_copies(instructions: list[str], context: Path, root: Path) -> Path:
+    """Perform a stage's COPY instructions from the build context (not `COPY --from`) into `root`, a
+    stand-in for the image's `/`, following WORKDIR. Like Docker: a source directory's contents go into
+    the destination, a destination ending in `/` (or several sources) is a directory, links inside stay
+    links, and a source missing from the context fails. Returns the stage's last WORKDIR under root."""
+    workdir = PurePosixPath("/")
+    for line in instructions:
+        keyword = line.split(None, 1)[0].upper()
+        if keyword == "WORKDIR":
+            workdir = workdir / _instruction_args(line)[0]
+            (root / workdir.relative_to("/")).mkdir(parents=True, exist_ok=True)
+        if keyword != "COPY" or "--from" in line:
+            continue
+        *sources, dest = _instruction_args(line)
+        target = root / (workdir / dest).relative_to("/")
+        as_directory = dest.endswith("/") or len(sources) > 1
+        for pattern in sources:
+            relative = posixpath.normpath(pattern).lstrip("/")
+            matches = [context] if relative == "." else sorted(context.glob(relative))
+            matches = [src for src in matches if src.exists()]  # a dangling link fails, as in Docker
+            assert matches, f"{line}: {pattern} is not in the build context (.dockerignore?)"
+            for src in matches:  # the source itself is followed if a link; links under it are kept
+                if src.is_dir():
+                    shutil.copytree(src, target, symlinks=True, dirs_exist_ok=True)
+                else:
+                    into = target / src.name if as_directory or target.is_dir() else target
+                    into.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src, into)
+    return root / workdir.relative_to("/")
