@@ -4,7 +4,8 @@ One daemon per MoTRun loops: observe its Jobs (from an in-memory index fed by a 
 pure planner, write the status, then create/suspend/resume/delete Jobs. Job events wake the daemon
 at once, so reactions do not wait for a timer; a periodic resync covers anything missed. Pods are
 not watched (RBAC: get/list only): when Jobs have finished, the run's Pods are listed once for the
-trainer's termination messages.
+trainer's termination messages. Deleting a MoTRun stops its daemon; a deletion handler then starts
+the checkpoint cleanup Job when the spec asks for one, retried until the Job exists.
 Kopf keeps its own bookkeeping in annotations; our status holds only the run's state.
 """
 
@@ -43,6 +44,14 @@ API_THREADS = 8
 # A Job this process created recently is not created again while the watch catches up with it.
 RECENT_CREATE_SECONDS = 30.0
 ERROR_RETRY_SECONDS = 5.0
+CLEANUP_RETRY_SECONDS = 5.0
+# A daemon told to stop (its MoTRun is being deleted, or the operator exits) finishes the reconcile
+# pass it is in (API calls in threads, which a cancellation would not stop anyway) and returns. Kopf
+# waits this long for that before it counts the daemon as slow; after DAEMON_STOP_GRACE_SECONDS more
+# it cancels the daemon, and DAEMON_CANCEL_SECONDS after that it leaves it orphaned.
+DAEMON_EXIT_WAIT_SECONDS = 2.0
+DAEMON_STOP_GRACE_SECONDS = 10.0
+DAEMON_CANCEL_SECONDS = 10.0
 MESSAGE_LIMIT = 1024
 log = logging.getLogger("mot_operator.controller")
 
@@ -66,9 +75,13 @@ class ControllerState:
     ready: bool = False
 
     def forget(self, namespace: str, name: str) -> None:
+        """Drop what is kept about a deleted run."""
         self.pods.pop((namespace, name), None)
         self.specs.pop((namespace, name), None)
         self.generations.pop((namespace, name), None)
+        # Jobs created recently are forgotten once observed; those of a run deleted first, here.
+        clock = time.monotonic()
+        self.created = {key: at for key, at in self.created.items() if clock - at < RECENT_CREATE_SECONDS}
 
     def waker(self, namespace: str, name: str) -> asyncio.Event:
         key = (namespace, name)
@@ -79,7 +92,12 @@ class ControllerState:
 
     def drop_waker(self, namespace: str, name: str) -> None:
         self.wakers.pop((namespace, name), None)
-        self.by_label.get((namespace, naming.label_value(name)), set()).discard(name)
+        key = (namespace, naming.label_value(name))
+        names = self.by_label.get(key)
+        if names is not None:
+            names.discard(name)
+            if not names:
+                del self.by_label[key]
 
     def wake(self, namespace: str, run_label: str) -> None:
         """Wake the daemons of the runs whose Jobs carry this run label (one, unless names collide)."""
@@ -425,6 +443,9 @@ def configure(settings: kopf.OperatorSettings, **_):
     # The CRD ships with the chart and namespaces come from flags: no need to list/watch
     # namespaces and CRDs cluster-wide (the chart's RBAC does not grant it).
     settings.scanning.disabled = True
+    # How long Kopf waits for a stopped daemon before escalating (see run_daemon). Its default, ten
+    # event-loop cycles, is shorter than any API call: a daemon stopped mid-pass was cancelled.
+    settings.background.instant_exit_timeout = DAEMON_EXIT_WAIT_SECONDS
 
 
 # Handlers are async: Kopf runs sync handlers in a thread pool, a hop per Job event.
@@ -445,9 +466,10 @@ async def job_changed(namespace, labels, **_):
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def run_changed(type, namespace, name, meta, **_):
-    if type == "DELETED":
+    if type == "DELETED":  # gone for good (its daemon has exited): nothing to wake, nothing to keep
         metrics.forget_run(namespace, name)
         STATE.forget(namespace, name)
+        return
     # Most MoTRun events echo the daemon's own status writes: those need no reconcile (under a burst
     # of 100 runs they doubled the work). A new spec (generation) or a deletion does.
     generation = meta.get("generation")
@@ -460,7 +482,8 @@ async def run_changed(type, namespace, name, meta, **_):
 
 
 async def cleanup_on_delete(namespace: str, name: str, body: dict) -> None:
-    """Jobs go with the MoTRun (owner references); checkpoints only when spec.storage.cleanup asks."""
+    """Jobs go with the MoTRun (owner references); checkpoints only when spec.storage.cleanup asks.
+    The cleanup Job has a deterministic name: AlreadyExists means an earlier try created it."""
     try:
         spec = parse_spec(jobrender.with_defaults(body.get("spec") or {}, STATE.config))
     except SpecError:
@@ -473,6 +496,48 @@ async def cleanup_on_delete(namespace: str, name: str, body: dict) -> None:
     created = await STATE.api.create(job)
     log.info("MoTRun %s/%s deleted: cleanup Job %s %s", namespace, name, job["metadata"]["name"],
              "created" if created else "already exists")
+
+
+def _namespace_terminating(error: Exception) -> bool:
+    """The API server refuses new objects in a namespace being deleted (403, cause
+    NamespaceTerminating): retrying would only hold the namespace's deletion up forever."""
+    return getattr(error, "status", None) == 403 and "NamespaceTerminating" in str(getattr(error, "body", ""))
+
+
+def _error_text(error: Exception) -> str:
+    status = getattr(error, "status", None)
+    if status is None:
+        return str(error) or repr(error)
+    try:
+        message = json.loads(getattr(error, "body", None) or "{}").get("message")
+    except (TypeError, ValueError):
+        message = None
+    return f"HTTP {status} {getattr(error, 'reason', '') or ''}: {message or ''}".strip(" :")
+
+
+def _deleted_with_cleanup(meta, spec, **_) -> bool:
+    """The deletion handler's filter: a MoTRun being deleted whose spec asks for checkpoint cleanup.
+
+    Matching only at deletion keeps Kopf's change tracking (a diff-base annotation written on every
+    create and spec change) off the MoTRuns. The finalizer that holds a deleted MoTRun until this
+    handler succeeds is there all along: Kopf adds it for run_daemon, which lives as long as the
+    MoTRun (it never returns before its MoTRun is deleted)."""
+    return bool(meta.get("deletionTimestamp")) and bool((spec.get("storage") or {}).get("cleanup"))
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, when=_deleted_with_cleanup)
+async def cleanup_checkpoints(namespace, name, body, **_):
+    """Start the checkpoint cleanup Job of a deleted MoTRun. Kopf keeps its finalizer, so the MoTRun,
+    until this succeeds, and calls it again after a failure."""
+    try:
+        await cleanup_on_delete(namespace, name, _run_body(body))
+    except Exception as error:  # noqa: BLE001 - any failure is retried, as long as it may succeed
+        if _namespace_terminating(error):
+            log.warning("MoTRun %s/%s deleted with its namespace: no cleanup Job can be created there, "
+                        "its checkpoints are kept (%s)", namespace, name, _error_text(error))
+            return
+        raise kopf.TemporaryError(f"creating the cleanup Job of {namespace}/{name} failed: {_error_text(error)}",
+                                  delay=CLEANUP_RETRY_SECONDS) from error
 
 
 def _run_body(body) -> dict:
@@ -497,12 +562,20 @@ async def _sleep(wake: asyncio.Event, stopped, seconds: float) -> None:
             waiter.cancel()
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_backoff=DAEMON_STOP_GRACE_SECONDS,
+             cancellation_timeout=DAEMON_CANCEL_SECONDS)
 async def run_daemon(stopped, namespace, name, body, job_index, logger, **_):
     """Reconcile one MoTRun until it is terminal (never restarted), then wait for its deletion.
 
-    Kopf keeps its finalizer on the MoTRun while this daemon lives, so a deleted run's checkpoint
-    cleanup (spec.storage.cleanup) is started here before the MoTRun goes."""
+    On deletion it returns at once (from its sleep, or after the pass it is in): Kopf's finalizer,
+    which it holds for the MoTRun's whole life, then waits only for cleanup_checkpoints.
+
+    Kopf adds that finalizer with a JSON patch guarded by the MoTRun's resourceVersion, while this
+    daemon starts and writes the first status. When our status write lands first, the API server
+    answers Kopf's patch with 422 and Kopf applies it again on the next event of the MoTRun (the
+    one our write causes), milliseconds later. Harmless: nothing here needs the finalizer before
+    the first pass, and a MoTRun deleted inside that gap has no checkpoints to clean up yet (its
+    Jobs still go, by owner reference). Waiting for the finalizer would delay every run's start."""
     wake = STATE.waker(namespace, name)
     # This daemon is the only writer of the run's status: what it last wrote is newer than a body
     # the watch has not delivered yet.
@@ -530,5 +603,3 @@ async def run_daemon(stopped, namespace, name, body, job_index, logger, **_):
             await _sleep(wake, stopped, delay)
     finally:
         STATE.drop_waker(namespace, name)
-    if body.get("metadata", {}).get("deletionTimestamp"):
-        await cleanup_on_delete(namespace, name, _run_body(body))

@@ -217,6 +217,18 @@ CLEANUP_CODE = (
     "print(f'deleted {len(keys)} objects under {root}')\n"
 )
 CLEANUP_TTL_SECONDS = 3600
+# Listing and deleting objects with boto3 peaks around 50 MB; no GPU.
+CLEANUP_CPU = "100m"
+CLEANUP_MEMORY = "256Mi"
+
+
+def cleanup_resources(spec: MoTRunSpec) -> RoleResources:
+    """A small fixed request for the cleanup Pod, whatever the run's roles ask: it only talks to S3.
+
+    No GPUs, no node selector and no priority class (those pin the roles to GPU nodes and their
+    budget); the merge role's tolerations are kept, as they only widen where the Pod may run (a
+    cluster whose nodes all carry a GPU taint still fits it)."""
+    return RoleResources(cpu=CLEANUP_CPU, memory=CLEANUP_MEMORY, tolerations=spec.resources.merge.tolerations)
 
 
 def render_cleanup_job(spec: MoTRunSpec, run: RunRef, config: OperatorConfig) -> dict:
@@ -225,8 +237,12 @@ def render_cleanup_job(spec: MoTRunSpec, run: RunRef, config: OperatorConfig) ->
     It has no owner reference (its owner is going away) and no Kueue label (it is tiny); the TTL
     controller removes it after it finishes."""
     root = naming.run_uri(spec.storage.uri, run.namespace, run.name)
-    request = JobRequest(name=naming.shorten(f"{run.name}-cleanup"), stage="cleanup", round=0, teacher=None,
-                         attempt=1, args=["-c", CLEANUP_CODE, root], output_uri=root, resources=spec.resources.merge)
+    # The MoTRun's uid in the name: a run deleted, created again under its name and deleted again
+    # within the old Job's TTL gets its own cleanup (an old Job of that name would count as done).
+    name = naming.shorten(f"{run.name}-cleanup-{run.uid[:8]}".rstrip("-"))
+    request = JobRequest(name=name, stage="cleanup", round=0, teacher=None,
+                         attempt=1, args=["-c", CLEANUP_CODE, root], output_uri=root,
+                         resources=cleanup_resources(spec))
     job = render_job(request, spec, run, config)
     meta = job["metadata"]
     del meta["ownerReferences"]

@@ -141,7 +141,7 @@ def test_reconcile_after_a_restart_adopts_existing_jobs_without_duplicates():
 def test_reconcile_of_an_invalid_spec_fails_the_run_naming_the_field():
     api = FakeApi()
     status, _ = reconcile(motrun({"teachers": [{"name": "a", "dataset": "d"}, {"name": "a", "dataset": "e"}]}), api)
-    assert status["phase"] == "Failed" and "spec.teachers[1].name" in status["message"]
+    assert status["phase"] == "Failed" and "spec.teachers[1]: Duplicate value" in status["message"]
     assert not [c for c in api.calls if c[0] == "create"]
 
 
@@ -190,7 +190,102 @@ def test_deleting_a_run_creates_a_cleanup_job_only_when_asked(monkeypatch):
     asyncio.run(controller.cleanup_on_delete("ns", "demo", motrun()))
     assert api.calls == []
     asyncio.run(controller.cleanup_on_delete("ns", "demo", motrun({"storage": {"cleanup": True}})))
-    assert api.calls == [("create", "demo-cleanup")]
+    assert api.calls == [("create", "demo-cleanup-u-1")]
+
+
+def test_a_deleted_run_leaves_nothing_behind(monkeypatch):
+    state = controller.ControllerState(config=OperatorConfig(default_storage_uri="s3://ckpt"), api=FakeApi())
+    monkeypatch.setattr(controller, "STATE", state)
+    meta = {"name": "demo", "namespace": "ns", "generation": 1}
+
+    async def life():
+        state.waker("ns", "demo")  # the daemon starts
+        await controller.run_changed(type="ADDED", namespace="ns", name="demo", meta=meta)
+        await controller.reconcile(motrun(), {}, {}, state)
+        assert state.created  # its Jobs, until the watch shows them: it never will, once they are old
+        state.created = {job: at - controller.RECENT_CREATE_SECONDS for job, at in state.created.items()}
+        await controller.run_changed(type="MODIFIED", namespace="ns", name="demo",
+                                     meta={**meta, "deletionTimestamp": NOW})
+        state.drop_waker("ns", "demo")  # the daemon exits
+        await controller.run_changed(type="DELETED", namespace="ns", name="demo",
+                                     meta={**meta, "deletionTimestamp": NOW})
+
+    asyncio.run(life())
+    assert (state.generations, state.wakers, state.by_label, state.pods, state.specs, state.created) == (
+        {}, {}, {}, {}, {}, {})
+
+
+class FailingCreates(FakeApi):
+    """Create answers with `errors` (ApiExceptions) first, then as FakeApi does."""
+
+    def __init__(self, *errors, **kwargs):
+        super().__init__(**kwargs)
+        self.errors = list(errors)
+
+    async def create(self, obj):
+        if self.errors:
+            self.calls.append(("create failed", obj["metadata"]["name"]))
+            raise self.errors.pop(0)
+        return await super().create(obj)
+
+
+def api_error(status, reason, body=None):
+    from kubernetes.client.exceptions import ApiException
+
+    error = ApiException(status=status, reason=reason)
+    error.body = json.dumps(body or {"kind": "Status", "code": status, "message": f"{reason} (test)"})
+    return error
+
+
+def test_cleanup_on_delete_is_retried_until_the_job_exists(monkeypatch, caplog):
+    import kopf
+    import pytest
+
+    api = FailingCreates(api_error(500, "Internal Server Error"))
+    monkeypatch.setattr(controller, "STATE", controller.ControllerState(
+        config=OperatorConfig(default_storage_uri="s3://ckpt"), api=api))
+    body = motrun({"storage": {"cleanup": True}})
+    with pytest.raises(kopf.TemporaryError) as raised:  # Kopf keeps the finalizer and calls again
+        asyncio.run(controller.cleanup_checkpoints(namespace="ns", name="demo", body=body))
+    assert raised.value.delay == controller.CLEANUP_RETRY_SECONDS
+    assert "HTTP 500 Internal Server Error" in str(raised.value)
+    with caplog.at_level("INFO", logger="mot_operator.controller"):
+        asyncio.run(controller.cleanup_checkpoints(namespace="ns", name="demo", body=body))
+        # A retry after a create that did land (its answer lost): AlreadyExists is success.
+        asyncio.run(controller.cleanup_checkpoints(namespace="ns", name="demo", body=body))
+    assert api.calls == [("create failed", "demo-cleanup-u-1"), ("create", "demo-cleanup-u-1"), ("create", "demo-cleanup-u-1")]
+    assert [r.getMessage() for r in caplog.records] == [
+        "MoTRun ns/demo deleted: cleanup Job demo-cleanup-u-1 created",
+        "MoTRun ns/demo deleted: cleanup Job demo-cleanup-u-1 already exists"]
+
+
+def test_cleanup_gives_up_in_a_namespace_being_deleted(monkeypatch, caplog):
+    """There the API server refuses every new object: retrying would hold the namespace forever."""
+    import kopf
+    import pytest
+
+    terminating = api_error(403, "Forbidden", {
+        "kind": "Status", "code": 403, "reason": "Forbidden",
+        "message": 'jobs.batch "demo-cleanup-u-1" is forbidden: unable to create new content in namespace ns '
+                   "because it is being terminated",
+        "details": {"causes": [{"reason": "NamespaceTerminating", "field": "metadata.namespace"}]}})
+    api = FailingCreates(terminating, api_error(403, "Forbidden"))
+    monkeypatch.setattr(controller, "STATE", controller.ControllerState(
+        config=OperatorConfig(default_storage_uri="s3://ckpt"), api=api))
+    body = motrun({"storage": {"cleanup": True}})
+    with caplog.at_level("WARNING", logger="mot_operator.controller"):
+        asyncio.run(controller.cleanup_checkpoints(namespace="ns", name="demo", body=body))
+    assert "checkpoints are kept" in caplog.text and "being terminated" in caplog.text
+    with pytest.raises(kopf.TemporaryError):  # any other refusal (RBAC, say) may be fixed: retried
+        asyncio.run(controller.cleanup_checkpoints(namespace="ns", name="demo", body=body))
+
+
+def test_the_deletion_handler_only_takes_deleted_runs_that_ask_for_cleanup():
+    cleanup = {"storage": {"cleanup": True}}
+    assert controller._deleted_with_cleanup(meta={"deletionTimestamp": NOW}, spec=cleanup)
+    assert not controller._deleted_with_cleanup(meta={}, spec=cleanup)
+    assert not controller._deleted_with_cleanup(meta={"deletionTimestamp": NOW}, spec={"storage": {}})
+    assert not controller._deleted_with_cleanup(meta={"deletionTimestamp": NOW}, spec={})
 
 
 def test_the_merge_is_created_before_branch_results_are_read():

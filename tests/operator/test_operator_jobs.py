@@ -214,3 +214,26 @@ def test_cleanup_job_deletes_the_runs_checkpoints(tmp_path):
     subprocess.run([sys.executable, *container["args"]], check=True, capture_output=True)
     assert not (mine / "model.safetensors").exists()
     assert (other / "model.safetensors").exists()  # another run's checkpoints are untouched
+
+
+def test_cleanup_job_is_a_small_pod_whatever_the_roles_ask():
+    """Deleting objects in S3 needs no GPU: not the merge role's GPUs, node selector or priority."""
+    spec = spec_of(storage={"uri": "s3://ckpt", "cleanup": True}, resources={"merge": {
+        "gpus": 8, "cpu": "32", "memory": "512Gi", "priorityClassName": "gpu-high",
+        "nodeSelector": {"gpu": "h100"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}})
+    job = render_cleanup_job(spec, RUN, CONFIG)
+    validate(job)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"] == {"requests": {"cpu": "100m", "memory": "256Mi"},
+                                                 "limits": {"memory": "256Mi"}}
+    assert "nodeSelector" not in pod and "priorityClassName" not in pod
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert [v["name"] for v in pod["volumes"]] == ["scratch"]  # no GPU shared-memory volume
+
+
+def test_a_run_created_again_under_its_name_gets_its_own_cleanup_job():
+    spec = spec_of(storage={"uri": "s3://ckpt", "cleanup": True})
+    names = {render_cleanup_job(spec, RunRef(RUN.namespace, RUN.name, uid, 1), CONFIG)["metadata"]["name"]
+             for uid in ("0f9e8d7c-aaaa", "1a2b3c4d-bbbb")}
+    assert len(names) == 2 and all(n.startswith(f"{RUN.name}-cleanup-") for n in names), names

@@ -21,6 +21,7 @@ import pytest
 import requests
 import yaml
 
+from support.kube import ApiError
 from support.kubelet import LocalKubelet
 from support.processes import stop_process, wait_until
 from support.prometheus import PrometheusServer, free_port, start_prometheus
@@ -75,8 +76,22 @@ class OperatorProcess:
         if self.process:
             stop_process(self.process, timeout=20)
 
+    @property
+    def log_path(self) -> Path:
+        """The log of the current (latest) start."""
+        return self.log_dir / f"operator-{self.starts}.log"
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def log_since(self, offset: int) -> str:
+        """What the current start logged after `offset` (a log_size() taken earlier)."""
+        with open(self.log_path, "rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
+
     def log_tail(self, lines: int = 60) -> str:
-        log = self.log_dir / f"operator-{self.starts}.log"
+        log = self.log_path
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""
 
     def metrics(self) -> str:
@@ -156,6 +171,14 @@ class MoTE2E:
             status = (self.get(namespace, name).get("status") or {})
             raise AssertionError(f"{error}\nstatus: {json.dumps(status, indent=1)[:3000]}\n"
                                  f"operator log:\n{self.operator.log_tail()}") from None
+
+    def fail_next(self, verb: str, plural: str, code: int = 500, *, times: int = 1, match=None) -> list:
+        """Make the test API server answer the next `times` matching requests with an error; the
+        returned fault's last item counts the failures still to come."""
+        error = ApiError(code, "InternalError" if code >= 500 else "BadRequest", f"injected {code} for a test")
+        server = self.kube_api.server
+        self.kube_api.call(lambda: server.fail_next(verb, plural, error, times=times, match=match))
+        return server.faults[-1]
 
     def jobs(self, namespace: str) -> list[dict]:
         return self.kube_api.objects("batch/v1", "jobs", namespace)

@@ -155,11 +155,22 @@ def test_invalid_motruns_are_refused_naming_the_field(mot_e2e):
     assert refused.returncode != 0 and "spec.rounds" in refused.stderr, refused.stderr
     assert mot_e2e.kubectl("-n", ns, "get", "motrun", "zero", check=False).returncode != 0
 
-    # A rule the schema alone cannot say (CEL: unique teacher names), which the emulator does not
-    # evaluate: the operator's parse_spec refuses it and the run fails naming the field.
+    # Rules the schema's types and bounds cannot say (list keys, CEL) are the API server's too: the
+    # apply is refused naming the exact field, and nothing is created.
     twice = mot_e2e.motrun("twice", {"a": data})
     twice["spec"]["teachers"].append({"name": "a", "dataset": data})
-    mot_e2e.apply(ns, twice)
-    status = mot_e2e.wait_phase(ns, "twice", ("Failed",), timeout=60)["status"]
-    assert "spec.teachers[1].name" in status["message"], status["message"]
+    refused = mot_e2e.kubectl("-n", ns, "apply", "-f", "-", check=False, stdin=json.dumps(twice))
+    assert refused.returncode != 0 and "spec.teachers[1]: Duplicate value" in refused.stderr, refused.stderr
+    wide = mot_e2e.motrun("wide", {"a": data})
+    wide["spec"]["resources"] = {"branch": {"nodes": 2}}
+    refused = mot_e2e.kubectl("-n", ns, "apply", "-f", "-", check=False, stdin=json.dumps(wide))
+    assert refused.returncode != 0 and "spec.resources.branch.nodes: Invalid value" in refused.stderr, refused.stderr
+
+    # An edit the CRD forbids (an immutable field) is refused too, naming it.
+    mot_e2e.apply(ns, mot_e2e.motrun("fixed", {"a": data}, suspend=True))
+    refused = mot_e2e.kubectl("-n", ns, "patch", "motrun", "fixed", "--type", "merge",
+                              "-p", '{"spec": {"training": {"steps": 99}}}', check=False)
+    assert refused.returncode != 0 and "spec.training: Invalid value" in refused.stderr, refused.stderr
+    runs = mot_e2e.kube_api.objects("mot.dev/v1alpha1", "motruns", ns)
+    assert [(r["metadata"]["name"], r["spec"]["training"]["steps"]) for r in runs] == [("fixed", 2)]
     assert mot_e2e.jobs(ns) == []
