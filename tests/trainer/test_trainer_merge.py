@@ -216,6 +216,16 @@ def test_bad_options_are_invalid_input(tmp_path, termination_log, args, message)
     assert message in termination_log.read_text()
 
 
+def save_perturbed(model, folders):
+    """Nudge the model's weights a little before saving it to each folder (one random walk)."""
+    for folder in folders:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        model.save_pretrained(folder)
+        yield folder
+
+
 def tiny_llm_variants(tmp_path, count, *, tied):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -226,12 +236,7 @@ def tiny_llm_variants(tmp_path, count, *, tied):
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(tmp_path / "base")
     paths = []
-    for i in range(count):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.01 * torch.randn_like(p))
-        folder = tmp_path / f"variant{i}"
-        model.save_pretrained(folder)
+    for i, folder in enumerate(save_perturbed(model, [tmp_path / f"variant{i}" for i in range(count)])):
         if tied and i == 0:  # some writers keep the shared head: it must not break the merge
             state = load_file(folder / "model.safetensors")
             state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
@@ -458,12 +463,7 @@ def plain_hf_folders(tmp_path, tiny_model, count):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     paths = []
-    for i in range(count):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.01 * torch.randn_like(p))
-        folder = tmp_path / f"user-model-{i}"
-        model.save_pretrained(folder)
+    for folder in save_perturbed(model, [tmp_path / f"user-model-{i}" for i in range(count)]):
         for name in os.listdir(tiny_model):
             if name.startswith(("tokenizer", "special_tokens", "chat_template")):
                 shutil.copyfile(tiny_model / name, folder / name)
