@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==$(shell sed -n 's/^ARG TORCH_VERSION=//p' Dockerfile)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test venv test-deps apt-deps lint bench-merge bench-sft bench-operator clean
+.PHONY: demo test venv test-deps apt-deps cluster-bins lint bench-merge bench-sft bench-operator clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,12 +25,19 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 venv: $(VENV)/.installed
 
-# Debian packages the tests use: a real Prometheus server and promtool.
+# Debian packages the tests use: a real Prometheus server and promtool; openssl for the test
+# control plane's ServiceAccount signing key.
 apt-deps:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
-	  ( $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null )
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v openssl >/dev/null || \
+	  ( $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus openssl >/dev/null )
 
-test-deps: apt-deps $(VENV)/.installed-test
+# The Kubernetes control plane the tests start (etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler), built with Go at the versions in tests/cluster/go.mod into a cache outside the
+# work tree; only what is missing is built (~5 min cold), a warm run does nothing.
+cluster-bins:
+	bash tests/cluster/build.sh
+
+test-deps: apt-deps $(VENV)/.installed-test cluster-bins
 
 demo: venv
 	$(BIN)/mot demo $(DEMO_ARGS)

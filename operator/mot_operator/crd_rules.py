@@ -1,5 +1,5 @@
 """The CRD's own rules, evaluated as the API server evaluates them, so `mot run` refuses what the
-cluster refuses and names the same field.
+cluster refuses, names the same field and words it the same way.
 
 Two kinds of rule live in the schema besides types and bounds: `x-kubernetes-validations` (CEL,
 run with cel-python) and `x-kubernetes-list-type: map` (items unique by their keys). The API server
@@ -25,7 +25,7 @@ _ENV = celpy.Environment()
 @dataclass(frozen=True)
 class Violation:
     path: str  # e.g. spec.resources.branch.nodes
-    detail: str  # what the API server says after the path, e.g. 'Invalid value: "object": ...'
+    detail: str  # what the API server says after the path, e.g. 'Invalid value: training is immutable'
 
     def __str__(self) -> str:
         return f"{self.path}: {self.detail}"
@@ -82,10 +82,10 @@ def _check(schema: dict, value, old, path: str, found: list[Violation]) -> None:
         try:
             ok = bool(_program(rule.rule).evaluate(activation))
         except celpy.CELEvalError as error:
-            found.append(Violation(path, f"Invalid value: {_type_name(schema)}: {error}"))
+            found.append(Violation(path, _detail("FieldValueInvalid", value, str(error))))
             continue
         if not ok:
-            found.append(Violation(rule.reported_at, _detail(rule, schema)))
+            found.append(Violation(rule.reported_at, _detail(rule.reason, value, rule.message)))
     if isinstance(value, dict):
         props = schema.get("properties") or {}
         extra = schema.get("additionalProperties") if isinstance(schema.get("additionalProperties"), dict) else None
@@ -118,23 +118,78 @@ def _duplicates(items: list, keys: list[str], path: str) -> Iterator[Violation]:
         key = _key(item, keys)
         seen[key] = seen.get(key, 0) + 1
         if seen[key] == 2:
-            shown = ", ".join(f"{json.dumps(k)}:{json.dumps(item.get(k))}" for k in keys if k in item)
-            yield Violation(f"{path}[{i}]", f"Duplicate value: map[string]interface {{}}{{{shown}}}")
+            shown = {k: item[k] for k in keys if isinstance(item, dict) and k in item}
+            yield Violation(f"{path}[{i}]", f"Duplicate value: {_compact(shown)}")
 
 
-def _detail(rule: Rule, schema: dict) -> str:
-    # The API server's wording per reason (k8s.io/apimachinery field errors).
-    if rule.reason == "FieldValueForbidden":
-        return f"Forbidden: {rule.message}"
-    if rule.reason == "FieldValueRequired":
-        return f"Required value: {rule.message}"
-    if rule.reason == "FieldValueDuplicate":
-        return f"Duplicate value: {_type_name(schema)}"
-    return f"Invalid value: {_type_name(schema)}: {rule.message}"
+def schema_violation(path: str, validator: str, bound, value, schema: dict) -> Violation:
+    """A schema check that failed (jsonschema's validator name and bound, the value at `path`) in
+    the API server's words (kube-openapi's validation errors, as a v1.36 apiserver reports them)."""
+    shown = _go_value(value)
+    if validator == "required":
+        return Violation(path, "Required value")
+    if validator == "additionalProperties":
+        return Violation(path, f'unknown field "{path}"')  # the strict decoding error
+    if validator == "enum":
+        return Violation(path, f"Unsupported value: {shown}: supported values: "
+                               + ", ".join(_go_value(v) for v in bound))
+    if validator == "maxLength":
+        return Violation(path, f"Too long: may not be more than {bound} bytes")
+    if validator == "maxItems":
+        return Violation(path, f"Too many: {len(value)}: must have at most {bound} items")
+    if validator == "minItems":
+        return Violation(path, f"Invalid value: {len(value)}: {path} in body should have at least {bound} items")
+    if validator == "type":
+        given = _go_value(_json_type(value))
+        return Violation(path, f"Invalid value: {given}: {path} in body must be of type {bound}: {given}")
+    words = {
+        "minimum": "greater than" if schema.get("exclusiveMinimum") else "greater than or equal to",
+        "maximum": "less than" if schema.get("exclusiveMaximum") else "less than or equal to",
+    }
+    if validator in words:
+        return Violation(path, f"Invalid value: {shown}: {path} in body should be {words[validator]} {_go_value(bound)}")
+    if validator == "minLength":
+        return Violation(path, f"Invalid value: {shown}: {path} in body should be at least {bound} chars long")
+    if validator == "pattern":
+        return Violation(path, f"Invalid value: {shown}: {path} in body should match '{bound}'")
+    return Violation(path, f"Invalid value: {shown}: {validator} {_go_value(bound)}")
 
 
-def _type_name(schema: dict) -> str:
-    return json.dumps(schema.get("type") or "object")
+def _go_value(value) -> str:
+    """A value as Go's field errors print it: strings quoted, whole floats without a point."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, int | float):
+        return repr(value)
+    return _compact(value)
+
+
+def _json_type(value) -> str:
+    for kind, name in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),
+                       (dict, "object"), (list, "array")):
+        if isinstance(value, kind):
+            return name
+    return "null"
+
+
+def _detail(reason: str, value, message: str) -> str:
+    """What the API server writes after the path, per reason (k8s.io/apimachinery field errors, as a
+    v1.36 apiserver words them: an object's or a list's value is left out of 'Invalid value')."""
+    if reason == "FieldValueForbidden":
+        return f"Forbidden: {message}"
+    if reason == "FieldValueRequired":
+        return f"Required value: {message}"
+    if reason == "FieldValueDuplicate":
+        return f"Duplicate value: {_compact(value)}"
+    if isinstance(value, dict | list):
+        return f"Invalid value: {message}"
+    return f"Invalid value: {_go_value(value)}: {message}"
+
+
+def _compact(value) -> str:
+    return json.dumps(value, separators=(",", ":"))
 
 
 @functools.lru_cache(maxsize=128)

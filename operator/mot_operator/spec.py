@@ -237,16 +237,19 @@ def field_path(parts, prefix: str = "spec") -> str:
 
 
 def _schema_error(error: jsonschema.ValidationError) -> SpecError:
+    """The first schema error, at the field the API server names, in its words."""
     path = list(error.absolute_path)
+    value = error.instance
     if error.validator == "required" and isinstance(error.instance, dict):
-        missing = [n for n in error.validator_value if n not in error.instance]
-        return SpecError(field_path(path + missing[:1]), "is required")
+        path += [n for n in error.validator_value if n not in error.instance][:1]
+        value = None
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         known = error.schema.get("properties", {})
-        extra = sorted(n for n in error.instance if n not in known)
-        allowed = ", ".join(sorted(known))
-        return SpecError(field_path(path + extra[:1]), f"unknown field (known fields: {allowed})")
-    return SpecError(field_path(path), error.message)
+        path += sorted(n for n in error.instance if n not in known)[:1]
+        found = crd_rules.schema_violation(field_path(path), "additionalProperties", None, None, error.schema)
+        return SpecError(found.path, f"{found.detail} (known fields: {', '.join(sorted(known))})")
+    found = crd_rules.schema_violation(field_path(path), error.validator, error.validator_value, value, error.schema)
+    return SpecError(found.path, found.detail)
 
 
 # ---------------------------------------------------------------------------------------------

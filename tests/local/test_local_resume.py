@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from support.local_run import mot_command, mot_env, write_manifest
 
 from mot_trainer.manifest import read_checkpoint_manifest
@@ -60,11 +61,14 @@ def test_interrupted_run_resumes_without_redoing_branches(tmp_path, tiny_model):
     # 1b. Resuming with an edited manifest is refused where the cluster refuses the same edit, and
     # leaves the run as it was.
     before = (workdir / "status.json").read_bytes()
-    edited = write_manifest(tmp_path / "edited", tiny_model, name="resume", evaluation=False, steps=13)
+    edited = manifest.with_name("edited.yaml")  # beside it: the same data, one more step per branch
+    spec = yaml.safe_load(manifest.read_text())
+    spec["spec"]["training"]["steps"] += 1
+    edited.write_text(yaml.safe_dump(spec))
     refused = subprocess.run(mot_command("run", edited, "--workdir", workdir), capture_output=True, text=True,
                              env=mot_env(), timeout=120)
     assert refused.returncode == 2, refused.stdout + refused.stderr
-    assert 'spec.training: Invalid value: "object": training is immutable' in refused.stderr, refused.stderr
+    assert 'spec.training: Invalid value: training is immutable' in refused.stderr, refused.stderr
     assert (workdir / "status.json").read_bytes() == before
 
     # 2. Resume, then SIGKILL `mot run` during round 2: its trainer must not outlive it.
