@@ -7,12 +7,16 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from mot_trainer import storage
 from mot_trainer.manifest import read_checkpoint_manifest
 from mot_trainer.tiny import arithmetic_records
+
+# Numerically sensitive: `make test` runs these again under the other CPU kernel families.
+pytestmark = pytest.mark.numerics
 
 torch.set_num_threads(1)
 

@@ -12,6 +12,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mot_trainer import data
 from mot_trainer.errors import InvalidInput
 
+# Numerically sensitive: `make test` runs these again under the other CPU kernel families.
+pytestmark = pytest.mark.numerics
+
 torch.set_num_threads(1)
 
 

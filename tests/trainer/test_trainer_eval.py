@@ -12,6 +12,9 @@ from mot_trainer import answers, cli, data
 from mot_trainer import eval as mot_eval
 from mot_trainer.tiny import arithmetic_records
 
+# Numerically sensitive: `make test` runs these again under the other CPU kernel families.
+pytestmark = pytest.mark.numerics
+
 torch.set_num_threads(1)
 
 

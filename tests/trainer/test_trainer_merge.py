@@ -15,6 +15,9 @@ from safetensors.torch import load_file, save_file
 from mot_trainer import cli, storage
 from mot_trainer.manifest import MANIFEST_NAME, verify_folder, write_manifest
 
+# Numerically sensitive: `make test` runs these again under the other CPU kernel families.
+pytestmark = pytest.mark.numerics
+
 torch.set_num_threads(1)
 
 SHAPES = {"a.weight": (7, 5), "a.bias": (11,), "b.weight": (3, 4, 2)}

@@ -15,6 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mot_trainer import cli, progress
 from mot_trainer.manifest import MANIFEST_NAME, verify_folder
 
+# Numerically sensitive: `make test` runs these again under the other CPU kernel families.
+pytestmark = pytest.mark.numerics
+
 torch.set_num_threads(1)
 
 FAST = ["--threads", "1", "--learning-rate", "3e-3", "--micro-batch-size", "4", "--grad-accum", "2",
