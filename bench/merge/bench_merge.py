@@ -15,7 +15,8 @@ and compares the mot and mergekit outputs tensor by tensor (bit-identical expect
 --repeat N runs the whole sequence N times and reports medians (wall times on a small VM vary by 2x
 from run to run, mostly in how fast the kernel takes written pages).
 By default the inputs are in the page cache (warm); --cold evicts them (posix_fadvise DONTNEED)
-before each run. Not part of the test suite: it needs ~4 x size + 3 x size of disk and minutes.
+before each run; --drop-caches (root) drops the whole page cache before each run, so the process
+also reads Python, torch's libraries and everything else it loads from disk, as on a fresh node. Not part of the test suite: it needs ~4 x size + 3 x size of disk and minutes.
 """
 
 from __future__ import annotations
@@ -138,6 +139,12 @@ def evict(paths: list[Path]) -> None:
                 os.close(fd)
 
 
+def drop_page_cache() -> None:
+    """Drop every clean page (root): the program's own files are read from disk again too."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
 def warm(paths: list[Path]) -> None:
     buf = bytearray(64 << 20)
     for folder in paths:
@@ -200,6 +207,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--input-shard", type=int, default=500_000_000)
     parser.add_argument("--cold", action="store_true", help="evict the inputs from the page cache before each run")
+    parser.add_argument("--drop-caches", action="store_true",
+                        help="drop the whole page cache before each run (root; inputs and libraries cold)")
     parser.add_argument("--runs", default="raw,mot,mergekit")
     parser.add_argument("--repeat", type=int, default=1, help="run the sequence N times; report medians")
     parser.add_argument("--keep", action="store_true", help="keep the inputs for another run")
@@ -226,7 +235,8 @@ def main() -> None:
         sizes.append(make_checkpoint(folder, cfg, seed=k, shard_bytes=args.input_shard))
         print(f"built {folder} ({sizes[-1] / 1e9:.2f} GB) in {time.perf_counter() - t:.0f}s", flush=True)
     env = dict(os.environ)
-    results = {"k": args.k, "input_gb": round(sizes[0] / 1e9, 3), "cache": "cold" if args.cold else "warm",
+    cache = "dropped" if args.drop_caches else "cold" if args.cold else "warm"
+    results = {"k": args.k, "input_gb": round(sizes[0] / 1e9, 3), "cache": cache,
                "cpus": os.cpu_count()}
     mk_config = work / "mergekit.yml"
     mk_config.write_text(
@@ -247,7 +257,12 @@ def main() -> None:
         for name in names:
             shutil.rmtree(work / f"out-{name}", ignore_errors=True)
             os.sync()
-            evict(inputs) if args.cold else warm(inputs)
+            if args.drop_caches:
+                drop_page_cache()
+            elif args.cold:
+                evict(inputs)
+            else:
+                warm(inputs)
             runs[name].append(measure(commands[name], env, work / f"{name}.log"))
             if name == "mot":
                 runs[name][-1]["merge_s"] = merge_seconds(work / f"{name}.log")
