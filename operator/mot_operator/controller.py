@@ -5,7 +5,8 @@ pure planner, write the status, then create/suspend/resume/delete Jobs. Job even
 at once, so reactions do not wait for a timer; a periodic resync covers anything missed. Pods are
 not watched (RBAC: get/list only): when Jobs have finished, the run's Pods are listed once for the
 trainer's termination messages. Deleting a MoTRun stops its daemon; a deletion handler then starts
-the checkpoint cleanup Job when the spec asks for one, retried until the Job exists.
+the checkpoint cleanup Job when the spec asks for one, once the run's Pods have stopped (it deletes
+their Jobs first), retried until the Job exists.
 Kopf keeps its own bookkeeping in annotations; our status holds only the run's state.
 """
 
@@ -482,20 +483,46 @@ async def run_changed(type, namespace, name, meta, **_):
 
 
 async def cleanup_on_delete(namespace: str, name: str, body: dict) -> None:
-    """Jobs go with the MoTRun (owner references); checkpoints only when spec.storage.cleanup asks.
-    The cleanup Job has a deterministic name: AlreadyExists means an earlier try created it."""
+    """Jobs go with the MoTRun (owner references); checkpoints only when spec.storage.cleanup asks,
+    once no Pod of the run is running (PodsStillRunning until then). The cleanup Job has a
+    deterministic name: AlreadyExists means an earlier try created it."""
     try:
         spec = parse_spec(jobrender.with_defaults(body.get("spec") or {}, STATE.config))
     except SpecError:
         return  # an invalid run never wrote checkpoints
     if not (spec.storage.cleanup and spec.storage.uri):
         return
+    await _stop_running_pods(namespace, name)
     meta = body["metadata"]
     run = RunRef(namespace=namespace, name=name, uid=meta.get("uid", ""), generation=meta.get("generation") or 1)
     job = jobrender.render_cleanup_job(spec, run, STATE.config)
     created = await STATE.api.create(job)
     log.info("MoTRun %s/%s deleted: cleanup Job %s %s", namespace, name, job["metadata"]["name"],
              "created" if created else "already exists")
+
+
+class PodsStillRunning(Exception):
+    """The deleted run still has Pods that may write checkpoints: the cleanup waits for them."""
+
+
+async def _stop_running_pods(namespace: str, name: str) -> None:
+    """Delete the Jobs of the run's Pods that have not finished, and raise PodsStillRunning while any is left.
+
+    The run's Jobs go with the MoTRun by owner reference, but the garbage collector deletes them only
+    once the MoTRun is gone, and Kopf's finalizer keeps it until the cleanup Job exists: a branch
+    still running then could upload a checkpoint after the cleanup Job has listed the run's objects,
+    and it would stay in the bucket. So the cleanup Job is created only when no Pod of the run is
+    running (or about to)."""
+    pods = await STATE.api.run_pods(namespace, naming.label_value(name))
+    running = [p for p in pods if naming.LABEL_STAGE in ((p.get("metadata") or {}).get("labels") or {})
+               and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
+    if not running:
+        return
+    jobs = sorted({p["metadata"]["labels"].get(naming.LABEL_JOB_NAME) for p in running} - {None})
+    for job in jobs:
+        await STATE.api.delete_job(namespace, job)
+    raise PodsStillRunning(f"waiting for {len(running)} Pod(s) of {namespace}/{name} to stop before its "
+                           f"checkpoints are deleted (Jobs {', '.join(jobs)} deleted)")
 
 
 def _namespace_terminating(error: Exception) -> bool:
@@ -531,6 +558,8 @@ async def cleanup_checkpoints(namespace, name, body, **_):
     until this succeeds, and calls it again after a failure."""
     try:
         await cleanup_on_delete(namespace, name, _run_body(body))
+    except PodsStillRunning as waiting:
+        raise kopf.TemporaryError(str(waiting), delay=CLEANUP_RETRY_SECONDS) from None
     except Exception as error:  # noqa: BLE001 - any failure is retried, as long as it may succeed
         if _namespace_terminating(error):
             log.warning("MoTRun %s/%s deleted with its namespace: no cleanup Job can be created there, "

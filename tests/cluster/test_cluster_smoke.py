@@ -1,7 +1,8 @@
 """The real control plane (tests/support/cluster.py) works as test infrastructure: the MoTRun CRD
 installs with `kubectl apply`, the apiserver itself admits a valid MoTRun and refuses invalid ones
 naming the field, RBAC applies to ServiceAccount tokens, and the real Job controller and scheduler
-run (a Job gets a Pod, which stays Unschedulable since there is no Node)."""
+run (a Job gets a Pod, which stays Unschedulable: no Node matches its nodeSelector; the session may
+have the test kubelet's Node, support/node.py, registered or not)."""
 
 from __future__ import annotations
 
@@ -72,11 +73,11 @@ def test_real_control_plane(kube_cluster):
     assert "Forbidden" in message or "forbidden" in message
 
     # The real Job controller makes the Pod; the real scheduler finds no Node for it.
-    assert cluster.get_json("nodes")["items"] == []
     job = {
         "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "smoke", "namespace": NAMESPACE},
         "spec": {"backoffLimit": 0, "template": {"spec": {
             "restartPolicy": "Never",
+            "nodeSelector": {"mot.dev/test-node": "none"},
             "containers": [{"name": "main", "image": "busybox", "command": ["true"]}],
         }}},
     }
@@ -98,3 +99,5 @@ def test_real_control_plane(kube_cluster):
     assert pod["status"]["phase"] == "Pending"
     assert pod["metadata"]["ownerReferences"][0]["kind"] == "Job"
     assert condition["status"] == "False"
+    # The session's other tests may run an operator and a test kubelet: leave them nothing to do.
+    cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false")

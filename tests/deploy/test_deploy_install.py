@@ -1,14 +1,17 @@
-"""End to end: `helm install` of the chart (Helm's Go SDK) into the test Kubernetes API server, then the
-operator started with exactly the command, args and env of the Deployment Helm created (a real
-`mot operator` process, KUBECONFIG pointing at the test API server), running a small MoTRun to
-Succeeded with the test kubelet, the real trainer on a tiny model and a real S3 (SeaweedFS).
+"""End to end: `helm install` of the chart (Helm's Go SDK, the default `secret` storage driver, Helm's
+server-side apply) into a real control plane (support/cluster.py), then the operator run with exactly
+the command, args and env of the Deployment Helm created and a token of the chart's ServiceAccount,
+so the apiserver enforces the chart's RBAC on every request it makes; a small MoTRun runs to
+Succeeded through the real Job controller and scheduler, the test kubelet (support/node.py), the
+real trainer on a tiny model and a real S3 (SeaweedFS).
 
-The test API server (tests/support/kube.py) runs no Pods, so the Deployment is "run" here by hand,
-and the test kubelet runs the Jobs the operator creates."""
+The Deployment's own Pod is kept off the test node (a nodeSelector no node matches: it stays
+Unschedulable): inside a Pod the operator would read the ServiceAccount token mounted at
+/var/run/secrets/..., which the test kubelet cannot mount. Its container is run here by hand instead,
+as the kubelet would run it, with a kubeconfig holding a token of the same ServiceAccount."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -20,9 +23,9 @@ import pytest
 import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from support.cluster import _die_with_parent, start_cluster
 from support.deploy import CHART_DIR
-from support.kube import start_kube_api
-from support.kubelet import LocalKubelet
+from support.node import LocalNode
 from support.processes import stop_process, wait_until
 from support.prometheus import free_port
 
@@ -33,32 +36,16 @@ RELEASE_NAMESPACE = "mot-system"
 RUN_NAMESPACE = "ml-team"  # the operator is installed namespaced: it watches only this one
 CREDENTIALS_SECRET = "mot-s3"
 RUN_TIMEOUT_S = 150
-TEST_AGENT = "deploy-test"
-# Clients that are not the operator: Helm, this test, the test kubelet.
-NOT_OPERATOR = {"Helm", TEST_AGENT, "python-requests"}
-
-
+NO_NODE = {"mot.dev/test-node": "none"}  # matches no node: the Deployment's Pod stays Unschedulable
 
 
 def helm_install(kubeconfig: Path, values: dict) -> dict:
-    """`helm install` through the Helm SDK.
-
-    Two settings fit the test API server, not a real cluster: the release record is kept in Helm's
-    `memory` storage driver (Helm writes its release Secret with protobuf, which the test server
-    does not decode), and objects are created client-side (Helm 4's default server-side apply needs
-    a PATCH that creates absent objects, which the test server does not do). helm-python-sdk's
-    `Config.install` does not expose `server_side_apply`, so the option goes to the library call."""
+    """`helm install` through the Helm SDK, the release recorded in a Secret (the default driver)."""
     import helm_python as helm
-    from helm_python import _native
 
-    with helm.Config(kubeconfig_path=str(kubeconfig), namespace=RELEASE_NAMESPACE,
-                     storage_driver="memory") as config:
-        payload = _native.call_string(
-            "helm_install", config._raw(), config._context_arg(None), _native.HANDLE(0), str(CHART_DIR),
-            RELEASE, json.dumps(values),
-            json.dumps({"namespace": RELEASE_NAMESPACE, "create_namespace": True, "timeout_seconds": 60,
-                        "server_side_apply": False}))
-    return json.loads(payload)
+    with helm.Config(kubeconfig_path=str(kubeconfig), namespace=RELEASE_NAMESPACE, storage_driver="secret") as config:
+        return config.install(CHART_DIR, RELEASE, values, namespace=RELEASE_NAMESPACE, create_namespace=True,
+                              timeout=60)
 
 
 def container_process(deployment: dict, kubeconfig: Path) -> tuple[list[str], dict[str, str]]:
@@ -78,16 +65,33 @@ def container_process(deployment: dict, kubeconfig: Path) -> tuple[list[str], di
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A test API server of its own, so no other test's operator sees this test's MoTRun."""
-    api = start_kube_api(tmp_path_factory.mktemp("deploy-kube"), load_crd=False)
-    yield api
-    api.stop()
+    """A control plane of its own: Helm installs the CRD into a cluster that has none, and the e2e
+    stack's operator (it watches every namespace of the session's cluster) never sees this MoTRun."""
+    cluster = start_cluster(tmp_path_factory.mktemp("deploy-cluster"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
-def test_helm_install_then_the_deployed_operator_runs_a_motrun(cluster, s3_server, tiny_model, tiny_data,
+@pytest.fixture(scope="module")
+def node(cluster, tmp_path_factory):
+    node = LocalNode(cluster, tmp_path_factory.mktemp("deploy-node"), name="deploy-node").start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def mine(items: list[dict]) -> list[tuple[str | None, str]]:
+    """(namespace, name) of the objects Helm made for the release."""
+    return sorted((i["metadata"].get("namespace"), i["metadata"]["name"]) for i in items
+                  if (i["metadata"].get("labels") or {}).get("app.kubernetes.io/instance") == RELEASE)
+
+
+def test_helm_install_then_the_deployed_operator_runs_a_motrun(cluster, node, s3_server, tiny_model, tiny_data,
                                                                tmp_path):
-    client = cluster.api_client()
-    client.user_agent = TEST_AGENT  # tells this test's requests apart from the operator's
+    client = kubernetes.config.new_client_from_config(config_file=str(cluster.kubeconfig))
     core, custom = kubernetes.client.CoreV1Api(client), kubernetes.client.CustomObjectsApi(client)
     bucket = s3_server.make_bucket("deploy-e2e")
     metrics_port = free_port()
@@ -97,22 +101,50 @@ def test_helm_install_then_the_deployed_operator_runs_a_motrun(cluster, s3_serve
         "defaults": {"storage": {"uri": bucket, "endpoint": s3_server.endpoint,
                                  "credentialsSecret": CREDENTIALS_SECRET}},
         "logFormat": "text",
+        "nodeSelector": NO_NODE,
     }
     core.create_namespace({"metadata": {"name": RUN_NAMESPACE}})
 
     release = helm_install(cluster.kubeconfig, values)
-    assert release["status"] == "deployed" and release["namespace"] == RELEASE_NAMESPACE
+    assert release["status"] == "deployed" and release["namespace"] == RELEASE_NAMESPACE, release
     assert "kubectl" in release["notes"]
+    # The release record, in Helm's secret storage driver.
+    secrets = cluster.get_json("secrets", "-n", RELEASE_NAMESPACE, "-l", f"owner=helm,name={RELEASE}")["items"]
+    assert [(s["type"], s["metadata"]["labels"]["status"]) for s in secrets] == [("helm.sh/release.v1", "deployed")]
 
     # Helm created what the chart renders: the CRD from crds/, RBAC for the watched namespace only.
-    crds = cluster.objects("apiextensions.k8s.io/v1", "customresourcedefinitions")
+    crds = cluster.get_json("crd")["items"]
     assert [crd["metadata"]["name"] for crd in crds] == ["motruns.mot.dev"]
-    roles = cluster.objects("rbac.authorization.k8s.io/v1", "roles")
-    assert [(r["metadata"]["namespace"], r["metadata"]["name"]) for r in roles] == [(RUN_NAMESPACE, RELEASE)]
-    assert cluster.objects("rbac.authorization.k8s.io/v1", "clusterroles") == []
-    (deployment,) = cluster.objects("apps/v1", "deployments", RELEASE_NAMESPACE)
-    assert [s["metadata"]["name"] for s in cluster.objects("v1", "services", RELEASE_NAMESPACE)] == \
-        [f"{RELEASE}-metrics"]
+    assert mine(cluster.get_json("roles", "-A")["items"]) == [(RUN_NAMESPACE, RELEASE)]
+    assert mine(cluster.get_json("rolebindings", "-A")["items"]) == [(RUN_NAMESPACE, RELEASE)]
+    assert mine(cluster.get_json("clusterroles")["items"]) == []
+    assert mine(cluster.get_json("services", "-n", RELEASE_NAMESPACE)["items"]) == \
+        [(RELEASE_NAMESPACE, f"{RELEASE}-metrics")]
+    deployment = cluster.get_json("deployment", RELEASE, "-n", RELEASE_NAMESPACE)
+    account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+    assert mine(cluster.get_json("serviceaccounts", "-n", RELEASE_NAMESPACE)["items"]) == \
+        [(RELEASE_NAMESPACE, account)]
+
+    # The Deployment and ReplicaSet controllers made its Pod; the scheduler found no node for it.
+    def operator_pod_unschedulable():
+        for pod in cluster.get_json("pods", "-n", RELEASE_NAMESPACE)["items"]:
+            for condition in pod["status"].get("conditions") or []:
+                if condition["type"] == "PodScheduled" and condition.get("reason") == "Unschedulable":
+                    return pod, condition
+        return None
+    pod, condition = wait_until(operator_pod_unschedulable, 60, "the Deployment's Pod to be Unschedulable")
+    print(f"\noperator Pod {pod['metadata']['name']}: {condition['message']}")
+    assert pod["spec"]["serviceAccountName"] == account
+
+    # RBAC, as the apiserver decides it for the chart's ServiceAccount.
+    kubeconfig = cluster.service_account_kubeconfig(account, RELEASE_NAMESPACE, create=False)
+
+    def can_i(*args: str) -> str:
+        return cluster.kubectl("auth", "can-i", *args, check=False, kubeconfig=kubeconfig).stdout.strip()
+    assert can_i("create", "jobs", "-n", RUN_NAMESPACE) == "yes"
+    assert can_i("patch", "motruns.mot.dev/status", "-n", RUN_NAMESPACE) == "yes"
+    assert can_i("create", "jobs", "-n", "default") == "no"      # namespaced install
+    assert can_i("get", "secrets", "-n", RUN_NAMESPACE) == "no"  # the trainers read them, not the operator
 
     # The trainer Jobs read the S3 keys from this Secret, named by the chart's defaults.
     core.create_namespaced_secret(RUN_NAMESPACE, {
@@ -120,11 +152,11 @@ def test_helm_install_then_the_deployed_operator_runs_a_motrun(cluster, s3_serve
         "stringData": {"AWS_ACCESS_KEY_ID": s3_server.access_key,
                        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}})
 
-    argv, env = container_process(deployment, cluster.kubeconfig)
+    argv, env = container_process(deployment, kubeconfig)
     log_path = tmp_path / "operator.log"
-    kubelet = LocalKubelet(cluster.url, tmp_path / "kubelet", max_parallel=2, poll_seconds=1).start()
     with log_path.open("w") as log:
-        operator = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        operator = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    preexec_fn=_die_with_parent)
     base = f"http://127.0.0.1:{metrics_port}"
 
     def operator_log() -> str:
@@ -169,7 +201,7 @@ def test_helm_install_then_the_deployed_operator_runs_a_motrun(cluster, s3_serve
         assert operator.poll() is None, operator_log()
 
         # Every Job came from the operator with the chart's defaults: image and S3 settings.
-        jobs = cluster.objects("batch/v1", "jobs", RUN_NAMESPACE)
+        jobs = cluster.get_json("jobs", "-n", RUN_NAMESPACE)["items"]
         assert len(jobs) == 2 * 2 + 2  # two branches and one merge per round
         for job in jobs:
             (trainer,) = job["spec"]["template"]["spec"]["containers"]
@@ -177,7 +209,7 @@ def test_helm_install_then_the_deployed_operator_runs_a_motrun(cluster, s3_serve
             job_env = {e["name"]: e for e in trainer["env"]}
             assert job_env["AWS_ENDPOINT_URL"]["value"] == s3_server.endpoint
             assert job_env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == CREDENTIALS_SECRET
-            assert len(kubelet.runs_of(job["metadata"]["name"])) == 1, job["metadata"]["name"]
+            assert len(node.runs_of(job["metadata"]["name"], RUN_NAMESPACE)) == 1, job["metadata"]["name"]
 
         # The final merged model is in the default bucket, complete (manifest written last).
         from mot_trainer import manifest
@@ -195,19 +227,11 @@ def test_helm_install_then_the_deployed_operator_runs_a_motrun(cluster, s3_serve
         assert samples[("mot_runs", (("phase", "Succeeded"),))] == 1
         assert samples[("mot_run_round", (("motrun", "first-run"), ("namespace", RUN_NAMESPACE)))] == 2
         assert samples[("mot_jobs_created_total", (("stage", "sft"),))] == 4
+        assert samples.get(("mot_reconcile_errors_total", ()), 0) == 0
 
-        # Every request the operator made is one the chart's Role allows (the test server does not
-        # enforce RBAC, so compare what happened with what the chart grants).
-        (role,) = roles
-        granted: dict[str, set[str]] = {}
-        for rule in role["rules"]:
-            for resource in rule["resources"]:
-                granted.setdefault(resource, set()).update(rule["verbs"])
-        made = {(verb, resource) for (agent, verb, resource) in cluster.requests()
-                if agent not in NOT_OPERATOR and verb != "discovery"}
-        assert made, "no request from the operator was seen"
-        denied = sorted((verb, resource) for verb, resource in made if verb not in granted.get(resource, ()))
-        assert not denied, f"the operator made requests its RBAC would deny: {denied}"
+        # The apiserver refused the operator nothing: the chart's Role grants all it does.
+        log = log_path.read_text()
+        assert "Forbidden" not in log and "forbidden" not in log, operator_log()
     finally:
         stop_process(operator, timeout=20)
-        kubelet.stop()
+        client.close()

@@ -190,7 +190,42 @@ def test_deleting_a_run_creates_a_cleanup_job_only_when_asked(monkeypatch):
     asyncio.run(controller.cleanup_on_delete("ns", "demo", motrun()))
     assert api.calls == []
     asyncio.run(controller.cleanup_on_delete("ns", "demo", motrun({"storage": {"cleanup": True}})))
-    assert api.calls == [("create", "demo-cleanup-u-1")]
+    assert api.calls == [("run_pods", "demo"), ("create", "demo-cleanup-u-1")]
+
+
+def test_the_cleanup_job_waits_until_no_pod_of_the_run_runs(monkeypatch):
+    """Its Jobs would go only once the MoTRun is gone (after the cleanup Job exists): a branch still
+    running could write a checkpoint after the cleanup. So: delete their Jobs, retry until none runs."""
+    import kopf
+    import pytest
+
+    def pod(job, phase, stage="sft", component=None):
+        labels = {"mot.dev/run": "demo", "batch.kubernetes.io/job-name": job}
+        if stage:
+            labels["mot.dev/stage"] = stage
+        if component:
+            labels["app.kubernetes.io/component"] = component
+        return {"metadata": {"labels": labels}, "status": {"phase": phase}}
+
+    running = {"demo-r1-sft-a-a1": [pod("demo-r1-sft-a-a1", "Running")],
+               "demo-r1-sft-b-a1": [pod("demo-r1-sft-b-a1", "Pending")],
+               "demo-r1-sft-c-a1": [pod("demo-r1-sft-c-a1", "Succeeded")],   # finished: writes nothing more
+               "demo-cleanup-u-1": [pod("demo-cleanup-u-1", "Running", stage=None, component="cleanup")]}
+    api = FakeApi(pods=running)
+    monkeypatch.setattr(controller, "STATE", controller.ControllerState(
+        config=OperatorConfig(default_storage_uri="s3://ckpt"), api=api))
+    body = motrun({"storage": {"cleanup": True}})
+    with pytest.raises(kopf.TemporaryError) as raised:
+        asyncio.run(controller.cleanup_checkpoints(namespace="ns", name="demo", body=body))
+    assert str(raised.value) == ("waiting for 2 Pod(s) of ns/demo to stop before its checkpoints are deleted "
+                                 "(Jobs demo-r1-sft-a-a1, demo-r1-sft-b-a1 deleted)")
+    assert raised.value.delay == controller.CLEANUP_RETRY_SECONDS
+    assert api.calls == [("run_pods", "demo"), ("delete", "demo-r1-sft-a-a1"), ("delete", "demo-r1-sft-b-a1")]
+
+    api.pods = {"demo-r1-sft-c-a1": running["demo-r1-sft-c-a1"]}  # the garbage collector took the others
+    api.calls.clear()
+    asyncio.run(controller.cleanup_checkpoints(namespace="ns", name="demo", body=body))
+    assert api.calls == [("run_pods", "demo"), ("create", "demo-cleanup-u-1")]
 
 
 def test_a_deleted_run_leaves_nothing_behind(monkeypatch):
@@ -253,7 +288,8 @@ def test_cleanup_on_delete_is_retried_until_the_job_exists(monkeypatch, caplog):
         asyncio.run(controller.cleanup_checkpoints(namespace="ns", name="demo", body=body))
         # A retry after a create that did land (its answer lost): AlreadyExists is success.
         asyncio.run(controller.cleanup_checkpoints(namespace="ns", name="demo", body=body))
-    assert api.calls == [("create failed", "demo-cleanup-u-1"), ("create", "demo-cleanup-u-1"), ("create", "demo-cleanup-u-1")]
+    assert [c for c in api.calls if c[0] != "run_pods"] == [
+        ("create failed", "demo-cleanup-u-1"), ("create", "demo-cleanup-u-1"), ("create", "demo-cleanup-u-1")]
     assert [r.getMessage() for r in caplog.records] == [
         "MoTRun ns/demo deleted: cleanup Job demo-cleanup-u-1 created",
         "MoTRun ns/demo deleted: cleanup Job demo-cleanup-u-1 already exists"]

@@ -177,9 +177,11 @@ def _get(url: str, context: ssl.SSLContext | None = None, token: str | None = No
         return 0, str(error)
 
 
-def start_cluster(workdir: Path, binaries: Path | None = None, timeout: float = START_TIMEOUT) -> KubeCluster:
+def start_cluster(workdir: Path, binaries: Path | None = None, timeout: float = START_TIMEOUT,
+                  apiserver_args: tuple[str, ...] = ()) -> KubeCluster:
     """Start etcd, kube-apiserver, kube-controller-manager and kube-scheduler under `workdir` and wait
-    until all answer their health checks; on failure stop what started and raise with their logs."""
+    until all answer their health checks; on failure stop what started and raise with their logs.
+    `apiserver_args` are added to the apiserver's (e.g. an audit log for the operator benchmark)."""
     binaries = binaries or bin_dir()
     missing = [name for name in BINARIES if not os.access(binaries / name, os.X_OK)]
     if missing:
@@ -264,7 +266,7 @@ def start_cluster(workdir: Path, binaries: Path | None = None, timeout: float = 
             f"--service-account-issuer={SA_ISSUER}",
             "--disable-admission-plugins=ServiceAccount",
             "--service-cluster-ip-range=10.96.0.0/16",
-            "--profiling=false", "--v=1",
+            "--profiling=false", "--v=1", *apiserver_args,
         ])
         # /readyz includes etcd, the RBAC bootstrap roles and the CRD informers; anonymous may read it.
         wait("kube-apiserver /readyz", lambda: (lambda r: (r[0] == 200, r))(

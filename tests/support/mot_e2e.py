@@ -1,8 +1,13 @@
-"""The whole product on real parts, for end-to-end tests: the test API server (kube.py), the test
-kubelet running `mot-train` as local processes (kubelet.py), a real SeaweedFS S3 (s3.py), the real
-operator process (`mot operator`, KUBECONFIG pointing at the test API server) and a real Prometheus
-scraping the operator's /metrics. One `mot_e2e` stack is shared by the session; each test works in
-its own namespace (`mot_e2e.namespace()`).
+"""The whole product on real parts, for end-to-end tests: the real control plane (cluster.py: etcd,
+kube-apiserver with RBAC, kube-controller-manager, kube-scheduler), the test kubelet running the
+Jobs' Pods as local processes (node.py), a real SeaweedFS S3 (s3.py), the real operator process
+(`mot operator`) and a real Prometheus scraping the operator's /metrics.
+
+The MoTRun CRD is applied with kubectl; the chart's ServiceAccount, ClusterRole and
+ClusterRoleBinding (rendered with the Helm SDK, default values) are applied too, and the operator
+runs with a token of that ServiceAccount: the apiserver enforces the chart's RBAC on every request
+it makes. One `mot_e2e` stack is shared by the session; each test works in its own namespace
+(`mot_e2e.namespace()`), and the operator watches them all.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,21 +27,25 @@ import pytest
 import requests
 import yaml
 
-from support.kube import ApiError
-from support.kubelet import LocalKubelet
+from support.cluster import KubeCluster, _die_with_parent
+from support.deploy import RELEASE_NAMESPACE, manifests
+from support.node import LocalNode
 from support.processes import stop_process, wait_until
 from support.prometheus import PrometheusServer, free_port, start_prometheus
 
 FIXTURES = ("mot_e2e",)
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[2]
+CRD = ROOT / "crds" / "motruns.mot.dev.yaml"
 BUCKET = "mot-e2e"
 CREDENTIALS_SECRET = "mot-s3"
+RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
 
 
 @dataclass
 class OperatorProcess:
-    """`mot operator` as a real subprocess against the test API server."""
+    """`mot operator` as a real subprocess, KUBECONFIG holding the chart's ServiceAccount token."""
 
     kubeconfig: Path
     metrics_port: int
@@ -55,7 +65,8 @@ class OperatorProcess:
         with open(log, "wb") as out:
             self.process = subprocess.Popen(
                 [str(BIN / "mot"), "operator", "--metrics-port", str(self.metrics_port), "--log-level", "debug",
-                 *self.extra_args], env=env, stdout=out, stderr=subprocess.STDOUT)
+                 *self.extra_args], env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent)
         wait_until(self._ready, timeout, f"the operator's /readyz (log {log})", interval=0.3)
         return self
 
@@ -100,23 +111,34 @@ class OperatorProcess:
 
 @dataclass
 class MoTE2E:
-    kube_api: object
+    cluster: KubeCluster
     s3: object
-    kubelet: LocalKubelet
+    kubelet: LocalNode
     operator: OperatorProcess
     prometheus: PrometheusServer
     student_uri: str
     storage_uri: str
     workdir: Path
+    _session: requests.Session = field(init=False, repr=False)
 
-    # -- clients -----------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {self.cluster.admin_token}"
+        session.verify = str(self.cluster.ca_file)
+        session.trust_env = False  # REQUESTS_CA_BUNDLE would replace `verify`
+        self._session = session
+
+    # -- clients (as the cluster's admin, as a user would) ------------------------------------
     def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        env = dict(os.environ, KUBECONFIG=str(self.kube_api.kubeconfig))
-        done = subprocess.run([str(BIN / "kubectl"), *args], env=env, input=stdin, capture_output=True,
-                              text=True, timeout=60)
+        done = self.cluster.kubectl(*args, input=stdin, check=False)
         if check and done.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed: {done.stderr}")
         return done
+
+    def api_get(self, path: str) -> dict:
+        response = self._session.get(self.cluster.server + path, timeout=30)
+        response.raise_for_status()
+        return response.json()
 
     def namespace(self) -> str:
         """A fresh namespace holding the S3 credentials Secret the runs name."""
@@ -156,7 +178,10 @@ class MoTE2E:
         return self.kubectl("-n", namespace, "apply", "-f", "-", stdin=yaml.safe_dump(manifest))
 
     def get(self, namespace: str, name: str) -> dict:
-        return json.loads(self.kubectl("-n", namespace, "get", "motrun", name, "-o", "json").stdout)
+        return self.api_get(f"/apis/mot.dev/v1alpha1/namespaces/{namespace}/motruns/{name}")
+
+    def motruns(self, namespace: str) -> list[dict]:
+        return self.api_get(f"/apis/mot.dev/v1alpha1/namespaces/{namespace}/motruns")["items"]
 
     def phase(self, namespace: str, name: str) -> str | None:
         return (self.get(namespace, name).get("status") or {}).get("phase")
@@ -172,29 +197,35 @@ class MoTE2E:
             raise AssertionError(f"{error}\nstatus: {json.dumps(status, indent=1)[:3000]}\n"
                                  f"operator log:\n{self.operator.log_tail()}") from None
 
-    def fail_next(self, verb: str, plural: str, code: int = 500, *, times: int = 1, match=None) -> list:
-        """Make the test API server answer the next `times` matching requests with an error; the
-        returned fault's last item counts the failures still to come."""
-        error = ApiError(code, "InternalError" if code >= 500 else "BadRequest", f"injected {code} for a test")
-        server = self.kube_api.server
-        self.kube_api.call(lambda: server.fail_next(verb, plural, error, times=times, match=match))
-        return server.faults[-1]
-
     def jobs(self, namespace: str) -> list[dict]:
-        return self.kube_api.objects("batch/v1", "jobs", namespace)
+        return self.api_get(f"/apis/batch/v1/namespaces/{namespace}/jobs")["items"]
+
+    def pods(self, namespace: str) -> list[dict]:
+        return self.api_get(f"/api/v1/namespaces/{namespace}/pods")["items"]
 
     def events(self, namespace: str, name: str) -> list[dict]:
-        """Events about the MoTRun from both Event APIs (core v1 and events.k8s.io)."""
-        found = []
-        for event in self.kube_api.objects("v1", "events", namespace):
-            if (event.get("involvedObject") or {}).get("name") == name:
-                found.append({"reason": event.get("reason"), "type": event.get("type"),
-                              "message": event.get("message", "")})
-        for event in self.kube_api.objects("events.k8s.io/v1", "events", namespace):
-            if (event.get("regarding") or {}).get("name") == name:
-                found.append({"reason": event.get("reason"), "type": event.get("type"),
-                              "message": event.get("note", "")})
-        return found
+        """Events about the MoTRun `name` (the core v1 API; events.k8s.io/v1 serves the same ones)."""
+        return [{"reason": event.get("reason"), "type": event.get("type"), "message": event.get("message", "")}
+                for event in self.api_get(f"/api/v1/namespaces/{namespace}/events")["items"]
+                if (event.get("involvedObject") or {}).get("kind") == "MoTRun"
+                and event["involvedObject"].get("name") == name]
+
+    @contextmanager
+    def no_job_quota(self, namespace: str):
+        """A ResourceQuota of 0 Jobs in `namespace`: the apiserver refuses every new Job there (403
+        "exceeded quota") until the block exits and the quota is deleted."""
+        quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "jobs", "namespace": namespace},
+                 "spec": {"hard": {"count/jobs.batch": "0"}}}
+        self.kubectl("apply", "-f", "-", stdin=json.dumps(quota))
+        # The quota controller fills in what is used; until then the apiserver refuses with
+        # "status unknown for quota" instead: wait, so the refusal is the real "exceeded quota".
+        wait_until(lambda: "count/jobs.batch" in (self.api_get(
+            f"/api/v1/namespaces/{namespace}/resourcequotas/jobs").get("status") or {}).get("used", {}),
+            30, "the quota's usage to be counted")
+        try:
+            yield quota
+        finally:
+            self.kubectl("-n", namespace, "delete", "resourcequota", "jobs", "--ignore-not-found")
 
     def checkpoint_manifest(self, uri: str) -> dict | None:
         """The mot-manifest.json at a checkpoint URI, after checking every listed file is in S3."""
@@ -217,23 +248,38 @@ def _upload_folder(s3, folder: Path, bucket: str, prefix: str) -> None:
             client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
 
 
+def install_operator_access(cluster: KubeCluster, values: dict | None = None) -> Path:
+    """Apply the MoTRun CRD and the chart's ServiceAccount and RBAC (rendered with the Helm SDK) as the
+    admin; a kubeconfig with a token of that ServiceAccount, for the operator."""
+    cluster.kubectl("apply", "-f", str(CRD))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/motruns.mot.dev", "--timeout=60s")
+    access = [doc for doc in manifests(values or {}) if doc["kind"] in RBAC_KINDS]
+    assert {doc["kind"] for doc in access} >= {"ServiceAccount"}, access
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": RELEASE_NAMESPACE}}
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                           "items": [namespace, *access]}))
+    [account] = [doc for doc in access if doc["kind"] == "ServiceAccount"]
+    return cluster.service_account_kubeconfig(account["metadata"]["name"], RELEASE_NAMESPACE, create=False,
+                                              duration="4h")
+
+
 @pytest.fixture(scope="session")
-def mot_e2e(kube_api, s3_server, tiny_model, tmp_path_factory):
+def mot_e2e(kube_cluster, kube_node, s3_server, tiny_model, tmp_path_factory):
     """The shared end-to-end stack (see the module docstring)."""
     workdir = tmp_path_factory.mktemp("mot-e2e")
     s3_server.make_bucket(BUCKET)
     _upload_folder(s3_server, Path(tiny_model), BUCKET, "models/student")
-    kubelet = LocalKubelet(kube_api.url, workdir / "kubelet", max_parallel=2).start()
-    operator = OperatorProcess(kube_api.kubeconfig, free_port(), workdir)
+    kubeconfig = install_operator_access(kube_cluster)
+    operator = OperatorProcess(kubeconfig, free_port(), workdir)
     prometheus = None
     try:
         operator.start()
         prometheus = start_prometheus(workdir / "prometheus", f"127.0.0.1:{operator.metrics_port}")
-        yield MoTE2E(kube_api=kube_api, s3=s3_server, kubelet=kubelet, operator=operator, prometheus=prometheus,
-                     student_uri=f"s3://{BUCKET}/models/student", storage_uri=f"s3://{BUCKET}/runs",
-                     workdir=workdir)
+        yield MoTE2E(cluster=kube_cluster, s3=s3_server, kubelet=kube_node, operator=operator,
+                     prometheus=prometheus, student_uri=f"s3://{BUCKET}/models/student",
+                     storage_uri=f"s3://{BUCKET}/runs", workdir=workdir)
     finally:
         operator.stop()
-        kubelet.stop()
         if prometheus is not None:
             prometheus.stop()
+

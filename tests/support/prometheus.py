@@ -20,6 +20,7 @@ import pytest
 import requests
 import yaml
 
+from support.cluster import _die_with_parent
 from support.processes import stop_process
 
 FIXTURES = ("prometheus_factory",)
@@ -91,7 +92,7 @@ def start_prometheus(workdir: Path, target: str, *, job: str = "mot-operator") -
             [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
              f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h",
              f"--web.console.templates={workdir}", f"--web.console.libraries={workdir}"],
-            stdout=out, stderr=subprocess.STDOUT)
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
     server = PrometheusServer(url=f"http://127.0.0.1:{port}", process=process, workdir=workdir, log=log)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from support.cluster import _die_with_parent
+
 FIXTURES = ("s3_server",)
 
 ACCESS_KEY = "mot-test-access"
@@ -152,7 +154,8 @@ def _start(workdir: Path) -> tuple[subprocess.Popen, S3Server]:
     env = dict(os.environ, GOMEMLIMIT="512MiB", GOMAXPROCS="2")
     log_path = workdir / "weed.out"
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=_die_with_parent)  # gone with pytest, even a SIGKILLed one
     server = S3Server(
         endpoint=f"http://127.0.0.1:{s3}", access_key=ACCESS_KEY, secret_key=SECRET_KEY, workdir=workdir
     )

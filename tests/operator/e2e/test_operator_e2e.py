@@ -69,7 +69,7 @@ def test_three_teachers_two_rounds_succeed(mot_e2e):
         labels = job["metadata"]["labels"]
         assert labels["mot.dev/run"] == "tri" and labels["app.kubernetes.io/managed-by"] == "mot-operator"
         assert job["metadata"]["ownerReferences"][0]["uid"] == run["metadata"]["uid"]
-        assert len(mot_e2e.kubelet.runs_of(job["metadata"]["name"])) == 1
+        assert len(mot_e2e.kubelet.runs_of(job["metadata"]["name"], ns)) == 1
 
     # Events for every transition.
     reasons = [e["reason"] for e in mot_e2e.events(ns, "tri")]
@@ -98,10 +98,15 @@ def test_three_teachers_two_rounds_succeed(mot_e2e):
     # kubectl shows the CRD's printer columns.
     table = mot_e2e.kubectl("-n", ns, "get", "motrun", "tri").stdout.split()
     assert table[:5] == ["NAME", "PHASE", "ROUND", "TEACHERS", "AGE"] and table[6:9] == ["Succeeded", "2/2", "3"]
+    wide = mot_e2e.kubectl("-n", ns, "get", "motruns", "-o", "wide").stdout.splitlines()
+    assert wide[0].split() == ["NAME", "PHASE", "ROUND", "TEACHERS", "AGE", "MESSAGE"], wide
+    assert wide[1].split()[:4] == ["tri", "Succeeded", "2/2", "3"], wide
+    assert status["message"] and wide[1].rstrip().endswith(status["message"]), (wide, status["message"])
 
-    # Deleting the run cascades to its Jobs and removes its per-run series.
+    # Deleting the run: the garbage collector deletes its Jobs (owner references), then their Pods;
+    # the operator removes its per-run series.
     mot_e2e.kubectl("-n", ns, "delete", "motrun", "tri")
-    assert mot_e2e.jobs(ns) == []
+    wait_until(lambda: mot_e2e.jobs(ns) == [] and mot_e2e.pods(ns) == [], 60, "the run's Jobs and Pods to go")
     wait_until(lambda: not [line for line in mot_e2e.operator.metrics().splitlines()
                             if run_labels in line and not line.startswith("#")],
                30, "the deleted run's series to go from /metrics")

@@ -20,10 +20,11 @@ def dataset(mot_e2e, seed: int) -> str:
 
 
 def in_namespace(ns: str, teacher: str | None = None, attempt: int | None = None):
-    """A kubelet fault matcher: Jobs of this namespace (and teacher, and attempt)."""
-    def match(job: dict) -> bool:
-        labels = job["metadata"].get("labels") or {}
-        return (job["metadata"]["namespace"] == ns
+    """A kubelet fault matcher: Pods of this namespace (and teacher, and attempt: the Job's pod
+    template carries the run's labels)."""
+    def match(pod: dict) -> bool:
+        labels = pod["metadata"].get("labels") or {}
+        return (pod["metadata"]["namespace"] == ns
                 and (teacher is None or labels.get("mot.dev/teacher") == teacher)
                 and (attempt is None or labels.get("mot.dev/attempt") == str(attempt)))
     return match
@@ -86,11 +87,16 @@ def test_invalid_input_exit_code_2_is_not_retried(mot_e2e):
     assert "broken.jsonl" in status["message"] and "not retried" in status["message"], status["message"]
     jobs = branch_jobs(mot_e2e, ns, "a")
     assert len(jobs) == 1
-    [run] = mot_e2e.kubelet.runs_of(jobs[0])
+    [run] = mot_e2e.kubelet.runs_of(jobs[0], ns)
     assert run.exit_code == 2 and not run.injected
-    job = next(j for j in mot_e2e.jobs(ns) if j["metadata"]["name"] == jobs[0])
-    failed = [c for c in job["status"]["conditions"] if c["type"] == "Failed"]
-    assert failed[0]["reason"] == "PodFailurePolicy"
+    # The real Job controller decided it: FailureTarget at once (what the operator acts on), Failed
+    # once the Pod's tracking finalizer is gone, both by the podFailurePolicy's FailJob rule.
+    def failed():
+        job = next(j for j in mot_e2e.jobs(ns) if j["metadata"]["name"] == jobs[0])
+        return [c for c in job["status"].get("conditions") or [] if c["type"] == "Failed" and c["status"] == "True"]
+    [condition] = wait_until(failed, 30, "the Job's Failed condition")
+    assert condition["reason"] == "PodFailurePolicy", condition
+    assert "failed with exit code 2 matching FailJob rule at index 1" in condition["message"], condition
 
 
 def test_operator_killed_mid_round_resumes_without_duplicates(mot_e2e):
@@ -103,7 +109,7 @@ def test_operator_killed_mid_round_resumes_without_duplicates(mot_e2e):
         mot_e2e.operator.kill()
         release.set()  # the branches finish while no operator is running
         wait_until(lambda: all(len(r) == 1 and r[0].exit_code is not None for r in
-                               (mot_e2e.kubelet.runs_of(j["metadata"]["name"]) for j in mot_e2e.jobs(ns))),
+                               (mot_e2e.kubelet.runs_of(j["metadata"]["name"], ns) for j in mot_e2e.jobs(ns))),
                    240, "both branches to finish")
     finally:
         release.set()
@@ -115,7 +121,7 @@ def test_operator_killed_mid_round_resumes_without_duplicates(mot_e2e):
     names = sorted(j["metadata"]["name"] for j in mot_e2e.jobs(ns))
     assert len(names) == len(set(names)) == 3  # two branches and one merge, none created twice
     for name in names:
-        assert len(mot_e2e.kubelet.runs_of(name)) == 1
+        assert len(mot_e2e.kubelet.runs_of(name, ns)) == 1
     assert reasons(mot_e2e, ns, "phoenix").count("BranchStarted") == 2
 
 
@@ -128,14 +134,18 @@ def test_suspend_then_resume(mot_e2e):
         assert mot_e2e.jobs(ns) == []  # suspended from the start: nothing created
 
         mot_e2e.kubectl("-n", ns, "patch", "motrun", "nap", "--type", "merge", "-p", '{"spec": {"suspend": false}}')
-        wait_until(lambda: [r for j in mot_e2e.jobs(ns) for r in mot_e2e.kubelet.runs_of(j["metadata"]["name"])],
+        wait_until(lambda: [r for j in mot_e2e.jobs(ns) for r in mot_e2e.kubelet.runs_of(j["metadata"]["name"], ns)],
                    60, "the branch Pod to run")
         mot_e2e.kubectl("-n", ns, "patch", "motrun", "nap", "--type", "merge", "-p", '{"spec": {"suspend": true}}')
         mot_e2e.wait_phase(ns, "nap", ("Suspended",), timeout=60)
         wait_until(lambda: all(j["spec"].get("suspend") for j in mot_e2e.jobs(ns)), 60, "the running Job suspended")
         [job] = mot_e2e.jobs(ns)
-        [pod_run] = mot_e2e.kubelet.runs_of(job["metadata"]["name"])
+        [pod_run] = mot_e2e.kubelet.runs_of(job["metadata"]["name"], ns)
         wait_until(lambda: pod_run.exit_code is not None, 30, "the suspended Job's process to stop")
+        assert pod_run.deleted  # the Job controller deleted the Pod; the kubelet stopped its container
+        wait_until(lambda: any(c["type"] == "Suspended" and c["status"] == "True"
+                               for c in mot_e2e.jobs(ns)[0].get("status", {}).get("conditions") or []),
+                   30, "the Job controller's Suspended condition")
 
         release.set()
         mot_e2e.kubectl("-n", ns, "patch", "motrun", "nap", "--type", "merge", "-p", '{"spec": {"suspend": false}}')
@@ -143,6 +153,10 @@ def test_suspend_then_resume(mot_e2e):
         release.set()
     status = mot_e2e.wait_phase(ns, "nap", ("Succeeded", "Failed"))["status"]
     assert status["phase"] == "Succeeded", status.get("message")
+    # Resumed, the same Job got a new Pod from the Job controller (the suspension counted no failure).
+    runs = mot_e2e.kubelet.runs_of(job["metadata"]["name"], ns)
+    assert [(r.deleted, r.exit_code) for r in runs] == [(True, 143), (False, 0)]
+    assert status["rounds"][0]["branches"]["a"]["attempt"] == 1
     assert {"Suspended", "Resumed"} <= set(reasons(mot_e2e, ns, "nap"))
 
 
@@ -171,6 +185,6 @@ def test_invalid_motruns_are_refused_naming_the_field(mot_e2e):
     refused = mot_e2e.kubectl("-n", ns, "patch", "motrun", "fixed", "--type", "merge",
                               "-p", '{"spec": {"training": {"steps": 99}}}', check=False)
     assert refused.returncode != 0 and "spec.training: Invalid value" in refused.stderr, refused.stderr
-    runs = mot_e2e.kube_api.objects("mot.dev/v1alpha1", "motruns", ns)
+    runs = mot_e2e.motruns(ns)
     assert [(r["metadata"]["name"], r["spec"]["training"]["steps"]) for r in runs] == [("fixed", 2)]
     assert mot_e2e.jobs(ns) == []
