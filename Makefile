@@ -19,8 +19,11 @@ $(VENV)/.installed: pyproject.toml Dockerfile | $(BIN)/python
 	$(BIN)/pip install -q -e '.[operator,trainer,local]'
 	touch $@
 
+# kmock was a test dependency (the retired API server emulator): a venv made before it was dropped
+# still has it, and its pytest plugin stops pytest (it needs pytest-asyncio). A no-op otherwise.
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[operator,trainer,local,test]'
+	$(BIN)/pip uninstall -q -y kmock 2>/dev/null
 	touch $@
 
 venv: $(VENV)/.installed
@@ -32,10 +35,13 @@ apt-deps:
 	  ( $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus openssl >/dev/null )
 
 # The Kubernetes control plane the tests start (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler), built with Go at the versions in tests/cluster/go.mod into a cache outside the
-# work tree; only what is missing is built (~5 min cold), a warm run does nothing.
+# kube-scheduler), built with Go at the versions in tests/cluster/go.mod, and Kueue's
+# controller-manager with its CRDs and webhook manifests at the version in tests/cluster/kueue/go.mod,
+# into a cache outside the work tree; only what is missing is built (~5 + ~3.5 min cold), a warm run
+# does nothing.
 cluster-bins:
 	bash tests/cluster/build.sh
+	bash tests/cluster/kueue/build.sh
 
 test-deps: apt-deps $(VENV)/.installed-test cluster-bins
 
