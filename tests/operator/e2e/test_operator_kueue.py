@@ -1,0 +1,88 @@
+"""A MoTRun with `queueName` under a real Kueue (tests/support/kueue.py): its Jobs are created
+suspended and labelled for the LocalQueue; a ClusterQueue with less GPU quota than one round admits
+two of the three 2-GPU branches and keeps the third waiting, naming the quota; the operator leaves
+the waiting Job suspended (it never fights Kueue over `suspend`); once a branch finishes, Kueue
+admits the third, then the merge, and the run succeeds."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from support.kueue import condition
+from support.processes import wait_until
+
+from mot_trainer.tiny import arithmetic_records
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def gpu_queue(kueue, mot_e2e):
+    """A namespace of the e2e stack with a LocalQueue `gpus` whose ClusterQueue has 4 GPUs."""
+    ns = mot_e2e.namespace()
+    flavor, cluster_queue = f"{ns}-flavor", f"{ns}-cq"
+    objects = [
+        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": flavor}},
+        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": cluster_queue},
+         "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+                  "resourceGroups": [{"coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
+                                      "flavors": [{"name": flavor, "resources": [
+                                          {"name": "cpu", "nominalQuota": "64"},
+                                          {"name": "memory", "nominalQuota": "256Gi"},
+                                          {"name": "nvidia.com/gpu", "nominalQuota": "4"}]}]}]}},
+        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
+         "metadata": {"name": "gpus", "namespace": ns}, "spec": {"clusterQueue": cluster_queue}},
+    ]
+    cluster = kueue.cluster
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
+    wait_until(lambda: (condition(cluster.get_json("clusterqueue", cluster_queue), "Active") or {}).get("status")
+               == "True", timeout=30, what=f"ClusterQueue {cluster_queue} Active", on_timeout=kueue.logs)
+    yield ns
+    cluster.kubectl("delete", "clusterqueue", cluster_queue, "--wait=false", check=False)
+    cluster.kubectl("delete", "resourceflavor", flavor, "--wait=false", check=False)
+
+
+def branch_jobs(mot_e2e, ns: str) -> dict[str, dict]:
+    return {j["metadata"]["labels"]["mot.dev/teacher"]: j for j in mot_e2e.jobs(ns)
+            if j["metadata"]["labels"].get("mot.dev/stage") == "sft"}
+
+
+def test_a_queued_run_waits_for_quota_and_the_operator_leaves_admission_to_kueue(kueue, mot_e2e, gpu_queue):
+    ns = gpu_queue
+    records = arithmetic_records(12, seed=31, style="steps")
+    data = mot_e2e.upload_text("data/kueue.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    manifest = mot_e2e.motrun("queued", {"a": data, "b": data, "c": data}, queueName="gpus")
+    manifest["spec"]["resources"] = {"branch": {"gpus": 2}}  # 3 branches x 2 GPUs > the queue's 4
+    release = mot_e2e.kubelet.hold(lambda pod: pod["metadata"]["namespace"] == ns)
+    mot_e2e.apply(ns, manifest)
+    try:
+        def two_admitted_one_waiting():
+            jobs = branch_jobs(mot_e2e, ns)
+            waiting = [t for t, j in jobs.items() if j["spec"].get("suspend")]
+            return jobs if len(jobs) == 3 and len(waiting) == 1 else None
+
+        jobs = wait_until(two_admitted_one_waiting, 90, "two branches admitted, one waiting",
+                          on_timeout=kueue.logs)
+        for job in jobs.values():  # created suspended, labelled for the queue
+            assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpus"
+        [teacher] = [t for t, j in jobs.items() if j["spec"].get("suspend")]
+        workload = kueue.workload_for(ns, jobs[teacher]["metadata"]["uid"])
+        reserved = condition(workload, "QuotaReserved")
+        print(f"\nwaiting branch {teacher}: QuotaReserved {reserved}")
+        assert reserved["status"] == "False" and "insufficient unused quota for nvidia.com/gpu" in reserved["message"]
+
+        # Left alone: several operator passes later (its Jobs' changes wake it), still suspended.
+        time.sleep(5)
+        assert branch_jobs(mot_e2e, ns)[teacher]["spec"]["suspend"] is True
+        status = mot_e2e.get(ns, "queued")["status"]
+        assert status["phase"] == "Running" and status["rounds"][0]["branches"][teacher]["state"] == "Suspended"
+    finally:
+        release.set()
+    status = mot_e2e.wait_phase(ns, "queued", ("Succeeded", "Failed"), timeout=300)["status"]
+    assert status["phase"] == "Succeeded", status.get("message")
+    # Kueue admitted the waiting branch once quota was free, and the merge after the branches.
+    admitted = condition(kueue.workload_for(ns, jobs[teacher]["metadata"]["uid"]) or {}, "Admitted")
+    assert admitted is None or admitted["status"] == "True"  # (finished Workloads may be gone already)
+    assert len(mot_e2e.kubelet.runs_of(jobs[teacher]["metadata"]["name"], ns)) == 1
