@@ -1,10 +1,12 @@
 """Faults end to end, on the shared real stack (support/mot_e2e.py): a branch failing once then
 succeeding, a branch always failing, the trainer's exit code 2, the operator SIGKILLed mid-round,
-suspend then resume, and invalid MoTRuns refused naming the field."""
+the operator SIGKILLed at every step of a two-round run, suspend then resume, and invalid MoTRuns
+refused naming the field."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from support.processes import wait_until
@@ -188,3 +190,39 @@ def test_invalid_motruns_are_refused_naming_the_field(mot_e2e):
     runs = mot_e2e.motruns(ns)
     assert [(r["metadata"]["name"], r["spec"]["training"]["steps"]) for r in runs] == [("fixed", 2)]
     assert mot_e2e.jobs(ns) == []
+
+
+def test_operator_killed_at_every_step_of_a_two_round_run_creates_each_job_once(mot_e2e):
+    """SIGKILL right after the first status write (before or while its Jobs are created), then each
+    time new Jobs of the run appear (round 1's branches, its merge, round 2's branches, its merge),
+    restarting it at once: every Job is created once and runs once."""
+    ns = mot_e2e.namespace()
+    datasets = {"a": dataset(mot_e2e, 8), "b": dataset(mot_e2e, 9)}
+    mot_e2e.apply(ns, mot_e2e.motrun("lazarus", datasets, rounds=2))
+    kills, seen = 0, 0
+    try:
+        wait_until(lambda: (mot_e2e.get(ns, "lazarus").get("status") or {}).get("phase"), 60, "the first status")
+        mot_e2e.operator.kill()
+        kills += 1
+        mot_e2e.operator.start()
+        deadline = time.monotonic() + 300
+        while mot_e2e.phase(ns, "lazarus") not in ("Succeeded", "Failed") and time.monotonic() < deadline:
+            count = len(mot_e2e.jobs(ns))
+            if count > seen:  # new Jobs: kill the operator that just created them
+                seen = count
+                mot_e2e.operator.kill()
+                kills += 1
+                mot_e2e.operator.start()
+            time.sleep(0.2)
+    finally:
+        if mot_e2e.operator.process.poll() is not None:
+            mot_e2e.operator.start()
+    status = mot_e2e.wait_phase(ns, "lazarus", ("Succeeded", "Failed"))["status"]
+    assert status["phase"] == "Succeeded", status.get("message")
+    assert kills >= 5, kills  # the first status, then four batches of new Jobs
+    names = [j["metadata"]["name"] for j in mot_e2e.jobs(ns)]
+    assert len(names) == len(set(names)) == 6, names  # 2 rounds x (2 branches + merge), none twice
+    for name in names:
+        assert len(mot_e2e.kubelet.runs_of(name, ns)) == 1, name
+    # No branch announced twice (an Event posted just before a kill may be lost, never repeated).
+    assert reasons(mot_e2e, ns, "lazarus").count("BranchStarted") <= 4
