@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from support.invalid_motruns import INVALID, minimal
 
-from mot_operator.spec import GROUP, PLURAL, VERSION, SpecError, check_update, parse_spec
+from mot_operator.spec import GROUP, PLURAL, VERSION, SpecError, check_update, parse_spec, validated
 
 pytestmark = pytest.mark.e2e
 
@@ -91,3 +91,15 @@ def test_an_edit_is_refused_as_check_update_refuses_it(custom_api):
     allowed = {**created, "spec": {**created["spec"], "rounds": 7, "suspend": True}}
     custom_api.replace_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, "edited", allowed)
     check_update(created["spec"], allowed["spec"])
+
+
+@pytest.mark.parametrize("example", sorted((CRD.parents[1] / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_is_admitted_as_mot_run_reads_it(custom_api, example):
+    """The examples users start from pass the apiserver (dry run, strict) and parse_spec alike, and
+    the apiserver's defaults are the ones parse_spec applies."""
+    import yaml
+
+    manifest = yaml.safe_load(example.read_text())
+    stored = create(custom_api, manifest)
+    assert stored["spec"]["training"] == validated(manifest["spec"])["training"]
+    assert parse_spec(manifest["spec"]).teachers
