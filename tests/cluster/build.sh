@@ -22,7 +22,8 @@ GO=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
 k8s_version=$(awk '$1 == "k8s.io/kubernetes" && $2 ~ /^v/ {print $2; exit}' "$here/go.mod")
 etcd_version=$(awk '$1 == "go.etcd.io/etcd/server/v3" && $2 ~ /^v/ {print $2; exit}' "$here/go.mod")
 [[ -n $k8s_version && -n $etcd_version ]] || { echo "build.sh: no versions in $here/go.mod" >&2; exit 1; }
-dir=${MOT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mot-operator}/kube/$k8s_version
+source "$here/lib.sh"
+dir=$(cache_dir kube "$k8s_version")
 
 if [[ ${1-} == --print-dir ]]; then
   echo "$dir"
@@ -43,23 +44,9 @@ missing() {
   done
 }
 
-[[ -z $(missing) ]] && exit 0
-
-mkdir -p "$dir"
-exec 9>"$dir/.lock"
-flock 9
-todo=$(missing)   # another run may have built them while this one waited for the lock
-[[ -z $todo ]] && exit 0
-rm -f "$dir"/.*.tmp.*   # left by an interrupted run (we hold the lock)
-
-command -v "$GO" >/dev/null || { echo "build.sh: no Go toolchain (set GO=/path/to/go)" >&2; exit 1; }
-
-export GOWORK=off GOFLAGS=-mod=readonly CGO_ENABLED=0
-# Built with Go's JSON v2 experiment (the default from Go 1.27), the apiserver answers /openapi/v2
-# with 503 and `kubectl apply` fails. Turn it off when this toolchain has it on.
-if "$GO" list -f '{{context.ToolTags}}' runtime | grep -qw 'goexperiment.jsonv2'; then
-  export GOEXPERIMENT=${GOEXPERIMENT:+$GOEXPERIMENT,}nojsonv2
-fi
+lock_or_done "$dir"
+todo=$(missing)
+go_env build.sh
 
 kv=${k8s_version#v}
 kube_ldflags=""

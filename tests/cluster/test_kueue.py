@@ -30,29 +30,9 @@ def namespace(kube_cluster):
 
 @pytest.fixture
 def gpu_queue(kueue, namespace):
-    """A ResourceFlavor, a ClusterQueue with nvidia.com/gpu: 2 (cpu and memory plenty) for this
-    namespace only, and a LocalQueue `gpus` in it; yields the ClusterQueue's name."""
-    cluster = kueue.cluster
-    flavor, cluster_queue = f"{namespace}-flavor", f"{namespace}-cq"
-    objects = [
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": flavor}},
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": cluster_queue},
-         "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
-                  "resourceGroups": [{"coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
-                                      "flavors": [{"name": flavor, "resources": [
-                                          {"name": "cpu", "nominalQuota": "64"},
-                                          {"name": "memory", "nominalQuota": "256Gi"},
-                                          {"name": "nvidia.com/gpu", "nominalQuota": "2"}]}]}]}},
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
-         "metadata": {"name": "gpus", "namespace": namespace}, "spec": {"clusterQueue": cluster_queue}},
-    ]
-    cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
-    wait_until(lambda: (condition(cluster.get_json("clusterqueue", cluster_queue), "Active") or {}).get("status") == "True",
-               timeout=30, what=f"ClusterQueue {cluster_queue} Active", on_timeout=kueue.logs)
-    yield cluster_queue
-    # Kueue's finalizers hold them until the namespace's Workloads are gone; no need to wait.
-    cluster.kubectl("delete", "clusterqueue", cluster_queue, "--wait=false", check=False)
-    cluster.kubectl("delete", "resourceflavor", flavor, "--wait=false", check=False)
+    """A LocalQueue `gpus` in the namespace whose ClusterQueue has 2 GPUs; yields the ClusterQueue."""
+    with kueue.gpu_queue(namespace, gpus=2) as cluster_queue:
+        yield cluster_queue
 
 
 def job(name: str, queue: str | None, *, suspend: bool, gpus: int = 1) -> dict:

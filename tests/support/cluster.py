@@ -54,19 +54,29 @@ SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 START_TIMEOUT = 90.0
 
 
-def kube_version() -> str:
-    """The Kubernetes version tests/cluster/go.mod pins (`v1.36.5`)."""
-    match = re.search(r"^\s*k8s\.io/kubernetes\s+(v\S+)", GO_MOD.read_text(), re.MULTILINE)
-    assert match, f"no k8s.io/kubernetes version in {GO_MOD}"
+def pinned_version(go_mod: Path, module: str) -> str:
+    """The version a go.mod requires of `module` (e.g. `v1.36.5`)."""
+    match = re.search(rf"^\s*{re.escape(module)}\s+(v\S+)", go_mod.read_text(), re.MULTILINE)
+    assert match, f"no {module} version in {go_mod}"
     return match.group(1)
 
 
+def cache_dir(kind: str, version: str) -> Path:
+    """Where the build scripts put what they build (keep in step with cache_dir in tests/cluster/lib.sh)."""
+    cache = os.environ.get("MOT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mot-operator"
+    return Path(cache) / kind / version
+
+
+def kube_version() -> str:
+    """The Kubernetes version tests/cluster/go.mod pins."""
+    return pinned_version(GO_MOD, "k8s.io/kubernetes")
+
+
 def bin_dir() -> Path:
-    """Where build.sh puts the binaries (keep in step with its `dir=`)."""
+    """Where build.sh puts the binaries ($MOT_KUBE_BIN_DIR elsewhere)."""
     if os.environ.get("MOT_KUBE_BIN_DIR"):
         return Path(os.environ["MOT_KUBE_BIN_DIR"])
-    cache = os.environ.get("MOT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mot-operator"
-    return Path(cache) / "kube" / kube_version()
+    return cache_dir("kube", kube_version())
 
 
 def free_port() -> int:

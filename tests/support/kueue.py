@@ -39,10 +39,10 @@ leaves nothing behind.
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import json
 import os
-import re
 import shutil
 import ssl
 import subprocess
@@ -53,8 +53,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from support.cluster import ROOT, Component, KubeCluster, _die_with_parent, _get, free_port
-from support.processes import stop_process
+from support.cluster import (
+    ROOT,
+    Component,
+    KubeCluster,
+    _die_with_parent,
+    _get,
+    cache_dir,
+    free_port,
+    pinned_version,
+)
+from support.processes import stop_process, wait_until
 
 FIXTURES = ("kueue",)
 
@@ -67,18 +76,15 @@ WEBHOOK_CONFIGURATIONS = {"MutatingWebhookConfiguration": "kueue-mutating-webhoo
 
 
 def kueue_version() -> str:
-    """The Kueue version tests/cluster/kueue/go.mod pins (`v0.17.1`)."""
-    match = re.search(r"^\s*sigs\.k8s\.io/kueue\s+(v\S+)", GO_MOD.read_text(), re.MULTILINE)
-    assert match, f"no sigs.k8s.io/kueue version in {GO_MOD}"
-    return match.group(1)
+    """The Kueue version tests/cluster/kueue/go.mod pins."""
+    return pinned_version(GO_MOD, "sigs.k8s.io/kueue")
 
 
 def kueue_dir() -> Path:
-    """Where tests/cluster/kueue/build.sh puts Kueue (keep in step with its `dir=`)."""
+    """Where tests/cluster/kueue/build.sh puts Kueue ($MOT_KUEUE_DIR elsewhere)."""
     if os.environ.get("MOT_KUEUE_DIR"):
         return Path(os.environ["MOT_KUEUE_DIR"])
-    cache = os.environ.get("MOT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mot-operator"
-    return Path(cache) / "kueue" / kueue_version()
+    return cache_dir("kueue", kueue_version())
 
 
 @dataclass
@@ -106,6 +112,32 @@ class Kueue:
             if any(ref.get("uid") == job_uid for ref in workload["metadata"].get("ownerReferences", [])):
                 return workload
         return None
+
+    @contextlib.contextmanager
+    def gpu_queue(self, namespace: str, gpus: int, name: str = "gpus"):
+        """A ResourceFlavor, a ClusterQueue for `namespace` only with `gpus` nvidia.com/gpu (cpu and
+        memory plenty) and a LocalQueue `name` in it, Active; yields the ClusterQueue's name. Kueue's
+        finalizers hold the queue objects until their Workloads are gone: deleted without waiting."""
+        flavor, cluster_queue = f"{namespace}-flavor", f"{namespace}-cq"
+        quota = {"cpu": "64", "memory": "256Gi", "nvidia.com/gpu": str(gpus)}
+        objects = [
+            {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": flavor}},
+            {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": cluster_queue},
+             "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+                      "resourceGroups": [{"coveredResources": list(quota), "flavors": [{"name": flavor, "resources": [
+                          {"name": resource, "nominalQuota": amount} for resource, amount in quota.items()]}]}]}},
+            {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
+             "metadata": {"name": name, "namespace": namespace}, "spec": {"clusterQueue": cluster_queue}},
+        ]
+        self.cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                                    "items": objects}))
+        wait_until(lambda: (condition(self.cluster.get_json("clusterqueue", cluster_queue), "Active") or {}).get(
+            "status") == "True", timeout=30, what=f"ClusterQueue {cluster_queue} Active", on_timeout=self.logs)
+        try:
+            yield cluster_queue
+        finally:
+            self.cluster.kubectl("delete", "clusterqueue", cluster_queue, "--wait=false", check=False)
+            self.cluster.kubectl("delete", "resourceflavor", flavor, "--wait=false", check=False)
 
     def stop(self) -> None:
         for kind, name in WEBHOOK_CONFIGURATIONS.items():

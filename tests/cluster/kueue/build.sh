@@ -30,7 +30,8 @@ GO=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
 
 kueue_version=$(awk '$1 == "sigs.k8s.io/kueue" && $2 ~ /^v/ {print $2; exit}' "$here/go.mod")
 [[ -n $kueue_version ]] || { echo "kueue/build.sh: no sigs.k8s.io/kueue version in $here/go.mod" >&2; exit 1; }
-dir=${MOT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mot-operator}/kueue/$kueue_version
+source "$here/../lib.sh"
+dir=$(cache_dir kueue "$kueue_version")
 
 if [[ ${1-} == --print-dir ]]; then
   echo "$dir"
@@ -43,23 +44,9 @@ missing() {
   [[ -f $dir/webhooks.yaml ]] || echo webhooks.yaml
 }
 
-[[ -z $(missing) ]] && exit 0
-
-mkdir -p "$dir"
-exec 9>"$dir/.lock"
-flock 9
-todo=$(missing)   # another run may have made them while this one waited for the lock
-[[ -z $todo ]] && exit 0
-rm -rf "$dir"/.*.tmp.*   # left by an interrupted run (we hold the lock)
-
-command -v "$GO" >/dev/null || { echo "kueue/build.sh: no Go toolchain (set GO=/path/to/go)" >&2; exit 1; }
-
-export GOWORK=off GOFLAGS=-mod=readonly CGO_ENABLED=0
-# As ../build.sh: Go's JSON v2 experiment (the default from Go 1.27) changes encoding/json, which
-# the apiserver, client-go and controller-runtime were not released against. Off when it is on.
-if "$GO" list -f '{{context.ToolTags}}' runtime | grep -qw 'goexperiment.jsonv2'; then
-  export GOEXPERIMENT=${GOEXPERIMENT:+$GOEXPERIMENT,}nojsonv2
-fi
+lock_or_done "$dir"
+todo=$(missing)
+go_env kueue/build.sh
 cd "$here"
 "$GO" mod download sigs.k8s.io/kueue
 module_dir=$("$GO" list -m -f '{{.Dir}}' sigs.k8s.io/kueue)

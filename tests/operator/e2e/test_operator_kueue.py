@@ -22,26 +22,8 @@ pytestmark = pytest.mark.e2e
 def gpu_queue(kueue, mot_e2e):
     """A namespace of the e2e stack with a LocalQueue `gpus` whose ClusterQueue has 4 GPUs."""
     ns = mot_e2e.namespace()
-    flavor, cluster_queue = f"{ns}-flavor", f"{ns}-cq"
-    objects = [
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": flavor}},
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": cluster_queue},
-         "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
-                  "resourceGroups": [{"coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
-                                      "flavors": [{"name": flavor, "resources": [
-                                          {"name": "cpu", "nominalQuota": "64"},
-                                          {"name": "memory", "nominalQuota": "256Gi"},
-                                          {"name": "nvidia.com/gpu", "nominalQuota": "4"}]}]}]}},
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
-         "metadata": {"name": "gpus", "namespace": ns}, "spec": {"clusterQueue": cluster_queue}},
-    ]
-    cluster = kueue.cluster
-    cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
-    wait_until(lambda: (condition(cluster.get_json("clusterqueue", cluster_queue), "Active") or {}).get("status")
-               == "True", timeout=30, what=f"ClusterQueue {cluster_queue} Active", on_timeout=kueue.logs)
-    yield ns
-    cluster.kubectl("delete", "clusterqueue", cluster_queue, "--wait=false", check=False)
-    cluster.kubectl("delete", "resourceflavor", flavor, "--wait=false", check=False)
+    with kueue.gpu_queue(ns, gpus=4):
+        yield ns
 
 
 def branch_jobs(mot_e2e, ns: str) -> dict[str, dict]:
