@@ -1,4 +1,4 @@
-"""`mot`: run the operator (`mot operator`), a MoTRun on this machine (`mot run`), or the demo."""
+"""`mot`: the operator (`mot operator`), a MoTRun on this machine (`mot run`, `mot validate`), the demo."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 COMMANDS = {
     "operator": ("mot_operator.operator_cmd", "run the Kubernetes controller for MoTRun resources"),
     "run": ("mot_operator.local.cli", "run a MoTRun manifest on this machine, without a cluster"),
+    "validate": ("mot_operator.local.validate", "check a MoTRun manifest and its inputs (student, data, storage)"),
     "demo": ("mot_operator.demo.cli", "the bundled demo: a complete MoT run on CPU with baselines"),
 }
 

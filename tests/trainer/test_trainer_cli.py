@@ -24,7 +24,7 @@ def termination_log(tmp_path, monkeypatch):
          "mot-train: error: unrecognized arguments: --no-such-flag"),
         (["merge", "--inputs", "a", "b", "--out", "o", "--method", "median"],
          "mot-train merge: error: argument --method: invalid choice: 'median'"),
-        (["train"], "mot-train: error: argument {sft,merge,eval}: invalid choice: 'train'"),
+        (["train"], "mot-train: error: argument {sft,merge,eval,preflight}: invalid choice: 'train'"),
     ],
 )
 def test_bad_arguments_put_argparse_message_in_termination_log(termination_log, capsys, argv, message):

@@ -1,5 +1,6 @@
 """mot_trainer.storage against a real SeaweedFS server: round trips, manifest last, incomplete
-folders refused, transient errors retried."""
+folders refused, transient errors retried; missing or wrong credentials, a missing bucket and a missing
+input object are invalid input (exit 2) that says what to set."""
 
 import http.client
 import json
@@ -8,8 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 import pytest
+from support.s3 import remove_credentials
 
-from mot_trainer import storage
+from mot_trainer import cli, storage
 from mot_trainer.errors import InvalidInput
 from mot_trainer.manifest import MANIFEST_NAME, read_checkpoint_manifest, write_manifest
 
@@ -181,8 +183,9 @@ def test_transient_errors_are_retried(tmp_path, bucket, flaky, monkeypatch):
     # Without retries the same failure surfaces: the proxy really injects it.
     monkeypatch.setenv("MOT_S3_MAX_ATTEMPTS", "1")
     flaky.failures = ["503"]
-    with pytest.raises(Exception, match="SlowDown"):
+    with pytest.raises(Exception, match="SlowDown") as caught:
         storage.read_bytes(storage.join(uri, "config.json"))
+    assert not isinstance(caught.value, InvalidInput)  # transient: stays retryable (exit 1)
 
 
 def test_manifest_is_removed_first_and_uploaded_last(tmp_path, bucket, flaky):
@@ -199,12 +202,103 @@ def test_manifest_is_removed_first_and_uploaded_last(tmp_path, bucket, flaky):
         assert manifest_path not in {p for _, p in attempt[1:-1]}
 
 
-def test_credentials_come_from_the_environment(bucket, monkeypatch):
+def test_credentials_come_from_the_environment(bucket, monkeypatch, tmp_path):
     uri = storage.join(bucket, "secret.json")
     storage.write_json(uri, {"a": 1})
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
-    with pytest.raises(Exception, match="SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId"):
+    hint = r"set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY \(in a cluster: spec.storage.credentialsSecret\)"
+    refused = rf"{uri}: the S3 credentials were refused \((SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId|403)"
+    with pytest.raises(storage.StorageAccessError, match=refused + ".*" + hint):
         storage.read_json(uri)
+    with pytest.raises(storage.StorageAccessError, match=hint):
+        storage.write_json(storage.join(bucket, "other.json"), {})
+    with pytest.raises(storage.StorageAccessError, match=hint):
+        storage.exists(uri)  # a HEAD: the refusal has no body, only the status 403
+    make_checkpoint(tmp_path / "src", big=1000)
+    with pytest.raises(storage.StorageAccessError, match=hint):
+        storage.upload_checkpoint(tmp_path / "src", storage.join(bucket, "ckpt"))
+
+
+def test_no_credentials_is_invalid_input_saying_what_to_set(bucket, monkeypatch, tmp_path):
+    uri = storage.join(bucket, "data.jsonl")
+    storage.write_bytes(uri, b"{}\n")
+    remove_credentials(monkeypatch, tmp_path)
+    with pytest.raises(storage.StorageAccessError, match=rf"{uri}: no S3 credentials .*set AWS_ACCESS_KEY_ID and "
+                       r"AWS_SECRET_ACCESS_KEY \(in a cluster: spec.storage.credentialsSecret\)"):
+        storage.read_bytes(uri)
+    with pytest.raises(storage.StorageAccessError, match="no S3 credentials"):
+        storage.list_keys(bucket)
+
+
+def test_missing_bucket_is_invalid_input_naming_it(s3_env, tmp_path):
+    uri = "s3://no-such-bucket-mot/run/data.jsonl"
+    message = (r"s3://no-such-bucket-mot/run/data.jsonl: bucket no-such-bucket-mot does not exist at http://\S+ "
+               r"\(spec.storage.uri / the endpoint AWS_ENDPOINT_URL\)")
+    with pytest.raises(storage.StorageAccessError, match=message):
+        storage.read_bytes(uri)
+    with pytest.raises(storage.StorageAccessError, match="bucket no-such-bucket-mot does not exist"):
+        storage.list_keys("s3://no-such-bucket-mot/model")
+    with pytest.raises(storage.StorageAccessError, match="bucket no-such-bucket-mot does not exist"):
+        storage.download_dir("s3://no-such-bucket-mot/model", tmp_path / "dst", verify=False)
+    assert not storage.exists(uri)  # a question, not a read: nothing exists in a missing bucket
+    # (SeaweedFS creates a bucket on the first PUT into it, so writes are covered by the next test.)
+
+
+def test_wrapped_write_errors_are_classified():
+    """What AWS answers a PUT into a missing bucket, wrapped as boto3's transfer manager wraps it."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ClientError
+
+    def wrapped(code):
+        try:
+            try:
+                raise ClientError({"Error": {"Code": code, "Message": "m"}}, "PutObject")
+            except ClientError as exc:
+                raise S3UploadFailedError(f"Failed to upload: {exc}") from exc
+        except S3UploadFailedError as exc:
+            return exc
+
+    missing = storage.access_error(wrapped("NoSuchBucket"), "s3://gone/ckpt/config.json")
+    assert isinstance(missing, InvalidInput) and "bucket gone does not exist" in str(missing)
+    assert "credentialsSecret" in str(storage.access_error(wrapped("InvalidAccessKeyId"), "s3://b/k"))
+    for transient in ("SlowDown", "InternalError", "503", "RequestTimeout"):
+        assert storage.access_error(wrapped(transient), "s3://b/k") is None, transient
+
+
+@pytest.fixture
+def termination_log(tmp_path, monkeypatch):
+    path = tmp_path / "termination-log"
+    monkeypatch.setenv("MOT_TERMINATION_LOG", str(path))
+    return path
+
+
+@pytest.mark.parametrize("problem", ["no-credentials", "wrong-secret", "missing-bucket", "missing-object"])
+def test_sft_exits_2_on_storage_problems_of_its_input(problem, s3_env, tiny_model, tmp_path, monkeypatch,
+                                                      termination_log):
+    bucket = s3_env.make_bucket("storage-sft-input")
+    data = storage.join(bucket, "train.jsonl")
+    storage.write_bytes(data, b'{"prompt": "1+1?", "response": "2"}\n')
+    expected = {
+        "no-credentials": rf"{data}: no S3 credentials .*set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                          r"\(in a cluster: spec.storage.credentialsSecret\)",
+        "wrong-secret": rf"{data}: the S3 credentials were refused .*set AWS_ACCESS_KEY_ID",
+        "missing-bucket": r"s3://no-such-bucket-mot/train.jsonl: bucket no-such-bucket-mot does not exist",
+        "missing-object": rf"{bucket}/missing.jsonl: no such object",
+    }[problem]
+    if problem == "no-credentials":
+        remove_credentials(monkeypatch, tmp_path)
+    elif problem == "wrong-secret":
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    elif problem == "missing-bucket":
+        data = "s3://no-such-bucket-mot/train.jsonl"
+    else:
+        data = storage.join(bucket, "missing.jsonl")
+    code = cli.main(["sft", "--init", str(tiny_model), "--data", data, "--out", str(tmp_path / "out"),
+                     "--steps", "1", "--threads", "1"])
+    assert code == cli.EXIT_INVALID
+    message = termination_log.read_text()
+    assert message.startswith("invalid input: ")
+    assert __import__("re").search(expected, message), message
 
 
 def test_list_and_delete_under_a_prefix(tmp_path, bucket):

@@ -1,4 +1,4 @@
-"""`mot-train`: the only command a MoT Job runs. Dispatches to sft, merge and eval.
+"""`mot-train`: the only command a MoT Job runs. Dispatches to sft, merge, eval and preflight.
 
 Exit codes are the contract with the operator: 0 only after the output is complete, 2 for invalid
 input (the operator never retries it), anything else is retryable.
@@ -18,6 +18,7 @@ COMMANDS = {
     "sft": ("mot_trainer.sft", "fine-tune a model on one teacher's chain-of-thought data"),
     "merge": ("mot_trainer.merge", "merge checkpoints in weight space, streaming tensor by tensor"),
     "eval": ("mot_trainer.eval", "exact-match accuracy and held-out loss on problems with answers"),
+    "preflight": ("mot_trainer.preflight", "check a run's student, teacher data, eval set and storage before training"),
 }
 
 EXIT_OK, EXIT_RETRYABLE, EXIT_INVALID = 0, 1, 2
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(summary, dict):
         import json
 
-        write_termination_message(json.dumps(summary, sort_keys=True))
+        write_termination_message(json.dumps(summary, sort_keys=True, separators=(",", ":")))
     return EXIT_OK
 
 

@@ -303,6 +303,8 @@ def finished_output(out: str) -> dict | None:
     """The manifest already at OUT, if any (a malformed one means incomplete: it is overwritten)."""
     try:
         return read_checkpoint_manifest(out)
+    except storage.StorageAccessError:  # credentials or bucket: fail now, not after training
+        raise
     except InvalidInput:
         return None
 

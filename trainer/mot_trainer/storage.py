@@ -5,6 +5,9 @@ S3 settings come from the environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 path-style addressing. Transfers are multipart and parallel; transient errors are retried with
 backoff by botocore ("standard" mode, MOT_S3_MAX_ATTEMPTS attempts, default 8).
 
+Missing or refused credentials and a missing bucket raise StorageAccessError (an InvalidInput: exit
+2, never retried) saying what to set; a missing input object raises NotFound (also exit 2).
+
 A checkpoint is uploaded file by file with the manifest last, after removing any old manifest, so a
 reader never sees a manifest next to files it does not describe. Readers download only the files the
 manifest lists and verify each one before it is used.
@@ -12,6 +15,7 @@ manifest lists and verify each one before it is used.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -32,6 +36,21 @@ _PARALLEL_FILES = 4
 
 class NotFound(FileNotFoundError, InvalidInput):
     """The object or file does not exist. An InvalidInput (exit 2) unless a caller handles it."""
+
+
+class StorageAccessError(InvalidInput):
+    """S3 refused the request for a reason no retry can fix: no credentials, wrong credentials, access
+    denied, or a bucket that does not exist. Not a FileNotFoundError: callers that treat a missing
+    object as "not written yet" still fail on it."""
+
+
+CREDENTIALS_HINT = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (in a cluster: spec.storage.credentialsSecret)"
+# Error codes S3 (and SeaweedFS, MinIO, Ceph) answer for credentials it does not accept. "403" is what
+# a HEAD request gets: its response has no body to carry a code.
+_CREDENTIAL_CODES = frozenset({
+    "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken", "ExpiredToken",
+    "InvalidSecurity", "AllAccessDisabled",
+})
 
 
 def is_s3(uri) -> bool:
@@ -107,13 +126,65 @@ def _transfer_config():
     )
 
 
-def _is_not_found(exc: Exception) -> bool:
+def _error_code(exc: BaseException) -> str:
     from botocore.exceptions import ClientError
 
     if not isinstance(exc, ClientError):
-        return False
-    code = str(exc.response.get("Error", {}).get("Code", ""))
-    return code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
+        return ""
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _is_not_found(exc: Exception) -> bool:
+    """A missing object (a missing bucket is an access error, see access_error)."""
+    return _error_code(exc) in ("404", "NoSuchKey", "NotFound")
+
+
+def _causes(exc: BaseException):
+    """exc and the exceptions it was raised from (boto3's transfer manager wraps ClientError)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def access_error(exc: BaseException, uri: str) -> StorageAccessError | None:
+    """The StorageAccessError `exc` amounts to, or None when it is something else (a missing object,
+    throttling, a 5xx, a dropped connection: those keep their own handling or stay retryable)."""
+    from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+
+    for cause in _causes(exc):
+        if isinstance(cause, (NoCredentialsError, PartialCredentialsError)):
+            return StorageAccessError(f"{uri}: no S3 credentials ({cause}); {CREDENTIALS_HINT}")
+        code = _error_code(cause)
+        if code in _CREDENTIAL_CODES:
+            message = cause.response.get("Error", {}).get("Message") or "access refused"
+            return StorageAccessError(
+                f"{uri}: the S3 credentials were refused ({code}: {message}); {CREDENTIALS_HINT}, "
+                f"with access to this bucket"
+            )
+        if code == "NoSuchBucket":
+            bucket = split_s3(uri)[0]
+            endpoint = os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+            return StorageAccessError(
+                f"{uri}: bucket {bucket} does not exist at {endpoint} "
+                f"(spec.storage.uri / the endpoint AWS_ENDPOINT_URL)"
+            )
+    return None
+
+
+@contextlib.contextmanager
+def _s3_errors(uri: str):
+    """Re-raise credential and missing-bucket failures of the S3 calls inside as StorageAccessError."""
+    try:
+        yield
+    except InvalidInput:
+        raise
+    except Exception as exc:
+        error = access_error(exc, uri)
+        if error is not None:
+            raise error from None
+        raise
 
 
 # --- single objects ----------------------------------------------------------------------------
@@ -129,7 +200,10 @@ def read_bytes(uri) -> bytes:
             raise NotFound(f"{uri}: no such file") from None
     bucket, key = split_s3(uri)
     try:
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        with _s3_errors(uri):
+            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except StorageAccessError:
+        raise
     except Exception as exc:
         if _is_not_found(exc):
             raise NotFound(f"{uri}: no such object") from None
@@ -141,7 +215,8 @@ def write_bytes(uri, data: bytes) -> None:
     uri = str(uri)
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        with _s3_errors(uri):
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data)
         return
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,26 +238,28 @@ def write_json(uri, obj) -> None:
 
 
 def exists(uri) -> bool:
-    """True for an existing file/folder, or an s3:// object or non-empty prefix."""
+    """True for an existing file/folder, or an s3:// object or non-empty prefix. Nothing exists in a
+    missing bucket (False); refused credentials raise StorageAccessError."""
     uri = str(uri)
     if not is_s3(uri):
         return os.path.exists(uri)
     bucket, key = split_s3(uri)
     client = s3_client()
-    if key and not key.endswith("/"):
+    with _s3_errors(uri):
+        if key and not key.endswith("/"):
+            try:
+                client.head_object(Bucket=bucket, Key=key)
+                return True
+            except Exception as exc:
+                if not _is_not_found(exc):
+                    raise
+        prefix = key.rstrip("/") + "/" if key else ""
         try:
-            client.head_object(Bucket=bucket, Key=key)
-            return True
+            listing = client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
         except Exception as exc:
-            if not _is_not_found(exc):
-                raise
-    prefix = key.rstrip("/") + "/" if key else ""
-    try:
-        listing = client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
-    except Exception as exc:
-        if _is_not_found(exc):
-            return False
-        raise
+            if _is_not_found(exc) or _error_code(exc) == "NoSuchBucket":
+                return False
+            raise
     return listing.get("KeyCount", 0) > 0
 
 
@@ -191,7 +268,8 @@ def delete(uri) -> None:
     uri = str(uri)
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        s3_client().delete_object(Bucket=bucket, Key=key)
+        with _s3_errors(uri):
+            s3_client().delete_object(Bucket=bucket, Key=key)
     else:
         Path(uri).unlink(missing_ok=True)
 
@@ -205,8 +283,9 @@ def list_keys(uri) -> list[str]:
     bucket, key = split_s3(uri)
     prefix = key.rstrip("/") + "/" if key else ""
     keys = []
-    for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        keys.extend(obj["Key"][len(prefix) :] for obj in page.get("Contents", []))
+    with _s3_errors(uri):
+        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            keys.extend(obj["Key"][len(prefix) :] for obj in page.get("Contents", []))
     return sorted(k for k in keys if k)
 
 
@@ -255,10 +334,11 @@ def _download_file(uri: str, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".partial")
     try:
-        s3_client().download_file(bucket, key, str(part), Config=_transfer_config())
+        with _s3_errors(uri):
+            s3_client().download_file(bucket, key, str(part), Config=_transfer_config())
     except Exception as exc:
         part.unlink(missing_ok=True)
-        if _is_not_found(exc):
+        if not isinstance(exc, InvalidInput) and _is_not_found(exc):
             raise InvalidInput(f"{uri}: listed in {MANIFEST_NAME} but missing") from None
         raise
     os.replace(part, dest)
@@ -291,7 +371,8 @@ def upload_checkpoint(local_dir, uri) -> None:
 
 def _upload_file(path: Path, uri: str) -> None:
     bucket, key = split_s3(uri)
-    s3_client().upload_file(str(path), bucket, key, Config=_transfer_config())
+    with _s3_errors(uri):
+        s3_client().upload_file(str(path), bucket, key, Config=_transfer_config())
 
 
 def _copy_local(src: Path, dest: Path) -> None:

@@ -99,25 +99,33 @@ def _raise_interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: stop childr
     raise KeyboardInterrupt
 
 
-def run(args: argparse.Namespace) -> int:
+def read_run(path: Path, workdir: Path | None = None):
+    """The manifest at `path` read as `mot run` reads it: (manifest, workdir, localized spec dict,
+    parsed spec). ManifestError (its text the whole message after "error: ") when it is invalid."""
     from mot_operator.spec import SpecError, parse_spec
 
-    path = Path(args.manifest)
     try:
         manifest = load_manifest(path)
     except ManifestError as exc:
-        print(f"error: invalid MoTRun manifest: {exc}", file=sys.stderr)
-        return EXIT_INVALID
-    meta = manifest["metadata"]
-    workdir = (args.workdir or Path("mot-runs") / meta["name"]).resolve()
+        raise ManifestError(f"invalid MoTRun manifest: {exc}") from exc
+    workdir = (workdir or Path("mot-runs") / manifest["metadata"]["name"]).resolve()
     spec_dict = localize_spec(manifest["spec"], path.resolve().parent, workdir / "storage")
     try:
         spec = parse_spec(spec_dict)
     except SpecError as exc:
         field = getattr(exc, "field", "")
-        print(f"error: invalid MoTRun manifest {path}: {exc}" if field and field in str(exc)
-              else f"error: invalid MoTRun manifest {path}: {field}: {exc}", file=sys.stderr)
+        raise ManifestError(f"invalid MoTRun manifest {path}: {exc}" if field and field in str(exc)
+                            else f"invalid MoTRun manifest {path}: {field}: {exc}") from exc
+    return manifest, workdir, spec_dict, spec
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        manifest, workdir, spec_dict, spec = read_run(Path(args.manifest), args.workdir)
+    except ManifestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    meta = manifest["metadata"]
     return run_spec(meta, spec, spec_dict, workdir, parallel=args.parallel, threads=args.threads,
                     compare=args.compare, quiet=args.quiet, eval_branches=args.eval_branches)
 

@@ -1,0 +1,312 @@
+"""`mot-train preflight`: check a run's inputs before any GPU work.
+
+The student must load as a causal-LM folder (config.json, a tokenizer with a chat template, every
+shard its safetensors index names), without loading weights; for an s3:// student only the small
+files are fetched. Every teacher dataset must exist and parse by the same rules as `mot-train sft`
+(data.py), with no empty response; each is tokenized with the student's tokenizer and chat template
+exactly as sft encodes it, giving records, token length p50/p95/max and the fraction longer than
+--max-seq-length (cut there in training, which may lose the final answer of a long chain of thought).
+A fraction above --max-truncated-fraction is invalid input. The eval set, when given, must parse and
+have an answer in every record (eval.py's rules); the storage URI, when given, must be writable with
+the credentials given (a probe object is put and deleted).
+
+Prints a per-teacher table; returns a one-line JSON summary. The first problem found is an
+InvalidInput (exit 2) naming the file, line, field or teacher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from mot_trainer import data, storage
+from mot_trainer.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TRUNCATED_FRACTION = 0.05
+INDEX_NAME = "model.safetensors.index.json"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Not fetched for an s3:// student: the check needs config, tokenizer and index only.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
+TRUNCATION_HINT = "raise spec.training.maxSeqLength or spec.preflight.maxTruncatedFraction"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--student", required=True, help="student model folder, local or s3:// (weights are not read)")
+    p.add_argument("--teachers", required=True, nargs="+", metavar="NAME=URI",
+                   help="each teacher's JSONL or Parquet dataset, local or s3://")
+    p.add_argument("--eval", dest="eval_data", metavar="URI", help="held-out problems with an 'answer' each")
+    p.add_argument("--max-seq-length", type=int, required=True, help="the length sft cuts examples at")
+    p.add_argument("--max-truncated-fraction", type=float, default=DEFAULT_MAX_TRUNCATED_FRACTION,
+                   help="largest fraction of a teacher's examples allowed over --max-seq-length (default 0.05)")
+    p.add_argument("--storage", metavar="URI", help="checkpoint root that must be writable (a probe is put and deleted)")
+    p.add_argument("--threads", type=int, help="teachers read and tokenized at once (default: min(teachers, 4))")
+
+
+@dataclass
+class TeacherStats:
+    name: str
+    uri: str
+    records: int
+    p50: int
+    p95: int
+    max: int
+    truncated: int  # examples longer than max_seq_length
+
+    @property
+    def fraction(self) -> float:
+        return self.truncated / self.records if self.records else 0.0
+
+    def summary(self) -> dict:
+        return {"records": self.records, "p50": self.p50, "p95": self.p95, "max": self.max,
+                "truncated": round(self.fraction, 4)}
+
+
+@dataclass
+class Report:
+    max_seq_length: int
+    teachers: list[TeacherStats]
+    eval_records: int | None = None
+    storage: str = "unchecked"
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        out = {"teachers": {t.name: t.summary() for t in self.teachers}, "max_seq_length": self.max_seq_length,
+               "storage": self.storage, "seconds": round(self.seconds, 2)}
+        if self.eval_records is not None:
+            out["eval"] = {"records": self.eval_records}
+        return out
+
+    def table(self) -> str:
+        rows = [("teacher", "records", "p50", "p95", "max", "truncated")]
+        rows += [(t.name, str(t.records), str(t.p50), str(t.p95), str(t.max), f"{100 * t.fraction:.1f}%")
+                 for t in self.teachers]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                           for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+                 for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        extra = [f"token lengths with the student's chat template; truncated = longer than maxSeqLength "
+                 f"{self.max_seq_length}"]
+        if self.eval_records is not None:
+            extra.append(f"eval set: {self.eval_records} problems with answers")
+        extra.append(f"storage: {self.storage}")
+        return "\n".join(lines + extra)
+
+
+class PreflightFailed(InvalidInput):
+    """A check failed after the token statistics were computed: `report` holds them for the table."""
+
+    def __init__(self, message: str, report: Report):
+        super().__init__(message)
+        self.report = report
+
+
+def percentile(sorted_values: list[int], q: float) -> int:
+    """Nearest-rank percentile (the smallest value with at least q% of values at or below it)."""
+    if not sorted_values:
+        return 0
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+# --- student -----------------------------------------------------------------------------------
+
+
+def _weight_file(rel: str) -> bool:
+    return rel.endswith(_WEIGHT_SUFFIXES) and rel != INDEX_NAME
+
+
+def _fetch_small_files(uri: str, workdir: Path) -> tuple[Path, set[str]]:
+    """Config, tokenizer and index files of an s3:// model folder in `workdir`, and every key there."""
+    keys = storage.list_keys(uri)
+    if not keys:
+        raise InvalidInput(f"--student {uri}: no objects under this prefix (no model folder)")
+    for rel in keys:
+        if not _weight_file(rel) and "/" not in rel:
+            (workdir / rel).write_bytes(storage.read_bytes(storage.join(uri, rel)))
+    return workdir, set(keys)
+
+
+def check_student(uri: str, workdir: Path):
+    """The student's tokenizer, after checking the folder loads as a causal LM (weights not read)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if storage.is_s3(uri):
+        folder, files = _fetch_small_files(uri, workdir)
+    else:
+        folder = Path(uri).expanduser()
+        if not folder.is_dir():
+            raise InvalidInput(f"--student {uri}: no such model folder")
+        files = {p.name for p in folder.iterdir()}
+    if "config.json" not in files:
+        raise InvalidInput(f"--student {uri}: no config.json (not a Hugging Face model folder)")
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InvalidInput(f"--student {storage.join(uri, 'config.json')}: not a loadable model config ({exc})") from None
+    _check_causal_lm(config, uri)
+    _check_weights(uri, folder, files)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InvalidInput(f"--student {uri}: the tokenizer does not load ({exc})") from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidInput(
+            f"--student {uri}: the tokenizer has no chat template (chat_template in tokenizer_config.json "
+            f"or chat_template.jinja); sft renders every example with it"
+        )
+    # Lengths are measured, not fed to the model: no "longer than the maximum" warning per example.
+    tokenizer.model_max_length = 1 << 62
+    return tokenizer
+
+
+def _check_causal_lm(config, uri: str) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    architectures = getattr(config, "architectures", None) or []
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or any(a.endswith("ForCausalLM") for a in architectures):
+        return
+    raise InvalidInput(
+        f"--student {storage.join(uri, 'config.json')}: model_type {config.model_type!r} is not a causal LM "
+        f"(architectures {architectures})"
+    )
+
+
+def _check_weights(uri: str, folder: Path, files: set[str]) -> None:
+    index = storage.join(uri, INDEX_NAME)
+    if INDEX_NAME in files:
+        try:
+            weight_map = json.loads((folder / INDEX_NAME).read_bytes())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise InvalidInput(f"--student {index}: not a valid safetensors index ({exc!r})") from None
+        missing = [s for s in shards if s not in files]
+        if missing:
+            raise InvalidInput(f"--student {index}: names {missing[0]}, which is missing "
+                               f"({len(missing)} of {len(shards)} shards missing)")
+        return
+    if not any(name in files for name in WEIGHT_FILES):
+        raise InvalidInput(f"--student {uri}: no weights ({', '.join(WEIGHT_FILES)} or {INDEX_NAME})")
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def check_teacher(name: str, uri: str, tokenizer, max_seq_length: int) -> TeacherStats:
+    """Parse a teacher's dataset as sft does, refuse empty responses, and measure token lengths."""
+    try:
+        records = data.read_records(uri)
+    except InvalidInput as exc:
+        raise InvalidInput(f"teacher {name}: {exc}") from None
+    lengths = []
+    for record in records:
+        empty = next((m for m in record.messages if m["role"] == "assistant" and not m["content"].strip()), None)
+        if empty is not None:
+            raise InvalidInput(f"teacher {name}: {record.where}: empty response (nothing to train on)")
+        lengths.append(len(data.encode_conversation(record.messages, tokenizer)))
+    lengths.sort()
+    return TeacherStats(name=name, uri=uri, records=len(records), p50=percentile(lengths, 50),
+                        p95=percentile(lengths, 95), max=lengths[-1],
+                        truncated=sum(1 for n in lengths if n > max_seq_length))
+
+
+def check_eval(uri: str) -> int:
+    from mot_trainer.eval import load_problems  # eval.py imports torch only when it runs
+
+    try:
+        return len(load_problems(uri))
+    except InvalidInput as exc:
+        raise InvalidInput(f"eval set: {exc}") from None
+
+
+def check_storage(uri: str) -> str:
+    """Put and delete a small probe object under `uri` (a probe file for a local path)."""
+    probe = storage.join(uri, f".mot-preflight-{uuid.uuid4().hex[:12]}")
+    try:
+        storage.write_bytes(probe, b"mot preflight probe\n")
+        storage.delete(probe)
+    except OSError as exc:  # a local path: permissions, read-only file system, a file in the way
+        raise InvalidInput(f"storage {uri}: not writable ({exc})") from None
+    return "writable"
+
+
+# --- the whole check -----------------------------------------------------------------------------
+
+
+def parse_teachers(values: list[str]) -> list[tuple[str, str]]:
+    teachers, seen = [], set()
+    for value in values:
+        name, sep, uri = value.partition("=")
+        if not sep or not name or not uri:
+            raise InvalidInput(f"--teachers {value!r}: expected NAME=URI")
+        if name in seen:
+            raise InvalidInput(f"--teachers: teacher {name!r} given twice")
+        seen.add(name)
+        teachers.append((name, uri))
+    return teachers
+
+
+def preflight(student: str, teachers: list[tuple[str, str]], *, max_seq_length: int,
+              max_truncated_fraction: float = DEFAULT_MAX_TRUNCATED_FRACTION, eval_data: str | None = None,
+              storage_uri: str | None = None, threads: int | None = None) -> Report:
+    """Run every check; InvalidInput for the first problem (PreflightFailed, with the report, when the
+    token statistics were computed)."""
+    if max_seq_length < 1:
+        raise InvalidInput(f"--max-seq-length must be at least 1, got {max_seq_length}")
+    if not 0 <= max_truncated_fraction <= 1:
+        raise InvalidInput(f"--max-truncated-fraction must be in [0, 1], got {max_truncated_fraction}")
+    if threads is not None and threads < 1:
+        raise InvalidInput(f"--threads must be at least 1, got {threads}")
+    if not teachers:
+        raise InvalidInput("--teachers: at least one teacher is needed")
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="mot-preflight-"))
+    try:
+        tokenizer = check_student(student, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    workers = threads or min(len(teachers), 4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(check_teacher, name, uri, tokenizer, max_seq_length) for name, uri in teachers]
+        stats = [f.result() for f in futures]  # in teacher order: the first teacher's problem is reported
+    report = Report(max_seq_length=max_seq_length, teachers=stats)
+    if eval_data:
+        report.eval_records = check_eval(eval_data)
+    if storage_uri:
+        report.storage = check_storage(storage_uri)
+    report.seconds = time.monotonic() - started
+    for t in stats:
+        if t.fraction > max_truncated_fraction:
+            raise PreflightFailed(
+                f"teacher {t.name}: {100 * t.fraction:.0f}% of {t.records} examples are longer than maxSeqLength "
+                f"{max_seq_length} (p95 {t.p95} tokens, max {t.max}; at most {100 * max_truncated_fraction:g}% "
+                f"allowed); {TRUNCATION_HINT}",
+                report,
+            )
+    log.info("preflight passed in %.1fs: %d teachers, %d records", report.seconds, len(stats),
+             sum(t.records for t in stats))
+    return report
+
+
+def run(args) -> dict:
+    try:
+        report = preflight(args.student, parse_teachers(args.teachers), max_seq_length=args.max_seq_length,
+                           max_truncated_fraction=args.max_truncated_fraction, eval_data=args.eval_data,
+                           storage_uri=args.storage, threads=args.threads)
+    except PreflightFailed as exc:
+        print(exc.report.table(), flush=True)
+        raise
+    print(report.table(), flush=True)
+    return report.summary()
