@@ -112,10 +112,8 @@ def read_run(path: Path, workdir: Path | None = None):
     spec_dict = localize_spec(manifest["spec"], path.resolve().parent, workdir / "storage")
     try:
         spec = parse_spec(spec_dict)
-    except SpecError as exc:
-        field = getattr(exc, "field", "")
-        raise ManifestError(f"invalid MoTRun manifest {path}: {exc}" if field and field in str(exc)
-                            else f"invalid MoTRun manifest {path}: {field}: {exc}") from exc
+    except SpecError as exc:  # its text starts with the field
+        raise ManifestError(f"invalid MoTRun manifest {path}: {exc}") from exc
     return manifest, workdir, spec_dict, spec
 
 
