@@ -101,7 +101,10 @@ def render_job(request: JobRequest, spec: MoTRunSpec, run: RunRef, config: Opera
     multinode = request.stage == "sft" and res.nodes > 1
     labels = naming.job_labels(run.name, request.round, request.stage, request.attempt, request.teacher)
     job_meta_labels = dict(labels)
-    if spec.queue_name:
+    # The preflight is one small CPU Pod that should fail a bad run at once, not wait in the GPU
+    # queue: Kueue leaves a Job without its queue label alone.
+    queued = bool(spec.queue_name) and request.stage != "preflight"
+    if queued:
         job_meta_labels[naming.LABEL_QUEUE] = spec.queue_name
 
     env = _env(spec, config)
@@ -169,7 +172,7 @@ def render_job(request: JobRequest, spec: MoTRunSpec, run: RunRef, config: Opera
     }
     if multinode:
         job_spec.update(completionMode="Indexed", completions=res.nodes, parallelism=res.nodes)
-    if spec.queue_name:
+    if queued:
         job_spec["suspend"] = True  # Kueue admits the Job by unsuspending it
     if spec.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds

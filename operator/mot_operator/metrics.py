@@ -21,7 +21,7 @@ RUN_ROUND = Gauge("mot_run_round", "Current round of a MoTRun.", ["namespace", "
 RUN_LAST_PROGRESS = Gauge("mot_run_last_progress_timestamp_seconds",
                           "Unix time of the MoTRun's last status change.", ["namespace", "motrun"],
                           registry=REGISTRY)
-JOBS_CREATED = Counter("mot_jobs_created_total", "Jobs created, by stage (sft, merge, eval).", ["stage"],
+JOBS_CREATED = Counter("mot_jobs_created_total", "Jobs created, by stage (preflight, sft, merge, eval).", ["stage"],
                        registry=REGISTRY)
 JOBS_FINISHED = Counter("mot_jobs_finished_total", "Jobs finished, by stage and result (succeeded, failed).",
                         ["stage", "result"], registry=REGISTRY)
@@ -38,8 +38,10 @@ EVAL_SCORE = Gauge("mot_eval_score", "Evaluation accuracy of the latest merged m
 RECONCILE_ERRORS = Counter("mot_reconcile_errors_total", "Reconciliations that raised an error.",
                            registry=REGISTRY)
 
-_STAGE_OF_RETRY = {"BranchRetried": "sft", "MergeRetried": "merge", "EvalRetried": "eval"}
-_STAGE_OF_FAILURE = {"BranchFailed": "sft", "MergeFailed": "merge", "EvalFailed": "eval"}
+_STAGE_OF_RETRY = {"PreflightRetried": "preflight", "BranchRetried": "sft", "MergeRetried": "merge",
+                   "EvalRetried": "eval"}
+_STAGE_OF_FAILURE = {"PreflightFailed": "preflight", "BranchFailed": "sft", "MergeFailed": "merge",
+                     "EvalFailed": "eval"}
 _lock = threading.Lock()
 _phases: dict[tuple[str, str], str] = {}
 _teachers: dict[tuple[str, str], set[str]] = {}
@@ -49,7 +51,9 @@ for _phase in PHASES:  # every phase is present, at 0, from the start
 
 
 def _entries(status: dict):
-    """(round, stage, teacher, entry) of every stage record in a status."""
+    """(round, stage, teacher, entry) of every stage record in a status (the preflight's round is 0)."""
+    if status.get("preflight"):
+        yield 0, "preflight", None, status["preflight"]
     for rec in status.get("rounds") or []:
         for teacher, entry in (rec.get("branches") or {}).items():
             yield rec.get("round"), "sft", teacher, entry

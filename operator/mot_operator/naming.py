@@ -13,7 +13,7 @@ MAX_NAME = 63
 # Indexed Job Pods get the hostname "<job>-<index>", which must also fit in 63 characters.
 MAX_INDEXED_JOB_NAME = 56
 HASH_LEN = 8
-STAGES = ("sft", "merge", "eval")
+STAGES = ("preflight", "sft", "merge", "eval")
 
 LABEL_RUN = "mot.dev/run"
 LABEL_ROUND = "mot.dev/round"
@@ -49,11 +49,14 @@ def dns_label(text: str, limit: int = MAX_NAME) -> str:
 
 def job_name(run: str, round_: int, stage: str, attempt: int, teacher: str | None = None,
              limit: int = MAX_NAME) -> str:
-    """`<run>-r<round>-sft-<teacher>-a<attempt>`, `<run>-r<round>-merge-a<attempt>`, `...-eval-a<n>`."""
+    """`<run>-r<round>-sft-<teacher>-a<attempt>`, `<run>-r<round>-merge-a<attempt>`, `...-eval-a<n>`;
+    the preflight, before any round: `<run>-preflight-a<attempt>`."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
     if (stage == "sft") != (teacher is not None):
         raise ValueError("a teacher is given for sft Jobs and only for them")
+    if stage == "preflight":
+        return shorten(f"{run}-preflight-a{attempt}", limit)
     parts = [run, f"r{round_}", stage] + ([teacher] if teacher else []) + [f"a{attempt}"]
     return shorten("-".join(parts), limit)
 
@@ -93,7 +96,8 @@ def job_labels(run: str, round_: int, stage: str, attempt: int, teacher: str | N
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoint layout: <uri>/<namespace>/<run>/round-<r>/{branch-<teacher>/, merged/, eval.json}
+# Checkpoint layout: <uri>/<namespace>/<run>/preflight.json (the preflight's report), then
+# <uri>/<namespace>/<run>/round-<r>/{branch-<teacher>/, merged/, eval.json}
 
 
 def _join(base: str, *parts: str) -> str:
@@ -118,3 +122,7 @@ def merged_uri(storage_uri: str, namespace: str, run: str, round_: int) -> str:
 
 def eval_uri(storage_uri: str, namespace: str, run: str, round_: int) -> str:
     return _join(round_uri(storage_uri, namespace, run, round_), "eval.json")
+
+
+def preflight_uri(storage_uri: str, namespace: str, run: str) -> str:
+    return _join(run_uri(storage_uri, namespace, run), "preflight.json")

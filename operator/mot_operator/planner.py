@@ -21,7 +21,7 @@ JOB_STATES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
 ACTIVE_JOB_STATES = ("Pending", "Running", "Suspended")
 CONDITION_TYPES = ("Ready", "Progressing", "Succeeded", "Failed", "Suspended")
 MAX_BACKOFF_SECONDS = 600.0
-_STAGE_NOUN = {"sft": "Branch", "merge": "Merge", "eval": "Eval"}
+_STAGE_NOUN = {"preflight": "Preflight", "sft": "Branch", "merge": "Merge", "eval": "Eval"}
 
 
 @dataclass(frozen=True)
@@ -151,6 +151,25 @@ def merge_args(spec: MoTRunSpec, inputs: list[str], weights: list[float], base: 
     return args
 
 
+def preflight_args(spec: MoTRunSpec, run_root: str, out: str) -> list[str]:
+    """Check every input of the run; the storage probe goes under the run's own folder."""
+    args = ["preflight", "--student", spec.student,
+            "--teachers", *(f"{t.name}={t.dataset}" for t in spec.teachers),
+            "--max-seq-length", str(spec.training.max_seq_length),
+            "--max-truncated-fraction", _num(spec.preflight.max_truncated_fraction),
+            "--storage", run_root, "--out", out]
+    if spec.evaluation is not None:
+        args += ["--eval", spec.evaluation.dataset]
+    return args
+
+
+def preflight_resources(spec: MoTRunSpec) -> RoleResources:
+    """The preflight Pod's own small request: no GPU and no node selector or priority class (those
+    pin the roles to GPU nodes); the merge role's tolerations, which only widen where it may run."""
+    return RoleResources(cpu=spec.preflight.cpu, memory=spec.preflight.memory,
+                         tolerations=spec.resources.merge.tolerations)
+
+
 def eval_args(spec: MoTRunSpec, model: str, out: str) -> list[str]:
     e = spec.evaluation
     args = ["eval", "--model", model, "--data", e.dataset, "--out", out,
@@ -187,6 +206,8 @@ class _Planner:
 
     def uri(self, kind: str, round_: int, teacher: str | None = None) -> str:
         base, ns, name = self.spec.storage.uri, self.run_ref.namespace, self.run_ref.name
+        if kind == "preflight":
+            return naming.preflight_uri(base, ns, name)
         if kind == "sft":
             return naming.branch_uri(base, ns, name, round_, teacher)
         if kind == "merge":
@@ -226,6 +247,13 @@ class _Planner:
         if s["round"] > self.spec.rounds:
             self.shorten()
             return self.finish()
+        if self.needs_preflight():
+            outcome = self.advance_stage(s, "preflight")
+            if outcome != "done":
+                if outcome == "waiting":
+                    self.set_phase("Pending", f"preflight: checking the student, {len(self.spec.teachers)} "
+                                   f"teachers' data{', the eval set' if self.spec.evaluation else ''} and storage")
+                return self.finish()
         while True:
             outcome = self.advance_round(s["round"])
             if outcome != "done":
@@ -245,8 +273,15 @@ class _Planner:
             return
         if s.get("phase") == "Suspended":
             self.event("Resumed", "spec.suspend is false: resuming where the run stopped")
-        if not self.spec.queue_name:  # with Kueue, admission (un)suspends Jobs
-            self.out.resume = sorted(j.name for j in self.jobs.values() if j.state == "Suspended")
+        # With Kueue, admission (un)suspends Jobs; the preflight is never queued (jobs.py).
+        self.out.resume = sorted(j.name for j in self.jobs.values() if j.state == "Suspended"
+                                 and (not self.spec.queue_name or j.stage == "preflight"))
+
+    def needs_preflight(self) -> bool:
+        """Before round 1 (a run started before preflights existed is not sent back to one)."""
+        if not self.spec.preflight.enabled:
+            return False
+        return "preflight" in self.status or not self.status.get("rounds")
 
     def shorten(self) -> None:
         """`rounds` was lowered below the round in progress: the last kept round's merge is final."""
@@ -302,8 +337,9 @@ class _Planner:
     # -- one stage (a branch, the merge or the eval of a round) -------------------------------
 
     def advance_stage(self, rec: dict, stage: str, teacher: str | None = None) -> str:
-        """Move one stage on; returns "done", "waiting" or "failed"."""
-        round_ = rec["round"]
+        """Move one stage on; returns "done", "waiting" or "failed". `rec` is the round's record
+        (the status itself for the preflight, which belongs to no round)."""
+        round_ = _round_of(rec, stage)
         container = rec["branches"] if stage == "sft" else rec
         key = teacher if stage == "sft" else stage
         entry = container.get(key)
@@ -346,6 +382,8 @@ class _Planner:
             entry["completionTime"] = timestamp(job.finished_at or self.now)
             entry.pop("message", None)
             self.record_metrics(stage, entry, job)
+            if stage == "preflight":
+                self.event("PreflightPassed", preflight_summary(entry))
             return "done"
         if job.state == "Failed":
             return self.job_failed(rec, container, key, entry, job, stage, teacher)
@@ -359,9 +397,18 @@ class _Planner:
             entry["loss"] = float(metrics["final_loss"])
         if stage == "eval" and metrics.get("accuracy") is not None:
             entry["score"] = float(metrics["accuracy"])
+        if stage == "preflight" and isinstance(metrics.get("teachers"), dict):
+            entry["teachers"] = {name: {key: found[key] for key in ("records", "p50", "p95", "max", "truncated")
+                                        if key in found}
+                                 for name, found in metrics["teachers"].items() if isinstance(found, dict)}
+            if isinstance(metrics.get("eval"), dict) and "records" in metrics["eval"]:
+                entry["evalRecords"] = metrics["eval"]["records"]
+            for key in ("storage", "seconds"):
+                if key in metrics:
+                    entry[key] = metrics[key]
 
     def job_failed(self, rec, container, key, entry, job, stage, teacher) -> str:
-        round_ = rec["round"]
+        round_ = _round_of(rec, stage)
         attempt = entry["attempt"]
         entry["completionTime"] = timestamp(job.finished_at or self.now)
         entry["message"] = job.message or "the Job failed without a message"
@@ -389,7 +436,7 @@ class _Planner:
         request = self.request(rec, stage, teacher, attempt)
         self.out.create.append(request)
         if attempt == 1:
-            what = self.describe(stage, teacher, rec["round"])
+            what = self.describe(stage, teacher, _round_of(rec, stage))
             if stage == "sft":
                 self.event("BranchStarted", f"{what} started from {rec['init']} ({request.name})")
             else:
@@ -397,13 +444,17 @@ class _Planner:
         return {"job": request.name, "attempt": attempt, "state": "Pending", "checkpoint": request.output_uri}
 
     def request(self, rec: dict, stage: str, teacher: str | None, attempt: int) -> JobRequest:
-        round_ = rec["round"]
+        round_ = _round_of(rec, stage)
         limit = naming.MAX_NAME
         if stage == "sft" and self.spec.resources.branch.nodes > 1:
             limit = naming.MAX_INDEXED_JOB_NAME
         name = naming.job_name(self.run_ref.name, round_, stage, attempt, teacher, limit=limit)
         out = self.uri(stage, round_, teacher)
-        if stage == "sft":
+        if stage == "preflight":
+            root = naming.run_uri(self.spec.storage.uri, self.run_ref.namespace, self.run_ref.name)
+            args = preflight_args(self.spec, root, out)
+            resources = preflight_resources(self.spec)
+        elif stage == "sft":
             args = sft_args(self.spec, round_, teacher, rec["init"], out)
             resources = self.spec.resources.branch
         elif stage == "merge":
@@ -418,6 +469,8 @@ class _Planner:
                           args=args, output_uri=out, resources=resources)
 
     def describe(self, stage: str, teacher: str | None, round_: int) -> str:
+        if stage == "preflight":
+            return "preflight"
         if stage == "sft":
             return f"branch {teacher!r} of round {round_}"
         return f"{'merge' if stage == 'merge' else 'evaluation'} of round {round_}"
@@ -435,7 +488,9 @@ class _Planner:
         else:
             message = reason
         s.update(phase="Failed", completionTime=timestamp(self.now), message=message)
-        s["failure"] = {"stage": stage, "round": round_, "attempts": attempts, "reason": reason}
+        s["failure"] = {"stage": stage, "attempts": attempts, "reason": reason}
+        if round_:  # the preflight belongs to no round
+            s["failure"]["round"] = round_
         if teacher:
             s["failure"]["teacher"] = teacher
         self.failure_reason = code or f"{_STAGE_NOUN.get(stage, 'Run')}Failed"
@@ -486,12 +541,31 @@ class _Planner:
         elif phase == "Suspended":
             reason = "Suspended"
         elif any(b.get("state") == "Retrying" for rec in s.get("rounds", []) for b in
-                 list(rec.get("branches", {}).values()) + [rec.get("merge") or {}, rec.get("eval") or {}]):
+                 list(rec.get("branches", {}).values()) + [rec.get("merge") or {}, rec.get("eval") or {}]) or (
+                     (s.get("preflight") or {}).get("state") == "Retrying"):
             reason = "Retrying"
+        elif phase == "Pending" and (s.get("preflight") or {}).get("state") in ACTIVE_JOB_STATES:
+            reason = "PreflightRunning"
         else:
             reason = {"Pending": "Pending", "Running": "BranchesRunning"}.get(phase, phase)
         _set_conditions(s, phase, reason, s.get("message", ""), self.now, self.run_ref.generation)
         return self.out
+
+
+def _round_of(rec: dict, stage: str) -> int:
+    return 0 if stage == "preflight" else rec["round"]
+
+
+def preflight_summary(entry: dict) -> str:
+    """One line for the PreflightPassed Event: per teacher records, p95 tokens and truncated share."""
+    teachers = entry.get("teachers") or {}
+    parts = [f"{name} {found.get('records')} records, p95 {found.get('p95')} tokens, "
+             f"{100 * float(found.get('truncated') or 0):.1f}% truncated"
+             for name, found in teachers.items()]
+    text = "preflight passed" + (": " + "; ".join(parts) if parts else "")
+    if entry.get("evalRecords") is not None:
+        text += f"; eval set {entry['evalRecords']} problems"
+    return text
 
 
 def _set_conditions(status: dict, phase: str, reason: str, message: str, now: datetime, generation: int) -> None:

@@ -89,6 +89,14 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
+class Preflight:
+    enabled: bool = True
+    max_truncated_fraction: float = 0.05
+    cpu: str = "1"
+    memory: str = "4Gi"
+
+
+@dataclass(frozen=True)
 class Storage:
     uri: str | None = None
     endpoint: str | None = None
@@ -125,6 +133,7 @@ class MoTRunSpec:
     training: Training = field(default_factory=Training)
     merge: Merge = field(default_factory=Merge)
     evaluation: Evaluation | None = None
+    preflight: Preflight = field(default_factory=Preflight)
     storage: Storage = field(default_factory=Storage)
     resources: Resources = field(default_factory=Resources)
     image: str | None = None
@@ -313,6 +322,7 @@ def _build(d: dict) -> MoTRunSpec:
     e = d.get("evaluation")
     s = d.get("storage") or {}
     r = d["resources"]
+    pf = d["preflight"]
     return MoTRunSpec(
         student=d["student"],
         teachers=tuple(Teacher(x["name"], x["dataset"], float(x["weight"])) for x in d["teachers"]),
@@ -349,6 +359,8 @@ def _build(d: dict) -> MoTRunSpec:
             temperature=float(e["temperature"]),
             threads=e.get("threads"),
         ),
+        preflight=Preflight(enabled=pf["enabled"], max_truncated_fraction=float(pf["maxTruncatedFraction"]),
+                            cpu=str(pf["cpu"]), memory=str(pf["memory"])),
         storage=Storage(
             uri=s.get("uri"),
             endpoint=s.get("endpoint"),

@@ -10,8 +10,9 @@ A fraction above --max-truncated-fraction is invalid input. The eval set, when g
 have an answer in every record (eval.py's rules); the storage URI, when given, must be writable with
 the credentials given (a probe object is put and deleted).
 
-Prints a per-teacher table; returns a one-line JSON summary. The first problem found is an
-InvalidInput (exit 2) naming the file, line, field or teacher.
+Prints a per-teacher table; returns a one-line JSON summary, also written to --out when given (the
+operator's record that the preflight passed). The first problem found is an InvalidInput (exit 2)
+naming the file, line, field or teacher.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest fraction of a teacher's examples allowed over --max-seq-length (default 0.05)")
     p.add_argument("--storage", metavar="URI", help="checkpoint root that must be writable (a probe is put and deleted)")
     p.add_argument("--threads", type=int, help="teachers read and tokenized at once (default: min(teachers, 4))")
+    p.add_argument("--out", metavar="URI", help="write the JSON summary here once every check passed")
 
 
 @dataclass
@@ -89,20 +91,25 @@ class Report:
         return out
 
     def table(self) -> str:
-        rows = [("teacher", "records", "p50", "p95", "max", "truncated")]
-        rows += [(t.name, str(t.records), str(t.p50), str(t.p95), str(t.max), f"{100 * t.fraction:.1f}%")
-                 for t in self.teachers]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                           for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
-                 for row in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        extra = [f"token lengths with the student's chat template; truncated = longer than maxSeqLength "
-                 f"{self.max_seq_length}"]
-        if self.eval_records is not None:
-            extra.append(f"eval set: {self.eval_records} problems with answers")
-        extra.append(f"storage: {self.storage}")
-        return "\n".join(lines + extra)
+        return table(self.summary())
+
+
+def table(summary: dict) -> str:
+    """The per-teacher table of a summary (Report.summary(), or the JSON a preflight Job wrote)."""
+    rows = [("teacher", "records", "p50", "p95", "max", "truncated")]
+    rows += [(name, str(t["records"]), str(t["p50"]), str(t["p95"]), str(t["max"]), f"{100 * t['truncated']:.1f}%")
+             for name, t in summary["teachers"].items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    extra = [f"token lengths with the student's chat template; truncated = longer than maxSeqLength "
+             f"{summary['max_seq_length']}"]
+    if summary.get("eval") is not None:
+        extra.append(f"eval set: {summary['eval']['records']} problems with answers")
+    extra.append(f"storage: {summary.get('storage', 'unchecked')}")
+    return "\n".join(lines + extra)
 
 
 class PreflightFailed(InvalidInput):
@@ -139,10 +146,18 @@ def _fetch_small_files(uri: str, workdir: Path) -> tuple[Path, set[str]]:
     return workdir, set(keys)
 
 
+def _is_hub_id(uri: str) -> bool:
+    """What sft treats as a hub id: neither s3:// nor a path (sft.fetch_model's rule)."""
+    path = Path(uri).expanduser()
+    return not storage.is_s3(uri) and not path.is_dir() and not uri.startswith(("/", ".", "~")) and not path.exists()
+
+
 def check_student(uri: str, workdir: Path):
     """The student's tokenizer, after checking the folder loads as a causal LM (weights not read)."""
     from transformers import AutoConfig, AutoTokenizer
 
+    if _is_hub_id(uri):
+        return _check_hub_student(uri)
     if storage.is_s3(uri):
         folder, files = _fetch_small_files(uri, workdir)
     else:
@@ -162,6 +177,10 @@ def check_student(uri: str, workdir: Path):
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InvalidInput(f"--student {uri}: the tokenizer does not load ({exc})") from None
+    return _measuring(tokenizer, uri)
+
+
+def _measuring(tokenizer, uri: str):
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidInput(
             f"--student {uri}: the tokenizer has no chat template (chat_template in tokenizer_config.json "
@@ -170,6 +189,27 @@ def check_student(uri: str, workdir: Path):
     # Lengths are measured, not fed to the model: no "longer than the maximum" warning per example.
     tokenizer.model_max_length = 1 << 62
     return tokenizer
+
+
+def _check_hub_student(uri: str):
+    """A hub id, as sft loads it: config and tokenizer fetched where a hub is reachable. A failure to
+    fetch is not invalid input (the hub may be down); sft would meet the same on every branch."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(uri)
+        tokenizer = AutoTokenizer.from_pretrained(uri)
+    except OSError as exc:
+        causes, cause = [], exc
+        while cause is not None:
+            causes.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        if any(isinstance(c, RepositoryNotFoundError) for c in causes) or "not a valid model identifier" in str(exc):
+            raise InvalidInput(f"--student {uri}: no such model folder, and no such model on the hub") from None
+        raise
+    _check_causal_lm(config, uri)
+    return _measuring(tokenizer, uri)
 
 
 def _check_causal_lm(config, uri: str) -> None:
@@ -309,4 +349,7 @@ def run(args) -> dict:
         print(exc.report.table(), flush=True)
         raise
     print(report.table(), flush=True)
-    return report.summary()
+    summary = report.summary()
+    if args.out:
+        storage.write_json(args.out, summary)
+    return summary

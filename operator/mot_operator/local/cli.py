@@ -166,10 +166,11 @@ def run_spec(meta: dict, spec, spec_dict: dict, workdir: Path, *, parallel=None,
             signal.signal(sig, handler)
     results = collect_results(runner)
     (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    print()
-    print(report.render_text(results))
-    md, png = report.write_report(results, workdir)
-    print(f"\nreport: {md}\nplot:   {png}")
+    if results["rounds"] or phase == "Succeeded":  # a run that failed before any result has no report
+        print()
+        print(report.render_text(results))
+        md, png = report.write_report(results, workdir)
+        print(f"\nreport: {md}\nplot:   {png}")
     if phase != "Succeeded":
         print(f"run {phase}: {_failure_reason(runner)}", file=sys.stderr)
         return EXIT_FAILED

@@ -98,6 +98,10 @@ def write_report(results: dict, out_dir: Path) -> tuple[Path, Path]:
           "Train loss: the branch's last logged SFT loss. Eval: exact match of the final answer on the "
           "held-out problems, and the loss on their reference responses.", "",
           "## Per round", "", rounds_table(results), ""]
+    if results.get("preflight"):
+        from mot_trainer.preflight import table
+
+        md += ["## Preflight", "", "```", table(results["preflight"]), "```", ""]
     if results.get("baselines"):
         md += ["## MoT vs baselines", "",
                f"Each baseline trains {results.get('total_steps')} SFT steps, as many as one MoT branch over "
@@ -148,7 +152,8 @@ def plot_results(results: dict, path: Path) -> Path:
     for ax in (ax_acc, ax_loss):
         ax.set_xticks(range(0 if first else 1, last + 1))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # (an empty legend is a matplotlib warning)
+            ax.legend(fontsize=7)
     fig.suptitle(f"MoT run {results['run']}")
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")

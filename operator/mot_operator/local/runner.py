@@ -43,7 +43,7 @@ class LocalJob:
     """A process standing in for a Kubernetes Job; persisted in status.json."""
 
     name: str
-    stage: str  # sft | merge | eval
+    stage: str  # preflight | sft | merge | eval
     round: int
     teacher: str | None
     attempt: int
@@ -215,14 +215,14 @@ class LocalRunner:
     # ---------------------------------------------------------------- observation
     def _output_complete(self, job: LocalJob) -> bool:
         try:
-            if job.stage == "eval":
+            if job.stage in ("eval", "preflight"):  # a JSON written whole at the end
                 return storage.exists(job.output_uri)
             return mot_manifest.read_checkpoint_manifest(job.output_uri) is not None
         except Exception:  # noqa: BLE001 - unreadable output is incomplete output
             return False
 
     def _read_metrics(self, job: LocalJob) -> dict | None:
-        if job.stage == "eval":
+        if job.stage in ("eval", "preflight"):
             return storage.read_json(job.output_uri)
         found = mot_manifest.read_checkpoint_manifest(job.output_uri)
         return (found or {}).get("metrics")
@@ -246,6 +246,10 @@ class LocalRunner:
             if rc == 0 and self._output_complete(job):
                 self._mark_succeeded(job, message)
                 self.progress.finish(name, "done")
+                if job.stage == "preflight" and job.metrics:
+                    from mot_trainer.preflight import table
+
+                    self.progress.message(table(job.metrics))
             else:
                 job.state, job.pid = "Failed", None
                 job.permanent = rc == 2
@@ -289,7 +293,7 @@ class LocalRunner:
         for event in plan.events:
             self.progress.message(f"{event.type:7s} {event.reason}: {event.message}")
         for req in plan.create:
-            label = f"r{req.round} {req.stage} {req.teacher or ''}".strip()
+            label = "preflight" if req.stage == "preflight" else f"r{req.round} {req.stage} {req.teacher or ''}".strip()
             self._add(LocalJob(name=req.name, stage=req.stage, round=req.round, teacher=req.teacher,
                                attempt=req.attempt, args=list(req.args), output_uri=req.output_uri,
                                label=label))
@@ -482,7 +486,7 @@ def collect_results(runner: LocalRunner) -> dict:
 
     rounds: dict[int, dict] = {}
     for job in sorted(runner.jobs.values(), key=lambda j: j.order):
-        if job.role != "mot" or job.state != "Succeeded":
+        if job.role != "mot" or job.state != "Succeeded" or job.stage == "preflight":
             continue
         entry = rounds.setdefault(job.round, {"round": job.round, "branches": {}, "merged": {}})
         if job.stage == "sft":
@@ -502,6 +506,8 @@ def collect_results(runner: LocalRunner) -> dict:
         "phase": runner.status.get("phase"),
         "total_steps": total,
         "start": {"eval": start} if start else None,
+        "preflight": next((j.metrics for j in runner.jobs.values()
+                           if j.stage == "preflight" and j.role == "mot" and j.state == "Succeeded"), None),
         "rounds": [rounds[r] for r in sorted(rounds)],
         "baselines": baseline_results(runner),
     }
