@@ -220,9 +220,10 @@ def _termination(pod: dict) -> dict | None:
     return None
 
 
-def _last_line(text: str) -> str:
+def _last_line(text: str, limit: int | None = MESSAGE_LIMIT) -> str:
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    return (lines[-1] if lines else "")[:MESSAGE_LIMIT]
+    line = lines[-1] if lines else ""
+    return line if limit is None else line[:limit]
 
 
 def observe_job(job: dict, pods: list[dict] = ()) -> ObservedJob | None:
@@ -250,7 +251,8 @@ def observe_job(job: dict, pods: list[dict] = ()) -> ObservedJob | None:
             "lastTransitionTime")
         for term in terms:
             try:
-                parsed = json.loads(_last_line(term["message"]) or "null")
+                # Whole: a summary (the preflight's grows with the teachers) may pass MESSAGE_LIMIT.
+                parsed = json.loads(_last_line(term["message"], limit=None) or "null")
             except ValueError:
                 continue
             if isinstance(parsed, dict):

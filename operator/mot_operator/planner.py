@@ -251,8 +251,10 @@ class _Planner:
             outcome = self.advance_stage(s, "preflight")
             if outcome != "done":
                 if outcome == "waiting":
-                    self.set_phase("Pending", f"preflight: checking the student, {len(self.spec.teachers)} "
-                                   f"teachers' data{', the eval set' if self.spec.evaluation else ''} and storage")
+                    count = len(self.spec.teachers)
+                    self.set_phase("Pending", f"preflight: checking the student, {count} teacher"
+                                   f"{'s' if count != 1 else ''}' data{', the eval set' if self.spec.evaluation else ''}"
+                                   " and storage")
                 return self.finish()
         while True:
             outcome = self.advance_round(s["round"])

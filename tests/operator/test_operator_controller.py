@@ -13,6 +13,15 @@ from mot_operator.jobs import OperatorConfig
 from mot_operator.planner import Event
 
 NOW = "2026-01-01T00:00:10Z"
+PREFLIGHT = "demo-preflight-a1"
+# The one line `mot-train preflight` writes to its termination log when every check passed.
+PREFLIGHT_REPORT = {
+    "teachers": {"a": {"records": 1200, "p50": 1830, "p95": 3900, "max": 6120, "truncated": 0.015},
+                 "b": {"records": 800, "p50": 950, "p95": 2100, "max": 3980, "truncated": 0.0}},
+    "max_seq_length": 4096, "storage": "writable", "seconds": 41.27,
+}
+# Round 1's branch mechanics, without the preflight in front of them (tested on its own below).
+NO_PREFLIGHT = {"preflight": {"enabled": False}}
 
 
 def job_body(name="demo-r1-sft-a-a1", stage="sft", round_="1", attempt="1", teacher="a", status=None, suspend=False):
@@ -31,6 +40,15 @@ def pod_body(exit_code, message, job="demo-r1-sft-a-a1"):
 
 def cond(kind, reason="", message=""):
     return {"type": kind, "status": "True", "reason": reason, "message": message, "lastTransitionTime": NOW}
+
+
+def preflight_body(status=None, suspend=False):
+    return job_body(name=PREFLIGHT, stage="preflight", round_="0", teacher=None, status=status, suspend=suspend)
+
+
+def compact(summary):
+    """As mot_trainer.cli writes a summary to the termination log."""
+    return json.dumps(summary, sort_keys=True, separators=(",", ":"))
 
 
 def test_observe_pending_running_suspended():
@@ -76,6 +94,7 @@ class FakeApi:
         self.existing = set(existing)
         self.pods = pods or {}
         self.calls = []
+        self.objects = {}
 
     async def run_pods(self, namespace, run_label):
         self.calls.append(("run_pods", run_label))
@@ -87,6 +106,7 @@ class FakeApi:
     async def create(self, obj):
         name = obj["metadata"]["name"]
         self.calls.append(("create", name))
+        self.objects[name] = obj
         if name in self.existing:
             return False
         self.existing.add(name)
@@ -122,6 +142,13 @@ def test_reconcile_writes_status_before_creating_jobs_and_posts_events():
     status, _ = reconcile(motrun(), api)
     kinds = [c[0] for c in api.calls]
     assert kinds.index("patch_status") < kinds.index("create")
+    assert [c[1] for c in api.calls if c[0] == "create"] == [PREFLIGHT]  # the preflight comes first
+    assert [c[1] for c in api.calls if c[0] == "event"] == ["PreflightStarted"]
+    assert status["preflight"]["checkpoint"] == "s3://ckpt/ns/demo/preflight.json" and status["rounds"] == []
+    api = FakeApi()
+    status, _ = reconcile(motrun(NO_PREFLIGHT), api)
+    kinds = [c[0] for c in api.calls]
+    assert kinds.index("patch_status") < kinds.index("create")
     assert [c[1] for c in api.calls if c[0] == "create"] == ["demo-r1-sft-a-a1", "demo-r1-sft-b-a1"]
     assert [c[1] for c in api.calls if c[0] == "event"] == ["BranchStarted", "BranchStarted"]
     assert status["rounds"][0]["branches"]["a"]["checkpoint"] == "s3://ckpt/ns/demo/round-1/branch-a"
@@ -129,10 +156,10 @@ def test_reconcile_writes_status_before_creating_jobs_and_posts_events():
 
 def test_reconcile_after_a_restart_adopts_existing_jobs_without_duplicates():
     first = FakeApi()
-    status, _ = reconcile(motrun(), first)
+    status, _ = reconcile(motrun(NO_PREFLIGHT), first)
     # Restart: status was written, only Job "a" was created before the crash.
     api = FakeApi(existing={"demo-r1-sft-a-a1"})
-    body = motrun(status=status)
+    body = motrun(NO_PREFLIGHT, status=status)
     _, result = reconcile(body, api, jobs=[job_body(status={"active": 1})])
     assert [c[1] for c in api.calls if c[0] == "create"] == ["demo-r1-sft-b-a1"]
     assert not [c for c in api.calls if c[0] == "event"]
@@ -149,8 +176,13 @@ def test_reconcile_of_an_unchanged_run_writes_nothing():
     api = FakeApi()
     status, _ = reconcile(motrun(), api)
     api2 = FakeApi(existing=api.existing)
+    status2, _ = reconcile(motrun(status=status), api2, jobs=[preflight_body()])
+    assert api2.calls == [] and status2 == status  # the preflight's Job is there, not yet running
+    api = FakeApi()
+    status, _ = reconcile(motrun(NO_PREFLIGHT), api)
+    api2 = FakeApi(existing=api.existing)
     jobs = [job_body(), job_body(name="demo-r1-sft-b-a1", teacher="b")]
-    status2, _ = reconcile(motrun(status=status), api2, jobs=jobs)
+    status2, _ = reconcile(motrun(NO_PREFLIGHT, status=status), api2, jobs=jobs)
     assert api2.calls == [] and status2 == status
 
 
@@ -165,7 +197,7 @@ def test_the_operator_does_not_import_torch():
 
 def first_branch_done():
     """Round 1 started; branch a's Job completed (its pod says loss 0.25), branch b's still runs."""
-    status, _ = reconcile(motrun(), FakeApi())
+    status, _ = reconcile(motrun(NO_PREFLIGHT), FakeApi())
     done = {"conditions": [cond("Complete")], "completionTime": NOW}
     jobs = [job_body(status=done), job_body(name="demo-r1-sft-b-a1", teacher="b", status={"active": 1})]
     api = FakeApi(existing={"demo-r1-sft-a-a1", "demo-r1-sft-b-a1"},
@@ -177,9 +209,9 @@ def test_finished_jobs_pods_are_read_once_for_the_termination_message():
     status, jobs, api = first_branch_done()
     state = controller.ControllerState(config=OperatorConfig(default_storage_uri="s3://ckpt"), api=api)
     index = {("ns", "demo"): jobs}
-    status, _ = asyncio.run(controller.reconcile(motrun(status=status), status, index, state))
+    status, _ = asyncio.run(controller.reconcile(motrun(NO_PREFLIGHT, status=status), status, index, state))
     assert status["rounds"][0]["branches"]["a"]["loss"] == 0.25
-    asyncio.run(controller.reconcile(motrun(status=status), status, index, state))
+    asyncio.run(controller.reconcile(motrun(NO_PREFLIGHT, status=status), status, index, state))
     assert [c for c in api.calls if c[0] == "run_pods"] == [("run_pods", "demo")]  # read once, then cached
 
 
@@ -325,30 +357,102 @@ def test_the_deletion_handler_only_takes_deleted_runs_that_ask_for_cleanup():
 
 
 def test_the_merge_is_created_before_branch_results_are_read():
-    status, _ = reconcile(motrun(), FakeApi())
+    status, _ = reconcile(motrun(NO_PREFLIGHT), FakeApi())
     done = {"conditions": [cond("Complete")], "completionTime": NOW}
     jobs = [job_body(status=done), job_body(name="demo-r1-sft-b-a1", teacher="b", status=done)]
     api = FakeApi(existing={"demo-r1-sft-a-a1", "demo-r1-sft-b-a1"},
                   pods={"demo-r1-sft-a-a1": [pod_body(0, json.dumps({"final_loss": 0.25}))],
                         "demo-r1-sft-b-a1": [pod_body(0, json.dumps({"final_loss": 0.5}), job="demo-r1-sft-b-a1")]})
-    status, _ = reconcile(motrun(status=status), api, jobs=jobs)
+    status, _ = reconcile(motrun(NO_PREFLIGHT, status=status), api, jobs=jobs)
     kinds = [c[:2] for c in api.calls if c[0] in ("create", "run_pods")]
     assert kinds == [("create", "demo-r1-merge-a1"), ("run_pods", "demo")]
     assert [b["loss"] for b in status["rounds"][0]["branches"].values()] == [0.25, 0.5]
 
 
 def test_a_failed_jobs_message_is_read_before_deciding():
-    status, _ = reconcile(motrun(), FakeApi())
+    status, _ = reconcile(motrun(NO_PREFLIGHT), FakeApi())
     failed = {"conditions": [cond("Failed", "PodFailurePolicy", "exit code 2")]}
     api = FakeApi(existing={"demo-r1-sft-a-a1", "demo-r1-sft-b-a1"},
                   pods={"demo-r1-sft-a-a1": [pod_body(2, "data.jsonl: line 1 is not JSON")]})
-    status, _ = reconcile(motrun(status=status), api, jobs=[job_body(status=failed)])
+    status, _ = reconcile(motrun(NO_PREFLIGHT, status=status), api, jobs=[job_body(status=failed)])
     assert status["phase"] == "Failed" and "line 1 is not JSON" in status["message"]
 
 
 def test_a_branch_finishing_before_the_others_is_recorded_in_one_status_write():
     """Only a round's last branch may start the merge; an earlier one's loss is read in the same pass."""
     status, jobs, api = first_branch_done()
-    status, _ = reconcile(motrun(status=status), api, jobs=jobs)
+    status, _ = reconcile(motrun(NO_PREFLIGHT, status=status), api, jobs=jobs)
     assert [c[0] for c in api.calls if c[0] in ("run_pods", "patch_status")] == ["run_pods", "patch_status"]
     assert status["rounds"][0]["branches"]["a"]["loss"] == 0.25
+
+
+# ---------------------------------------------------------------------------------------------
+# The preflight Job
+
+
+def test_observe_a_preflight_job_reads_its_report_from_the_termination_message():
+    done = {"conditions": [cond("Complete")], "completionTime": NOW, "startTime": "2026-01-01T00:00:02Z"}
+    obs = controller.observe_job(preflight_body(status=done), [pod_body(0, compact(PREFLIGHT_REPORT), job=PREFLIGHT)])
+    assert (obs.name, obs.stage, obs.round, obs.teacher, obs.attempt) == (PREFLIGHT, "preflight", 0, None, 1)
+    assert obs.state == "Succeeded" and obs.metrics == PREFLIGHT_REPORT
+    assert obs.finished_at == datetime(2026, 1, 1, 0, 0, 10, tzinfo=UTC)
+    running = controller.observe_job(preflight_body(status={"active": 1, "startTime": NOW}))
+    assert (running.state, running.metrics) == ("Running", None)
+
+
+def test_a_preflight_report_of_many_teachers_is_read_whole():
+    """The report grows with the teachers (up to 32); the trainer writes up to 4000 characters of it,
+    more than the 1024 kept of a failure's message, and a cut JSON would lose every finding."""
+    names = [f"teacher-{i:02d}-reasoning-traces" for i in range(32)]
+    report = {**PREFLIGHT_REPORT, "teachers": {
+        n: {"records": 12000, "p50": 1830, "p95": 3900, "max": 16120, "truncated": 0.0125} for n in names}}
+    line = compact(report)
+    assert controller.MESSAGE_LIMIT < len(line) <= 4000
+    done = {"conditions": [cond("Complete")], "completionTime": NOW}
+    obs = controller.observe_job(preflight_body(status=done), [pod_body(0, line, job=PREFLIGHT)])
+    assert obs.metrics == report
+
+
+def test_a_passed_preflight_is_recorded_from_its_pod_and_round_1_starts_in_the_same_pass():
+    from mot_operator import metrics
+
+    def count(name, **labels):
+        return metrics.REGISTRY.get_sample_value(name, labels) or 0
+
+    created = count("mot_jobs_created_total", stage="preflight")
+    succeeded = count("mot_jobs_finished_total", stage="preflight", result="succeeded")
+    api = FakeApi()
+    status, _ = reconcile(motrun({"queueName": "gpu"}), api)
+    preflight_job = api.objects[PREFLIGHT]
+    assert preflight_job["metadata"]["labels"]["app.kubernetes.io/component"] == "preflight"
+    assert "kueue.x-k8s.io/queue-name" not in preflight_job["metadata"]["labels"]
+    assert "suspend" not in preflight_job["spec"]  # runs at once, not through the GPU queue
+    assert count("mot_jobs_created_total", stage="preflight") == created + 1
+    assert {c["type"]: c["reason"] for c in status["conditions"]}["Progressing"] == "PreflightRunning"
+
+    done = {"conditions": [cond("Complete")], "completionTime": NOW, "startTime": "2026-01-01T00:00:02Z"}
+    api = FakeApi(existing={PREFLIGHT}, pods={PREFLIGHT: [pod_body(0, compact(PREFLIGHT_REPORT), job=PREFLIGHT)]})
+    status, _ = reconcile(motrun({"queueName": "gpu"}, status=status), api, jobs=[preflight_body(status=done)])
+    calls = [c[:2] for c in api.calls if c[0] != "patch_status"]
+    assert calls == [("run_pods", "demo"), ("event", "PreflightPassed"), ("event", "BranchStarted"),
+                     ("event", "BranchStarted"), ("create", "demo-r1-sft-a-a1"), ("create", "demo-r1-sft-b-a1")]
+    assert status["preflight"]["state"] == "Succeeded"
+    assert status["preflight"]["teachers"] == PREFLIGHT_REPORT["teachers"]
+    assert (status["preflight"]["storage"], status["preflight"]["seconds"]) == ("writable", 41.27)
+    assert status["preflight"]["startTime"] == "2026-01-01T00:00:02Z"
+    assert api.objects["demo-r1-sft-a-a1"]["spec"]["suspend"] is True  # the branches are queued
+    assert count("mot_jobs_finished_total", stage="preflight", result="succeeded") == succeeded + 1
+
+
+def test_a_preflight_exiting_2_fails_the_run_and_no_branch_job_is_created():
+    status, _ = reconcile(motrun(), FakeApi())
+    failed = {"conditions": [cond("Failed", "PodFailurePolicy", "exit code 2")]}
+    reason = "invalid input: teacher b: s3://d/b line 3: not JSON"
+    api = FakeApi(existing={PREFLIGHT}, pods={PREFLIGHT: [pod_body(2, reason, job=PREFLIGHT)]})
+    status, _ = reconcile(motrun(status=status), api, jobs=[preflight_body(status=failed)])
+    assert status["phase"] == "Failed"
+    assert status["message"] == f"preflight failed after 1 attempt, invalid input: not retried: {reason}"
+    assert status["failure"] == {"stage": "preflight", "attempts": 1, "reason": reason}
+    assert {c["type"]: c["reason"] for c in status["conditions"]}["Failed"] == "PreflightFailed"
+    assert not [c for c in api.calls if c[0] == "create"]
+    assert [c[1] for c in api.calls if c[0] == "event"] == ["PreflightFailed", "Failed"]

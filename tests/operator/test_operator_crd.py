@@ -141,6 +141,7 @@ EDITS = {
     "student": "s3://other", "teachers": lambda old: old[:3], "training": lambda old: {**old, "steps": 9},
     "merge": lambda old: {**old, "method": "ties"}, "evaluation": DELETE,
     "storage": lambda old: {**old, "uri": "s3://x"},
+    "preflight": lambda old: {**old, "maxTruncatedFraction": 0.2},
     "resources": lambda old: {**old, "merge": {**old["merge"], "gpus": 1}},
     "image": "other:1", "serviceAccountName": "sa", "maxRetries": 5, "retryBackoffSeconds": 1,
     "activeDeadlineSeconds": 1, "queueName": "q", "ttlSecondsAfterFinished": 5,
@@ -246,6 +247,10 @@ def test_statuses_the_planner_writes_fit_the_crd_status_schema():
     validator = jsonschema.Draft4Validator(status_schema, format_checker=jsonschema.FormatChecker())
     spec = parse_spec({**minimal()["spec"], "rounds": 2, "retryBackoffSeconds": 5,
                        "evaluation": {"dataset": "s3://d/e"}})
+    preflight_report = {  # what mot-train preflight prints when every check passed
+        "teachers": {"teacher-a": {"records": 1200, "p50": 1830, "p95": 3900, "max": 6120, "truncated": 0.015},
+                     "teacher-b": {"records": 800, "p50": 950, "p95": 2100, "max": 3980, "truncated": 0.0}},
+        "max_seq_length": 4096, "storage": "writable", "seconds": 41.27, "eval": {"records": 100}}
     run, now, status, jobs = RunRef("ns", "demo", "u"), datetime(2026, 1, 1, tzinfo=UTC), {}, {}
     seen_states = set()
     for step in range(40):
@@ -264,10 +269,67 @@ def test_statuses_the_planner_writes_fit_the_crd_status_schema():
             if job.state == "Running":
                 fail = job.name.endswith("sft-teacher-a-a1")
                 job.state, job.finished_at = ("Failed" if fail else "Succeeded"), now
-                job.message, job.metrics = "boom", {"final_loss": 1.0, "accuracy": 0.5}
+                job.message = "boom"
+                job.metrics = preflight_report if job.stage == "preflight" else {"final_loss": 1.0, "accuracy": 0.5}
     assert status["phase"] == "Succeeded" and "Retrying" in seen_states
+    assert status["preflight"]["teachers"]["teacher-a"]["p95"] == 3900 and status["preflight"]["evalRecords"] == 100
     failed = plan(run, spec, {}, [], now)
     failed = plan(run, spec, failed.status, [ObservedJob(r.name, r.stage, 1, r.teacher, 1, "Failed", permanent=True,
                                                          message="bad") for r in failed.create], now)
-    assert failed.status["phase"] == "Failed"
+    assert failed.status["phase"] == "Failed" and failed.status["failure"]["stage"] == "preflight"
+    assert "round" not in failed.status["failure"]  # the preflight belongs to no round
     assert not list(validator.iter_errors(failed.status))
+
+
+def test_preflight_is_on_by_default_with_its_documented_defaults():
+    assert defaulted(minimal()["spec"])["preflight"] == {
+        "enabled": True, "maxTruncatedFraction": 0.05, "cpu": "1", "memory": "4Gi"}
+    assert parse_spec(minimal()["spec"]).preflight == specmod.Preflight(
+        enabled=True, max_truncated_fraction=0.05, cpu="1", memory="4Gi")
+    spec = parse_spec(with_change("spec.preflight", {"enabled": False, "maxTruncatedFraction": 0, "cpu": 2,
+                                                      "memory": "512Mi"})["spec"])
+    assert spec.preflight == specmod.Preflight(enabled=False, max_truncated_fraction=0.0, cpu="2", memory="512Mi")
+    props = SPEC_SCHEMA["properties"]["preflight"]["properties"]
+    assert (props["maxTruncatedFraction"]["minimum"], props["maxTruncatedFraction"]["maximum"]) == (0, 1)
+
+
+PREFLIGHT_INVALID = [
+    ("fraction-above-one", {"maxTruncatedFraction": 1.5}, "spec.preflight.maxTruncatedFraction",
+     "should be less than or equal to 1"),
+    ("fraction-negative", {"maxTruncatedFraction": -0.1}, "spec.preflight.maxTruncatedFraction",
+     "should be greater than or equal to 0"),
+    ("cpu-not-a-quantity", {"cpu": "lots"}, "spec.preflight.cpu", "should match"),
+    ("memory-unit", {"memory": "4GB"}, "spec.preflight.memory", "should match"),
+    ("enabled-text", {"enabled": "yes"}, "spec.preflight.enabled", "must be of type boolean"),
+    ("unknown-field", {"maxTruncated": 0.1}, "spec.preflight.maxTruncated", "unknown field"),
+]
+
+
+@pytest.mark.parametrize("case,preflight,field,detail", PREFLIGHT_INVALID, ids=[c[0] for c in PREFLIGHT_INVALID])
+def test_preflight_out_of_bounds_is_refused_naming_the_field(case, preflight, field, detail):
+    with pytest.raises(SpecError) as info:
+        parse_spec(with_change("spec.preflight", preflight)["spec"])
+    assert info.value.field == field and str(info.value).startswith(f"{field}: ")
+    assert detail in str(info.value)
+
+
+def test_check_jsonschema_refuses_a_truncated_fraction_above_one(tmp_path):
+    schema_file = tmp_path / "motrun.schema.json"
+    schema_file.write_text(json.dumps(specmod.json_schema()))
+    bad = tmp_path / "fraction.yaml"
+    bad.write_text(yaml.safe_dump(with_change("spec.preflight", {"maxTruncatedFraction": 1.5})))
+    proc = subprocess.run([CHECK_JSONSCHEMA, "--schemafile", str(schema_file), str(bad)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "maxTruncatedFraction" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_preflight_cannot_be_switched_off_or_retuned_on_an_existing_run():
+    old = paper_spec()
+    for change in ({"enabled": False}, {"maxTruncatedFraction": 0.5}, {"memory": "16Gi"}):
+        with pytest.raises(SpecError) as info:
+            check_update(old, {**old, "preflight": {**old["preflight"], **change}})
+        assert str(info.value) == "spec.preflight: Invalid value: preflight is immutable", change
+    # Writing out the defaults an older manifest left implicit is no edit.
+    implicit = {k: v for k, v in old.items() if k != "preflight"}
+    check_update(implicit, {**implicit, "preflight": {"enabled": True, "maxTruncatedFraction": 0.05,
+                                                      "cpu": "1", "memory": "4Gi"}})

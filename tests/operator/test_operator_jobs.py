@@ -1,5 +1,5 @@
-"""Job rendering: names, labels, env, failure policy, multi-node, Kueue; every Job validated offline
-against the Kubernetes API schema with kubernetes-validate."""
+"""Job rendering: names, labels, env, failure policy, multi-node, Kueue, the preflight; every Job
+validated offline against the Kubernetes API schema with kubernetes-validate."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from mot_operator.planner import ObservedJob, RunRef, plan
 from mot_operator.spec import parse_spec
 
 K8S_VERSION = "1.30.0"
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 RUN = RunRef(namespace="team-a", name="demo", uid="1f0e-uid", generation=3)
 CONFIG = OperatorConfig(default_image="registry.local/mot-trainer:test", default_storage_uri="s3://default",
@@ -31,8 +32,18 @@ def spec_of(**overrides):
     return parse_spec(spec)
 
 
-def first_request(spec, run=RUN):
-    return plan(run, spec, {}, [], datetime(2026, 1, 1, tzinfo=UTC)).create[0]
+def first_request(spec, run=RUN, stage="sft"):
+    """The first request of `stage` the planner makes: the preflight's, or (once it passed) the first
+    branch's."""
+    status, jobs = {}, []
+    for _ in range(2):
+        result = plan(run, spec, status, jobs, T0)
+        for req in result.create:
+            if req.stage == stage:
+                return req
+        status = result.status
+        jobs += [ObservedJob(r.name, r.stage, r.round, r.teacher, r.attempt, "Succeeded") for r in result.create]
+    raise AssertionError(f"no {stage} request")
 
 
 def validate(obj):
@@ -182,13 +193,14 @@ def test_every_job_of_a_full_run_validates():
     status, jobs = {}, []
 
     rendered = []
-    for _ in range(6):
-        result = plan(RUN, spec, status, jobs, datetime(2026, 1, 1, tzinfo=UTC))
+    for _ in range(7):
+        result = plan(RUN, spec, status, jobs, T0)
         status = result.status
         for req in result.create:
             rendered += render(req, spec, RUN, CONFIG)
             jobs.append(ObservedJob(req.name, req.stage, req.round, req.teacher, req.attempt, "Succeeded"))
-    assert [o["metadata"]["labels"]["mot.dev/stage"] for o in rendered] == ["sft", "sft", "merge", "eval"]
+    assert [o["metadata"]["labels"]["mot.dev/stage"] for o in rendered] == [
+        "preflight", "sft", "sft", "merge", "eval"]
     for obj in rendered:
         validate(obj)
         assert len(obj["metadata"]["name"]) <= 63 and DNS_LABEL.match(obj["metadata"]["name"])
@@ -237,3 +249,80 @@ def test_a_run_created_again_under_its_name_gets_its_own_cleanup_job():
     names = {render_cleanup_job(spec, RunRef(RUN.namespace, RUN.name, uid, 1), CONFIG)["metadata"]["name"]
              for uid in ("0f9e8d7c-aaaa", "1a2b3c4d-bbbb")}
     assert len(names) == 2 and all(n.startswith(f"{RUN.name}-cleanup-") for n in names), names
+
+
+def test_preflight_job_name_and_report_location():
+    assert naming.job_name("demo", 0, "preflight", 2) == "demo-preflight-a2"
+    long_name = naming.job_name("x" * 60, 0, "preflight", 1)
+    assert len(long_name) <= 63 and DNS_LABEL.match(long_name)
+    with pytest.raises(ValueError):
+        naming.job_name("demo", 0, "preflight", 1, "a")  # a teacher only for sft
+    assert naming.preflight_uri("s3://ckpt", "team-a", "demo") == "s3://ckpt/team-a/demo/preflight.json"
+
+
+def test_preflight_job_is_a_small_cpu_pod_running_mot_train_preflight():
+    spec = spec_of(preflight={"cpu": "2", "memory": "8Gi", "maxTruncatedFraction": 0.2},
+                   evaluation={"dataset": "s3://d/e"}, serviceAccountName="trainer-sa",
+                   resources={"branch": {"gpus": 8, "cpu": "64", "memory": "512Gi"},
+                              "merge": {"gpus": 1, "priorityClassName": "gpu-high", "nodeSelector": {"gpu": "h100"},
+                                        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                                         "effect": "NoSchedule"}]}})
+    req = first_request(spec, stage="preflight")
+    job = render_job(req, spec, RUN, CONFIG)
+    validate(job)
+    meta = job["metadata"]
+    assert meta["name"] == "demo-preflight-a1"
+    assert meta["labels"] == {
+        "mot.dev/run": "demo", "mot.dev/round": "0", "mot.dev/stage": "preflight", "mot.dev/attempt": "1",
+        "app.kubernetes.io/name": "mot-trainer", "app.kubernetes.io/instance": "demo",
+        "app.kubernetes.io/component": "preflight", "app.kubernetes.io/managed-by": "mot-operator",
+        "app.kubernetes.io/part-of": "mot-operator",
+    }
+    assert meta["annotations"]["mot.dev/output"] == "s3://ckpt/team-a/demo/preflight.json"
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["mot-train"]
+    assert container["args"] == req.args and "--metrics-port" not in container["args"]
+    assert "ports" not in container  # nothing for the PodMonitor to scrape
+    assert container["resources"] == {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "8Gi"}}
+    assert "nvidia.com/gpu" not in str(container["resources"])
+    assert "nodeSelector" not in pod and "priorityClassName" not in pod
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert [v["name"] for v in pod["volumes"]] == ["scratch"]  # no GPU shared-memory volume
+    assert pod["serviceAccountName"] == "trainer-sa"
+    env = env_of(job)  # the storage probe writes with the run's credentials
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "s3-keys", "key": "AWS_ACCESS_KEY_ID"}
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio:9000"
+    # Exit code 2 (invalid input) fails the Job at once, as for every stage.
+    assert job["spec"]["backoffLimit"] == 0
+    assert job["spec"]["podFailurePolicy"]["rules"][1]["onExitCodes"]["values"] == [2]
+    from mot_trainer.preflight import add_arguments  # the trainer really takes these arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(container["args"][1:])
+    assert args.student == "s3://m/student" and args.teachers == ["a=s3://d/a"]
+    assert args.max_seq_length == 4096 and args.max_truncated_fraction == pytest.approx(0.2)
+    assert args.storage == "s3://ckpt/team-a/demo" and args.out == "s3://ckpt/team-a/demo/preflight.json"
+    assert args.eval_data == "s3://d/e"
+
+
+def test_preflight_resources_default_to_one_cpu_and_4gi():
+    spec = spec_of()
+    job = render_job(first_request(spec, stage="preflight"), spec, RUN, CONFIG)
+    validate(job)
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"] == {
+        "requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "4Gi"}}
+
+
+def test_preflight_job_is_never_queued_through_kueue():
+    """A bad run should fail at once, not wait for GPU quota: no queue label, not created suspended."""
+    spec = spec_of(queueName="gpu-queue")
+    preflight = render_job(first_request(spec, stage="preflight"), spec, RUN, CONFIG)
+    validate(preflight)
+    assert "kueue.x-k8s.io/queue-name" not in preflight["metadata"]["labels"]
+    assert "kueue.x-k8s.io/queue-name" not in preflight["spec"]["template"]["metadata"]["labels"]
+    assert "suspend" not in preflight["spec"]
+    branch = render_job(first_request(spec), spec, RUN, CONFIG)  # the branches of the same run are
+    assert branch["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert branch["spec"]["suspend"] is True

@@ -129,3 +129,36 @@ def test_http_port_serves_metrics_health_and_readiness():
         assert get(f"{base}/nope")[0] == 404
     finally:
         server.shutdown()
+
+
+def test_the_preflight_is_counted_as_a_stage_of_its_own():
+    def preflight(state, attempt=1):
+        return {"job": f"demo-preflight-a{attempt}", "attempt": attempt, "state": state,
+                "startTime": "2026-01-01T00:00:00Z", "completionTime": "2026-01-01T00:00:45Z"}
+
+    succeeded = value("mot_jobs_finished_total", stage="preflight", result="succeeded") or 0
+    durations = value("mot_stage_duration_seconds_count", stage="preflight") or 0
+    sft = value("mot_jobs_finished_total", stage="sft", result="succeeded") or 0
+    running = {"phase": "Pending", "round": 1, "rounds": [], "preflight": preflight("Running")}
+    passed = {**running, "preflight": preflight("Succeeded")}
+    metrics.record_transitions(running, passed)
+    metrics.record_transitions(passed, passed)  # re-observed: counted once
+    assert value("mot_jobs_finished_total", stage="preflight", result="succeeded") == succeeded + 1
+    assert value("mot_stage_duration_seconds_count", stage="preflight") == durations + 1
+    assert value("mot_stage_duration_seconds_bucket", stage="preflight", le="60.0") >= 1
+    # Round 1's branch a succeeding later counts as sft only: the preflight is not counted again.
+    metrics.record_transitions(passed, {**passed, **status_with("Succeeded")})
+    assert value("mot_jobs_finished_total", stage="sft", result="succeeded") == sft + 1
+    assert value("mot_jobs_finished_total", stage="preflight", result="succeeded") == succeeded + 1
+
+    failed = value("mot_jobs_finished_total", stage="preflight", result="failed") or 0
+    retries = value("mot_job_retries_total", stage="preflight") or 0
+    metrics.record_plan(Plan(status={}, events=[Event("Warning", "PreflightFailed", "attempt 1 of 3 failed"),
+                                                Event("Normal", "PreflightRetried", "attempt 2 of 3 started")]))
+    assert value("mot_jobs_finished_total", stage="preflight", result="failed") == failed + 1
+    assert value("mot_job_retries_total", stage="preflight") == retries + 1
+    metrics.record_plan(Plan(status={}, events=[Event("Normal", "PreflightPassed", "preflight passed")]))
+    assert value("mot_jobs_finished_total", stage="preflight", result="failed") == failed + 1  # not a failure
+    created = value("mot_jobs_created_total", stage="preflight") or 0
+    metrics.job_created("preflight")
+    assert value("mot_jobs_created_total", stage="preflight") == created + 1

@@ -1,5 +1,5 @@
-"""The pure planner as a table of transitions: happy path, retries, permanent failures, merge/eval
-failures, suspend/resume, rounds edited, terminal states, restart with Jobs half created."""
+"""The pure planner as a table of transitions: the preflight, happy path, retries, permanent failures,
+merge/eval failures, suspend/resume, rounds edited, terminal states, restart with Jobs half created."""
 
 from __future__ import annotations
 
@@ -13,6 +13,13 @@ from mot_operator.spec import SpecError, parse_spec
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 RUN = RunRef(namespace="ns", name="demo", uid="uid-1", generation=1)
+PREFLIGHT = "demo-preflight-a1"
+# What `mot-train preflight` writes to its termination log when every check passed (Report.summary()).
+PREFLIGHT_REPORT = {
+    "teachers": {"a": {"records": 1200, "p50": 1830, "p95": 3900, "max": 6120, "truncated": 0.015},
+                 "b": {"records": 800, "p50": 950, "p95": 2100, "max": 3980, "truncated": 0.0}},
+    "max_seq_length": 4096, "storage": "writable", "seconds": 41.27, "eval": {"records": 100},
+}
 
 
 def make_spec(**overrides):
@@ -69,9 +76,20 @@ class Cluster:
         job.finished_at = self.now
 
     def finish_active(self, metrics=None, stage=None):
+        """Every Pending/Running Job succeeds; a preflight always with its report, others with `metrics`."""
         for job in list(self.jobs.values()):
             if job.state in ("Pending", "Running") and (stage is None or job.stage == stage):
-                self.finish(job.name, metrics=metrics)
+                self.finish(job.name, metrics=PREFLIGHT_REPORT if job.stage == "preflight" else metrics)
+
+    def start(self):
+        """Plan until round 1's branches are requested: the preflight Job, when the spec has one,
+        is created and passes with a real report first. Returns the plan that starts the branches."""
+        result = self.step()
+        if [r.stage for r in result.create] == ["preflight"]:
+            self.finish(result.create[0].name, metrics=PREFLIGHT_REPORT)
+            result = self.step()
+        assert {r.stage for r in result.create} == {"sft"}, [r.name for r in result.create]
+        return result
 
     def reasons(self):
         return [r for r, _ in self.events]
@@ -90,6 +108,7 @@ def test_happy_path_rounds_branches_merge_eval():
     cluster = Cluster(make_spec(evaluation={"dataset": "s3://d/eval"}))
     run_to_end(cluster)
     assert cluster.created == [
+        "demo-preflight-a1",
         "demo-r1-sft-a-a1", "demo-r1-sft-b-a1", "demo-r1-merge-a1", "demo-r1-eval-a1",
         "demo-r2-sft-a-a1", "demo-r2-sft-b-a1", "demo-r2-merge-a1", "demo-r2-eval-a1",
     ]
@@ -106,10 +125,12 @@ def test_happy_path_rounds_branches_merge_eval():
         "startTime": r1["branches"]["a"]["startTime"], "completionTime": r1["branches"]["a"]["completionTime"],
     }
     assert r1["mergedCheckpoint"] == "s3://ckpt/ns/demo/round-1/merged" and r1["evalScore"] == 0.5
+    assert s["preflight"]["state"] == "Succeeded" and s["preflight"]["teachers"] == PREFLIGHT_REPORT["teachers"]
     conditions = {c["type"]: c for c in s["conditions"]}
     assert conditions["Succeeded"]["status"] == "True" and conditions["Ready"]["status"] == "True"
     assert conditions["Progressing"]["status"] == "False" and conditions["Failed"]["status"] == "False"
     assert cluster.reasons() == [
+        "PreflightStarted", "PreflightPassed",
         "BranchStarted", "BranchStarted", "MergeStarted", "EvalStarted", "RoundCompleted",
         "BranchStarted", "BranchStarted", "MergeStarted", "EvalStarted", "RoundCompleted", "Succeeded",
     ]
@@ -121,7 +142,7 @@ def test_job_arguments_follow_the_trainer_contract():
                                {"name": "b", "dataset": "s3://d/b", "weight": 3}],
                      evaluation={"dataset": "s3://d/eval", "samples": 2, "threads": 1})
     cluster = Cluster(spec)
-    sft = cluster.step().create[0]
+    sft = cluster.start().create[0]
     assert sft.args[:7] == ["sft", "--init", "s3://models/student", "--data", "s3://d/a", "--out",
                             "s3://ckpt/ns/demo/round-1/branch-a"]
     assert sft.args[sft.args.index("--steps") + 1] == "7"
@@ -144,7 +165,7 @@ def test_job_arguments_follow_the_trainer_contract():
 
 def test_failed_branch_is_retried_as_a_new_attempt_after_backoff():
     cluster = Cluster(make_spec())
-    cluster.step()
+    cluster.start()
     cluster.finish("demo-r1-sft-a-a1")
     cluster.finish("demo-r1-sft-b-a1", ok=False, message="CUDA error: out of memory")
     result = cluster.step()
@@ -163,7 +184,7 @@ def test_failed_branch_is_retried_as_a_new_attempt_after_backoff():
 
 def test_backoff_doubles_per_attempt():
     cluster = Cluster(make_spec(maxRetries=3, retryBackoffSeconds=4))
-    cluster.step()
+    cluster.start()
     waits = []
     for attempt in (1, 2, 3):
         cluster.finish(f"demo-r1-sft-a-a{attempt}", ok=False, message="flaky")
@@ -174,7 +195,7 @@ def test_backoff_doubles_per_attempt():
 
 def test_retries_exhausted_fail_the_run_naming_branch_attempts_and_reason():
     cluster = Cluster(make_spec(retryBackoffSeconds=0))
-    cluster.step()
+    cluster.start()
     cluster.finish("demo-r1-sft-b-a1", ok=False, message="disk full")
     cluster.step()  # attempt 2 (backoff 0: at once)
     assert "demo-r1-sft-b-a2" in cluster.jobs
@@ -194,7 +215,7 @@ def test_retries_exhausted_fail_the_run_naming_branch_attempts_and_reason():
 
 def test_invalid_input_exit_code_2_is_never_retried():
     cluster = Cluster(make_spec(maxRetries=5))
-    cluster.step()
+    cluster.start()
     cluster.finish("demo-r1-sft-a-a1", ok=False, permanent=True, message="data: line 3 is not JSON")
     result = cluster.step()
     assert result.create == []
@@ -206,7 +227,7 @@ def test_invalid_input_exit_code_2_is_never_retried():
 @pytest.mark.parametrize("stage", ["merge", "eval"])
 def test_merge_and_eval_failures_are_retried_then_fail_the_run(stage):
     cluster = Cluster(make_spec(retryBackoffSeconds=0, evaluation={"dataset": "s3://d/eval"}))
-    cluster.step()
+    cluster.start()
     cluster.finish_active(metrics={"final_loss": 1.0})
     cluster.step()
     if stage == "eval":
@@ -224,7 +245,7 @@ def test_merge_and_eval_failures_are_retried_then_fail_the_run(stage):
 
 def test_suspend_creates_nothing_and_suspends_running_jobs_then_resume_continues():
     cluster = Cluster(make_spec())
-    cluster.step()
+    cluster.start()
     cluster.jobs["demo-r1-sft-a-a1"].state = "Running"
     cluster.spec = make_spec(suspend=True)
     result = cluster.step()
@@ -247,28 +268,38 @@ def test_suspended_from_the_start_creates_nothing():
     cluster = Cluster(make_spec(suspend=True))
     result = cluster.step()
     assert result.create == [] and cluster.status["phase"] == "Suspended"
+    assert "preflight" not in cluster.status  # not even its first attempt is recorded
+    assert cluster.status["message"] == (
+        "suspended at preflight: checking the student, 2 teachers' data and storage")
     cluster.spec = make_spec()
-    assert len(cluster.step().create) == 2
+    result = cluster.step()  # resumed: the preflight comes first
+    assert [r.name for r in result.create] == [PREFLIGHT]
+    assert cluster.reasons()[-2:] == ["Resumed", "PreflightStarted"]
+    assert {c["type"]: c["reason"] for c in cluster.status["conditions"]}["Progressing"] == "PreflightRunning"
+    cluster.finish(PREFLIGHT, metrics=PREFLIGHT_REPORT)
+    assert [r.name for r in cluster.step().create] == ["demo-r1-sft-a-a1", "demo-r1-sft-b-a1"]
 
 
 def test_resume_unsuspends_jobs_unless_kueue_manages_them():
     cluster = Cluster(make_spec(suspend=True))
     cluster.spec = make_spec()
-    cluster.step()
+    cluster.start()
     for job in cluster.jobs.values():
-        job.state = "Suspended"
+        if job.stage == "sft":
+            job.state = "Suspended"
     assert sorted(cluster.step().resume) == ["demo-r1-sft-a-a1", "demo-r1-sft-b-a1"]
     queued = Cluster(make_spec(queueName="gpu"))
-    queued.step()
+    queued.start()
     for job in queued.jobs.values():
-        job.state = "Suspended"  # waiting for Kueue admission
+        if job.stage == "sft":
+            job.state = "Suspended"  # waiting for Kueue admission
     assert queued.step().resume == []
     assert queued.status["phase"] == "Pending"  # queued is not running yet
 
 
 def test_rounds_extended_before_the_end_runs_more_rounds():
     cluster = Cluster(make_spec(rounds=1))
-    cluster.step()
+    cluster.start()
     cluster.finish_active()
     cluster.spec = make_spec(rounds=2)  # raised while round 1 merges
     cluster.step()
@@ -280,7 +311,7 @@ def test_rounds_extended_before_the_end_runs_more_rounds():
 
 def test_rounds_shortened_below_the_current_round_finishes_with_the_last_kept_merge():
     cluster = Cluster(make_spec(rounds=3))
-    cluster.step()
+    cluster.start()
     cluster.finish_active()
     cluster.step()
     cluster.finish_active()
@@ -300,7 +331,7 @@ def test_terminal_runs_are_final(phase):
     if phase == "Succeeded":
         run_to_end(cluster)
     else:
-        cluster.step()
+        cluster.start()
         cluster.finish("demo-r1-sft-a-a1", ok=False, permanent=True, message="bad data")
         cluster.step()
     assert cluster.status["phase"] == phase
@@ -314,12 +345,15 @@ def test_terminal_runs_are_final(phase):
 
 def test_restart_with_jobs_half_created_creates_only_the_missing_ones_under_the_same_names():
     cluster = Cluster(make_spec(teachers=[{"name": n, "dataset": f"s3://d/{n}"} for n in "abc"]))
-    first = plan(RUN, cluster.spec, {}, [], T0)
+    cluster.step()
+    cluster.finish(PREFLIGHT, metrics=PREFLIGHT_REPORT)
+    preflight = cluster.jobs[PREFLIGHT]
+    first = plan(RUN, cluster.spec, cluster.status, [preflight], cluster.now)
     assert len(first.create) == 3
     # The executor wrote the status, created one Job, then died.
     req = first.create[0]
-    observed = [ObservedJob(req.name, "sft", 1, req.teacher, 1, "Running")]
-    again = plan(RUN, cluster.spec, first.status, observed, T0 + timedelta(seconds=30))
+    observed = [preflight, ObservedJob(req.name, "sft", 1, req.teacher, 1, "Running")]
+    again = plan(RUN, cluster.spec, first.status, observed, cluster.now + timedelta(seconds=30))
     assert [r.name for r in again.create] == [r.name for r in first.create[1:]]
     assert again.events == []  # nothing new happened: no duplicate BranchStarted
     assert again.status["rounds"] == [{**first.status["rounds"][0], "branches": {
@@ -338,7 +372,7 @@ def test_planning_twice_on_the_same_observation_is_a_no_op():
 
 def test_phase_pending_until_a_job_runs():
     cluster = Cluster(make_spec())
-    cluster.step()
+    cluster.start()
     assert cluster.status["phase"] == "Pending"
     cluster.jobs["demo-r1-sft-a-a1"].state = "Running"
     cluster.step()
@@ -367,16 +401,215 @@ def test_multinode_branch_names_leave_room_for_the_pod_index():
     long_run = RunRef(namespace="ns", name="a-rather-long-motrun-name-for-a-big-model", uid="u")
     spec = make_spec(resources={"branch": {"nodes": 2, "gpus": 8}},
                      teachers=[{"name": "deepseek-r1-distill", "dataset": "d"}])
-    result = plan(long_run, spec, {}, [], T0)
+    first = plan(long_run, spec, {}, [], T0)
+    (preflight,) = first.create  # a single-Pod Job: the plain 63-character limit
+    assert len(preflight.name) <= 63 and preflight.name.startswith("a-rather-long-motrun")
+    passed = ObservedJob(preflight.name, "preflight", 0, None, 1, "Succeeded", metrics=PREFLIGHT_REPORT)
+    result = plan(long_run, spec, first.status, [passed], T0)
+    assert [r.stage for r in result.create] == ["sft"]
     assert all(len(r.name) <= 56 for r in result.create)
 
 
 def test_results_read_a_pass_later_are_filled_in():
     cluster = Cluster(make_spec())
-    cluster.step()
+    cluster.start()
     cluster.finish_active(metrics=None)  # succeeded, termination messages not read yet
     cluster.step()
     assert "loss" not in cluster.status["rounds"][0]["branches"]["a"]
     cluster.jobs["demo-r1-sft-a-a1"].metrics = {"final_loss": 0.125}
     result = cluster.step()
     assert cluster.status["rounds"][0]["branches"]["a"]["loss"] == 0.125 and result.create == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The preflight: one Job before round 1 checking the student, the teachers' data, the eval set and
+# the storage; its findings in status.preflight; a failure fails the run before any branch Job.
+
+
+def conditions_of(status):
+    return {c["type"]: c for c in status["conditions"]}
+
+
+def test_preflight_runs_first_and_its_findings_are_recorded_before_branches_start():
+    cluster = Cluster(make_spec(evaluation={"dataset": "s3://d/eval"}, training={"maxSeqLength": 2048},
+                                preflight={"maxTruncatedFraction": 0.1}))
+    result = cluster.step()
+    (req,) = result.create
+    assert (req.name, req.stage, req.round, req.teacher, req.attempt) == (PREFLIGHT, "preflight", 0, None, 1)
+    assert req.args == ["preflight", "--student", "s3://models/student", "--teachers", "a=s3://d/a", "b=s3://d/b",
+                        "--max-seq-length", "2048", "--max-truncated-fraction", "0.1",
+                        "--storage", "s3://ckpt/ns/demo", "--out", "s3://ckpt/ns/demo/preflight.json",
+                        "--eval", "s3://d/eval"]
+    assert req.output_uri == "s3://ckpt/ns/demo/preflight.json"
+    assert (req.resources.cpu, req.resources.memory, req.resources.gpus) == ("1", "4Gi", 0)
+    s = cluster.status
+    assert s["preflight"] == {"job": PREFLIGHT, "attempt": 1, "state": "Pending",
+                              "checkpoint": "s3://ckpt/ns/demo/preflight.json"}
+    assert s["rounds"] == [] and s["phase"] == "Pending"
+    assert s["message"] == "preflight: checking the student, 2 teachers' data, the eval set and storage"
+    assert conditions_of(s)["Progressing"]["reason"] == "PreflightRunning"
+    assert cluster.events == [("PreflightStarted", "preflight started (demo-preflight-a1)")]
+
+    cluster.jobs[PREFLIGHT].state = "Running"
+    assert cluster.step().create == []
+    assert cluster.status["preflight"]["state"] == "Running" and cluster.status["phase"] == "Pending"
+    assert conditions_of(cluster.status)["Progressing"]["reason"] == "PreflightRunning"
+
+    cluster.finish(PREFLIGHT, metrics=PREFLIGHT_REPORT)
+    result = cluster.step()
+    pf = cluster.status["preflight"]
+    assert pf == {"job": PREFLIGHT, "attempt": 1, "state": "Succeeded",
+                  "checkpoint": "s3://ckpt/ns/demo/preflight.json",
+                  "startTime": "2026-01-01T00:00:01Z", "completionTime": "2026-01-01T00:00:02Z",
+                  "teachers": PREFLIGHT_REPORT["teachers"], "evalRecords": 100, "storage": "writable",
+                  "seconds": 41.27}
+    assert cluster.events[1] == ("PreflightPassed",
+                                 "preflight passed: a 1200 records, p95 3900 tokens, 1.5% truncated; "
+                                 "b 800 records, p95 2100 tokens, 0.0% truncated; eval set 100 problems")
+    # The branches start in the same pass, from the student.
+    assert [r.name for r in result.create] == ["demo-r1-sft-a-a1", "demo-r1-sft-b-a1"]
+    assert cluster.status["rounds"][0]["init"] == "s3://models/student"
+    assert conditions_of(cluster.status)["Progressing"]["reason"] == "Pending"
+    cluster.step()
+    assert cluster.reasons().count("PreflightPassed") == 1  # announced once
+
+
+def test_preflight_invalid_input_fails_the_run_before_any_branch_job():
+    reason = ("teacher a: 12% of 1200 examples are longer than maxSeqLength 4096 (p95 5200 tokens, max 9100; "
+              "at most 5% allowed); raise spec.training.maxSeqLength or spec.preflight.maxTruncatedFraction")
+    cluster = Cluster(make_spec(maxRetries=5))
+    cluster.step()
+    cluster.finish(PREFLIGHT, ok=False, permanent=True, message=reason)
+    result = cluster.step()
+    s = cluster.status
+    assert s["phase"] == "Failed" and result.create == []
+    assert s["message"] == f"preflight failed after 1 attempt, invalid input: not retried: {reason}"
+    assert s["failure"] == {"stage": "preflight", "attempts": 1, "reason": reason}  # no round: before any
+    assert s["preflight"]["state"] == "Failed" and s["preflight"]["message"] == reason
+    assert s["rounds"] == []
+    conditions = conditions_of(s)
+    assert conditions["Failed"]["status"] == "True" and conditions["Failed"]["reason"] == "PreflightFailed"
+    assert conditions["Ready"]["reason"] == "PreflightFailed"
+    assert cluster.reasons() == ["PreflightStarted", "PreflightFailed", "Failed"]
+    assert dict(cluster.events)["PreflightFailed"] == (
+        f"preflight: attempt 1 failed (invalid input (exit code 2), not retried): {reason}")
+    for _ in range(3):  # terminal: nothing is ever started
+        cluster.step(seconds=600)
+    assert cluster.created == [PREFLIGHT]
+
+
+def test_a_transient_preflight_failure_is_retried_as_a_new_attempt():
+    cluster = Cluster(make_spec())  # maxRetries 1, backoff 10s
+    cluster.step()
+    cluster.finish(PREFLIGHT, ok=False, message="RetryableError: S3 timed out")
+    result = cluster.step()
+    assert result.create == [] and result.requeue_after == pytest.approx(10)
+    pf = cluster.status["preflight"]
+    assert pf["state"] == "Retrying" and pf["message"] == "RetryableError: S3 timed out"
+    assert pf["retryAt"] == "2026-01-01T00:00:12Z"
+    assert cluster.status["phase"] == "Pending"
+    assert conditions_of(cluster.status)["Progressing"]["reason"] == "Retrying"
+    assert cluster.events[-1] == ("PreflightFailed", "preflight: attempt 1 of 2 failed: RetryableError: S3 timed "
+                                                     "out; retrying in 10s")
+    assert cluster.step(seconds=5).create == []  # still backing off
+    result = cluster.step(seconds=5)
+    assert [r.name for r in result.create] == ["demo-preflight-a2"]
+    assert result.create[0].output_uri == "s3://ckpt/ns/demo/preflight.json"
+    assert cluster.events[-1] == ("PreflightRetried", "preflight: attempt 2 of 2 started (demo-preflight-a2)")
+    assert {k: cluster.status["preflight"][k] for k in ("job", "attempt", "state")} == {
+        "job": "demo-preflight-a2", "attempt": 2, "state": "Pending"}
+    cluster.finish("demo-preflight-a2", metrics=PREFLIGHT_REPORT)
+    result = cluster.step()
+    assert [r.stage for r in result.create] == ["sft", "sft"]
+    assert cluster.status["preflight"]["state"] == "Succeeded" and "message" not in cluster.status["preflight"]
+    assert cluster.created == [PREFLIGHT, "demo-preflight-a2", "demo-r1-sft-a-a1", "demo-r1-sft-b-a1"]
+
+
+def test_preflight_retries_exhausted_fail_the_run_with_the_last_reason():
+    cluster = Cluster(make_spec(retryBackoffSeconds=0))
+    cluster.step()
+    cluster.finish(PREFLIGHT, ok=False, message="RetryableError: S3 timed out")
+    cluster.step()  # attempt 2 at once
+    cluster.finish("demo-preflight-a2", ok=False, message="RetryableError: S3 timed out again")
+    cluster.step()
+    s = cluster.status
+    assert s["phase"] == "Failed"
+    assert s["message"] == "preflight failed after 2 attempts: RetryableError: S3 timed out again"
+    assert s["failure"] == {"stage": "preflight", "attempts": 2, "reason": "RetryableError: S3 timed out again"}
+    assert cluster.created == [PREFLIGHT, "demo-preflight-a2"]
+    assert conditions_of(s)["Failed"]["reason"] == "PreflightFailed"
+
+
+def test_a_disabled_preflight_starts_round_1_at_once():
+    cluster = Cluster(make_spec(preflight={"enabled": False}))
+    result = cluster.step()
+    assert [r.name for r in result.create] == ["demo-r1-sft-a-a1", "demo-r1-sft-b-a1"]
+    assert "preflight" not in cluster.status
+    run_to_end(cluster)
+    assert cluster.status["phase"] == "Succeeded" and "preflight" not in cluster.status
+    assert not any(r.startswith("Preflight") for r in cluster.reasons())
+    assert not any("preflight" in name for name in cluster.created)
+
+
+def test_suspend_during_the_preflight_suspends_its_job_and_resume_continues_it():
+    cluster = Cluster(make_spec())
+    cluster.step()
+    cluster.jobs[PREFLIGHT].state = "Running"
+    cluster.spec = make_spec(suspend=True)
+    result = cluster.step()
+    assert result.suspend == [PREFLIGHT] and result.create == []
+    assert cluster.status["phase"] == "Suspended"
+    assert cluster.status["message"].startswith("suspended at preflight: ")
+    cluster.step()
+    assert cluster.status["preflight"]["state"] == "Suspended"
+    cluster.spec = make_spec()
+    result = cluster.step()
+    assert result.resume == [PREFLIGHT] and result.create == []
+    assert cluster.reasons()[-1] == "Resumed"
+    cluster.finish(PREFLIGHT, metrics=PREFLIGHT_REPORT)
+    assert [r.stage for r in cluster.step().create] == ["sft", "sft"]
+
+
+def test_with_a_queue_the_preflight_job_is_resumed_on_unsuspend_and_the_branches_left_to_kueue():
+    """The preflight Job is never queued (jobs.py): nobody but the planner unsuspends it."""
+    cluster = Cluster(make_spec(queueName="gpu"))
+    cluster.step()
+    cluster.jobs[PREFLIGHT].state = "Running"
+    cluster.spec = make_spec(queueName="gpu", suspend=True)
+    assert cluster.step().suspend == [PREFLIGHT]
+    cluster.spec = make_spec(queueName="gpu")
+    result = cluster.step()
+    assert result.resume == [PREFLIGHT]
+    assert cluster.jobs[PREFLIGHT].state == "Running"
+    cluster.finish(PREFLIGHT, metrics=PREFLIGHT_REPORT)
+    cluster.step()
+    for job in cluster.jobs.values():
+        if job.stage == "sft":
+            job.state = "Suspended"  # created suspended, waiting for Kueue admission
+    cluster.spec = make_spec(queueName="gpu", suspend=True)
+    cluster.step()
+    cluster.spec = make_spec(queueName="gpu")
+    assert cluster.step().resume == []  # Kueue admits them, not the planner
+
+
+def test_a_run_that_has_rounds_but_no_preflight_record_is_not_sent_back_to_one():
+    """A run started before the preflight existed (its status already has rounds) keeps going."""
+    old = Cluster(make_spec(preflight={"enabled": False}))
+    old.step()
+    assert "preflight" not in old.status and old.status["rounds"][0]["branches"]
+    cluster = Cluster(make_spec(), status=copy.deepcopy(old.status))  # upgraded: preflight on by default
+    cluster.jobs = old.jobs
+    result = cluster.step()
+    assert result.create == [] and "preflight" not in cluster.status
+    cluster.finish_active(metrics={"final_loss": 1.0})
+    result = cluster.step()
+    assert [r.name for r in result.create] == ["demo-r1-merge-a1"]
+    assert not any(r.startswith("Preflight") for r in cluster.reasons())
+
+
+def test_a_preflight_created_before_a_restart_is_created_again_under_its_name():
+    first = plan(RUN, make_spec(), {}, [], T0)
+    # The executor wrote the status, then died before creating the Job.
+    again = plan(RUN, make_spec(), first.status, [], T0 + timedelta(seconds=30))
+    assert [r.name for r in again.create] == [PREFLIGHT] and again.events == []
+    assert again.create[0].args == first.create[0].args
