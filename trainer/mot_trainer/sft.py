@@ -23,6 +23,7 @@ from pathlib import Path
 
 from mot_trainer import data, progress, storage
 from mot_trainer.errors import InvalidInput
+from mot_trainer.loss import DEFAULT_CHUNK_TOKENS, patch_model
 from mot_trainer.manifest import MANIFEST_NAME, read_checkpoint_manifest, verify_folder, write_manifest
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: bf16 on a GPU that supports it, else fp32")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--packing", action="store_true", help="pack short examples into --max-seq-length rows")
+    p.add_argument("--loss-chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS,
+                   help="tokens per chunk of the lm_head + cross-entropy, so the whole logits are never held "
+                        f"(default {DEFAULT_CHUNK_TOKENS}; 0: transformers' own loss)")
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--metrics-port", type=int, help="serve mot_trainer_* Prometheus metrics on this port")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own)")
@@ -80,6 +84,7 @@ def validate(args) -> None:
         ("weight_decay", args.weight_decay >= 0, "must be >= 0"),
         ("max_grad_norm", args.max_grad_norm >= 0, "must be >= 0"),
         ("threads", args.threads is None or args.threads >= 1, "must be at least 1"),
+        ("loss_chunk_tokens", args.loss_chunk_tokens >= 0, "must be >= 0"),
     ]
     for name, ok, why in checks:
         if not ok:
@@ -349,6 +354,8 @@ def run(args) -> dict | None:
         if existing:
             log.warning("%s holds a finished checkpoint of other inputs or parameters: replacing it", args.out)
         model, tokenizer, saved_dtype = load_model_and_tokenizer(source, args.init, Path(source).is_dir())
+        if args.loss_chunk_tokens and not patch_model(model, chunk=args.loss_chunk_tokens):
+            log.info("%s: no chunked loss for this architecture; using transformers' loss", type(model).__name__)
         records = data.read_records(args.data, raw=data_bytes)
         examples, stats = data.tokenize_records(records, tokenizer, args.max_seq_length)
         rows = data.pack(examples, args.max_seq_length) if args.packing else examples
