@@ -221,3 +221,96 @@ def test_s3_missing_object(s3_run, tiny_model, termination_log):
     data = storage.join(bucket, "data/typo.jsonl")
     assert run_preflight(tiny_model, {"steps": data}) == 2
     assert f"teacher steps: {data}: no such object" in failure(termination_log)
+
+
+# --- --out, table(), hub ids -----------------------------------------------------------------------
+
+
+def test_out_writes_the_summary_only_when_every_check_passed(tiny_model, tiny_data, tmp_path, termination_log,
+                                                               capsys):
+    from mot_trainer.preflight import table
+
+    out = tmp_path / "run" / "preflight.json"
+    assert run_preflight(tiny_model, {"steps": tiny_data}, "--eval", tiny_data, "--out", out) == 0
+    summary = json.loads(out.read_text())
+    assert summary == json.loads(termination_log.read_text())
+    assert set(summary) == {"teachers", "max_seq_length", "storage", "seconds", "eval"}
+    assert summary["teachers"]["steps"]["records"] == 48 and summary["eval"] == {"records": 48}
+    # table() of the written summary is what the command printed (what `mot run` shows from the file).
+    assert capsys.readouterr().out.rstrip("\n") == table(summary)
+
+    refused = tmp_path / "refused" / "preflight.json"
+    assert run_preflight(tiny_model, {"steps": tiny_data}, "--max-seq-length", "16", "--out", refused) == 2
+    assert not refused.exists() and not refused.parent.exists()
+
+
+def test_table_from_a_summary():
+    from mot_trainer.preflight import table
+
+    summary = {"teachers": {"qwq": {"records": 1200, "p50": 812, "p95": 3900, "max": 16384, "truncated": 0.0125},
+                            "r1": {"records": 7, "p50": 5, "p95": 9, "max": 9, "truncated": 0.0}},
+               "max_seq_length": 4096, "storage": "writable", "seconds": 3.2, "eval": {"records": 50}}
+    assert table(summary).splitlines() == [
+        "teacher  records  p50   p95    max  truncated",
+        "-------  -------  ---  ----  -----  ---------",
+        "qwq         1200  812  3900  16384       1.2%",
+        "r1             7    5     9      9       0.0%",
+        "token lengths with the student's chat template; truncated = longer than maxSeqLength 4096",
+        "eval set: 50 problems with answers",
+        "storage: writable",
+    ]
+    del summary["eval"], summary["storage"]  # an older summary: no eval set, storage not recorded
+    assert table(summary).splitlines()[-1] == "storage: unchecked" and "eval set" not in table(summary)
+
+
+def test_hub_student_unreachable_is_retryable(tiny_data, tmp_path):
+    """A hub id while the hub cannot be reached (HF_HUB_OFFLINE=1, empty cache): transformers raises
+    OSError("We couldn't connect to 'https://huggingface.co' ...") from a LocalEntryNotFoundError, not
+    a RepositoryNotFoundError: exit 1 (retryable), not 2, since the id may well exist."""
+    import os
+    import subprocess
+    import sys
+
+    termination = tmp_path / "termination-log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"), MOT_TERMINATION_LOG=str(termination))
+    env.pop("TRANSFORMERS_OFFLINE", None)  # the hub's own switch alone
+    proc = subprocess.run([sys.executable, "-m", "mot_trainer.cli", "preflight", "--student", "mot-tests/no-such-student",
+                           "--teachers", f"a={tiny_data}", "--max-seq-length", "128"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    message = termination.read_text()
+    assert message.startswith("OSError: We couldn't connect to 'https://huggingface.co'"), message
+    assert "invalid input" not in message
+
+
+def test_hub_student_that_does_not_exist_is_invalid_input(tiny_data, termination_log, monkeypatch):
+    """What transformers raises for an unknown repository (an OSError from RepositoryNotFoundError),
+    replayed without a network: exit 2, naming the id."""
+    import httpx2
+    from huggingface_hub.errors import RepositoryNotFoundError
+    from transformers import AutoConfig
+
+    def not_found(uri, *args, **kwargs):
+        response = httpx2.Response(404, request=httpx2.Request("GET", f"https://huggingface.co/{uri}/config.json"))
+        try:
+            raise RepositoryNotFoundError("404 Client Error: Repository Not Found", response=response)
+        except RepositoryNotFoundError as exc:
+            raise OSError(f"{uri} is not a local folder and is not a valid model identifier listed on "
+                          "'https://huggingface.co/models'") from exc
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", not_found)
+    assert run_preflight("mot-tests/no-such-student", {"a": tiny_data}) == 2
+    assert ("--student mot-tests/no-such-student: no such model folder, and no such model on the hub"
+            in failure(termination_log))
+
+
+def test_out_to_s3(s3_run, tiny_model, termination_log):
+    from mot_trainer.preflight import table
+
+    bucket, student, data = s3_run
+    out = storage.join(bucket, "runs/local/x/preflight.json")
+    assert run_preflight(student, {"steps": data}, "--storage", storage.join(bucket, "runs/local/x"), "--out", out) == 0
+    summary = storage.read_json(out)
+    assert summary == json.loads(termination_log.read_text()) and summary["storage"] == "writable"
+    assert storage.list_keys(storage.join(bucket, "runs/local/x")) == ["preflight.json"]  # the probe is gone
+    assert "steps" in table(summary)

@@ -316,6 +316,8 @@ class LocalRunner:
             job.state, job.pid = new_state, None
 
     def _start_pending(self) -> None:
+        if self.status.get("phase") == "Failed":  # run() stops what runs; start nothing more
+            return
         free = [s for s in range(self.opt.parallel) if s not in {p.slot for p in self.procs.values()}]
         # The planner's jobs first (they gate the next round), report and baseline work fills gaps.
         pending = sorted((j for j in self.jobs.values() if j.state == "Pending"),
@@ -405,6 +407,16 @@ class LocalRunner:
         self.save()
 
     # ---------------------------------------------------------------- report-only work
+    def preflight_passed(self) -> bool:
+        """The planner's preflight succeeded, is disabled, or the run started before preflights
+        existed (rounds recorded without one: the planner does not send it back to one either)."""
+        if not self.spec.preflight.enabled:
+            return True
+        found = self.status.get("preflight")
+        if found is None:
+            return bool(self.status.get("rounds"))
+        return found.get("state") == "Succeeded"
+
     def mot_jobs(self, stage: str, state: str = "Succeeded") -> list[LocalJob]:
         return [j for j in self.jobs.values() if j.role == "mot" and j.stage == stage and j.state == state]
 
@@ -415,8 +427,9 @@ class LocalRunner:
 
     def schedule_extras(self) -> None:
         """Report-only evals (the student, then every finished branch) and, with --compare, baselines.
-        Without `spec.evaluation` there is nothing to score: the report shows losses only."""
-        if self.status.get("phase") == "Failed":
+        Without `spec.evaluation` there is nothing to score: the report shows losses only. None of it
+        before the preflight passed: a run with bad inputs starts no trainer besides the preflight."""
+        if self.status.get("phase") == "Failed" or not self.preflight_passed():
             return
         if self.opt.compare:
             from mot_operator.local.baselines import schedule_baselines

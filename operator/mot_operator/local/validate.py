@@ -22,8 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from mot_trainer.preflight import DEFAULT_MAX_TRUNCATED_FRACTION
 
     parser.add_argument("manifest", metavar="FILE.yaml", help="a MoTRun manifest (the same file kubectl applies)")
-    parser.add_argument("--max-truncated-fraction", type=float, default=DEFAULT_MAX_TRUNCATED_FRACTION,
-                        help="largest fraction of a teacher's examples allowed over maxSeqLength (default 0.05)")
+    parser.add_argument("--max-truncated-fraction", type=float, default=None,
+                        help="largest fraction of a teacher's examples allowed over maxSeqLength (default: the "
+                             f"manifest's spec.preflight.maxTruncatedFraction, {DEFAULT_MAX_TRUNCATED_FRACTION} "
+                             "unless set)")
     parser.add_argument("--threads", type=int, default=None, help="teachers checked at once (default: up to 4)")
 
 
@@ -58,8 +60,11 @@ def run(args: argparse.Namespace) -> int:
     storage_set = bool((manifest["spec"].get("storage") or {}).get("uri"))
     name = manifest["metadata"]["name"]
     try:
-        report = preflight_spec(spec, spec_dict, storage_set=storage_set,
-                                max_truncated_fraction=args.max_truncated_fraction, threads=args.threads)
+        fraction = args.max_truncated_fraction
+        if fraction is None:  # what `mot run` and the operator pass: the spec's
+            fraction = spec.preflight.max_truncated_fraction
+        report = preflight_spec(spec, spec_dict, storage_set=storage_set, max_truncated_fraction=fraction,
+                                threads=args.threads)
     except PreflightFailed as exc:
         print(exc.report.table(), flush=True)
         print(f"error: {path}: {exc}", file=sys.stderr)
