@@ -486,7 +486,9 @@ class _Planner:
         if stage in _STAGE_NOUN:
             tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
             extra = ", invalid input: not retried" if permanent else ""
-            message = f"{self.describe(stage, teacher, round_)} failed after {tries}{extra}: {reason}"
+            # The trainer's own message starts with "invalid input: " too: say it once.
+            said = reason.removeprefix("invalid input: ") if permanent else reason
+            message = f"{self.describe(stage, teacher, round_)} failed after {tries}{extra}: {said}"
         else:
             message = reason
         s.update(phase="Failed", completionTime=timestamp(self.now), message=message)

@@ -13,7 +13,7 @@ from support.local_run import mot_command, mot_env, write_manifest
 
 from mot_trainer.tiny import arithmetic_records
 
-FAILED = "run Failed: PreflightFailed: preflight failed after 1 attempt, invalid input: not retried: invalid input: "
+FAILED = "run Failed: PreflightFailed: preflight failed after 1 attempt, invalid input: not retried: "
 CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
                "AWS_WEB_IDENTITY_TOKEN_FILE")
@@ -103,7 +103,7 @@ def missing_bucket(m, spec, env, tmp_path, s3):
     spec["storage"] = {"uri": f"{bucket}/runs", "endpoint": s3.endpoint, "pathStyle": True}
     env.update({k: v for k, v in s3.env.items() if k != "AWS_ENDPOINT_URL"})  # the manifest names it
     return ["teacher beta: s3://mot-no-such-bucket/data/beta.jsonl: bucket mot-no-such-bucket does not exist "
-            f"at {s3.endpoint} (spec.storage.uri / the endpoint AWS_ENDPOINT_URL)"]
+            f"at {s3.endpoint} (check the bucket in this URI, and the endpoint: AWS_ENDPOINT_URL, in a cluster spec.storage.endpoint)"]
 
 
 CASES = [student_missing, no_chat_template, dataset_missing, malformed_line, empty_response,

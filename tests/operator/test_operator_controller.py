@@ -451,7 +451,9 @@ def test_a_preflight_exiting_2_fails_the_run_and_no_branch_job_is_created():
     api = FakeApi(existing={PREFLIGHT}, pods={PREFLIGHT: [pod_body(2, reason, job=PREFLIGHT)]})
     status, _ = reconcile(motrun(status=status), api, jobs=[preflight_body(status=failed)])
     assert status["phase"] == "Failed"
-    assert status["message"] == f"preflight failed after 1 attempt, invalid input: not retried: {reason}"
+    # "invalid input" said once: the trainer's prefix is dropped from the message, kept in failure.reason
+    assert status["message"] == ("preflight failed after 1 attempt, invalid input: not retried: "
+                                 "teacher b: s3://d/b line 3: not JSON")
     assert status["failure"] == {"stage": "preflight", "attempts": 1, "reason": reason}
     assert {c["type"]: c["reason"] for c in status["conditions"]}["Failed"] == "PreflightFailed"
     assert not [c for c in api.calls if c[0] == "create"]

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -135,8 +136,8 @@ class MoTE2E:
             raise AssertionError(f"kubectl {' '.join(args)} failed: {done.stderr}")
         return done
 
-    def api_get(self, path: str) -> dict:
-        response = self._session.get(self.cluster.server + path, timeout=30)
+    def api_get(self, path: str, params: dict | None = None) -> dict:
+        response = self._session.get(self.cluster.server + path, params=params, timeout=30)
         response.raise_for_status()
         return response.json()
 
@@ -197,8 +198,60 @@ class MoTE2E:
             raise AssertionError(f"{error}\nstatus: {json.dumps(status, indent=1)[:3000]}\n"
                                  f"operator log:\n{self.operator.log_tail()}") from None
 
-    def jobs(self, namespace: str) -> list[dict]:
-        return self.api_get(f"/apis/batch/v1/namespaces/{namespace}/jobs")["items"]
+    def jobs(self, namespace: str, selector: str | None = None) -> list[dict]:
+        """The Jobs in `namespace` (those matching the label selector `selector`, when given)."""
+        params = {"labelSelector": selector} if selector else None
+        return self.api_get(f"/apis/batch/v1/namespaces/{namespace}/jobs", params)["items"]
+
+    @contextmanager
+    def watch_jobs(self, namespace: str):
+        """Every Job created in `namespace` while the block runs, as seen by a watch on the apiserver
+        (a Job created and deleted again in between is there too): yields a list that fills with
+        each new Job's metadata (name, labels...), complete once the block has exited."""
+        path = f"{self.cluster.server}/apis/batch/v1/namespaces/{namespace}/jobs"
+        version = self.api_get(f"/apis/batch/v1/namespaces/{namespace}/jobs")["metadata"]["resourceVersion"]
+        created: list[dict] = []
+        stop = threading.Event()
+        errors: list[BaseException] = []
+        session = requests.Session()  # its own connection: the watch streams in another thread
+        session.headers.update(self._session.headers)
+        session.verify, session.trust_env = self._session.verify, False
+
+        def watch():
+            nonlocal version
+            try:
+                while True:
+                    last = stop.is_set()  # one more round after the block exits: what happened until then
+                    with session.get(path, params={"watch": "1", "resourceVersion": version,
+                                                   "allowWatchBookmarks": "true", "timeoutSeconds": "1"},
+                                     stream=True, timeout=30) as response:
+                        response.raise_for_status()
+                        for line in response.iter_lines():
+                            if not line:
+                                continue
+                            event = json.loads(line)
+                            if event["type"] == "ERROR":
+                                raise AssertionError(f"watching the Jobs of {namespace}: {event['object']}")
+                            meta = event["object"]["metadata"]
+                            version = meta["resourceVersion"]
+                            if event["type"] == "ADDED":
+                                created.append(meta)
+                    if last:
+                        return
+            except BaseException as error:  # re-raised in the test's thread
+                errors.append(error)
+
+        thread = threading.Thread(target=watch, name=f"watch-jobs-{namespace}", daemon=True)
+        thread.start()
+        try:
+            yield created
+        finally:
+            stop.set()
+            thread.join(30)
+            session.close()
+        if errors:
+            raise errors[0]
+        assert not thread.is_alive(), f"the watch on the Jobs of {namespace} did not end"
 
     def pods(self, namespace: str) -> list[dict]:
         return self.api_get(f"/api/v1/namespaces/{namespace}/pods")["items"]

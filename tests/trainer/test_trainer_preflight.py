@@ -213,7 +213,7 @@ def test_s3_missing_bucket(s3_run, tiny_model, termination_log):
     assert run_preflight(tiny_model, {"steps": data}) == 2
     message = failure(termination_log)
     assert (f"teacher steps: {data}: bucket preflight-no-such-bucket does not exist at http://" in message
-            and "(spec.storage.uri / the endpoint AWS_ENDPOINT_URL)" in message)
+            and "(check the bucket in this URI, and the endpoint: AWS_ENDPOINT_URL, in a cluster spec.storage.endpoint)" in message)
 
 
 def test_s3_missing_object(s3_run, tiny_model, termination_log):

@@ -4,6 +4,7 @@ input object are invalid input (exit 2) that says what to set."""
 
 import http.client
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -233,7 +234,8 @@ def test_no_credentials_is_invalid_input_saying_what_to_set(bucket, monkeypatch,
 def test_missing_bucket_is_invalid_input_naming_it(s3_env, tmp_path):
     uri = "s3://no-such-bucket-mot/run/data.jsonl"
     message = (r"s3://no-such-bucket-mot/run/data.jsonl: bucket no-such-bucket-mot does not exist at http://\S+ "
-               r"\(spec.storage.uri / the endpoint AWS_ENDPOINT_URL\)")
+               + re.escape("(check the bucket in this URI, and the endpoint: AWS_ENDPOINT_URL, in a cluster "
+                           "spec.storage.endpoint)"))
     with pytest.raises(storage.StorageAccessError, match=message):
         storage.read_bytes(uri)
     with pytest.raises(storage.StorageAccessError, match="bucket no-such-bucket-mot does not exist"):

@@ -330,7 +330,7 @@ def preflight(student: str, teachers: list[tuple[str, str]], *, max_seq_length: 
     for t in stats:
         if t.fraction > max_truncated_fraction:
             raise PreflightFailed(
-                f"teacher {t.name}: {100 * t.fraction:.0f}% of {t.records} examples are longer than maxSeqLength "
+                f"teacher {t.name}: {100 * t.fraction:.3g}% of {t.records} examples are longer than maxSeqLength "
                 f"{max_seq_length} (p95 {t.p95} tokens, max {t.max}; at most {100 * max_truncated_fraction:g}% "
                 f"allowed); {TRUNCATION_HINT}",
                 report,

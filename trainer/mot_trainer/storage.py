@@ -168,7 +168,7 @@ def access_error(exc: BaseException, uri: str) -> StorageAccessError | None:
             endpoint = os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
             return StorageAccessError(
                 f"{uri}: bucket {bucket} does not exist at {endpoint} "
-                f"(spec.storage.uri / the endpoint AWS_ENDPOINT_URL)"
+                f"(check the bucket in this URI, and the endpoint: AWS_ENDPOINT_URL, in a cluster spec.storage.endpoint)"
             )
     return None
 

@@ -36,7 +36,9 @@ def test_checkpoint_cleanup_on_delete_is_retried_after_the_apiserver_refuses_it(
     job_name = f"tidy-cleanup-{mot_e2e.get(ns, 'tidy')['metadata']['uid'][:8]}"
     try:
         mot_e2e.wait_phase(ns, "tidy", ("Running",), timeout=60)
-        [branch_job] = wait_until(lambda: [j["metadata"]["name"] for j in mot_e2e.jobs(ns)], 60, "the branch Job")
+        # (after the preflight, which has finished: only the branch's Pod is still running)
+        [branch_job] = wait_until(lambda: [j["metadata"]["name"] for j in mot_e2e.jobs(ns)
+                                           if j["metadata"]["labels"]["mot.dev/stage"] == "sft"], 60, "the branch Job")
         [branch] = wait_until(lambda: [r for r in mot_e2e.kubelet.runs_of(branch_job, ns) if r.started], 60,
                               "the branch Pod to run")
         # No Job quota left in the namespace: the apiserver refuses the cleanup Job (403) until the

@@ -1,12 +1,13 @@
-"""End to end on real parts: `kubectl apply` of a MoTRun (3 teachers x 2 rounds, tiny model) ends
-Succeeded, with every checkpoint and manifest in S3, status and Events as specified, and the
-operator's metrics read back from a real Prometheus."""
+"""End to end on real parts: `kubectl apply` of a MoTRun (3 teachers x 2 rounds, tiny model) passes
+its preflight and ends Succeeded, with every checkpoint and manifest in S3, status and Events as
+specified, and the operator's metrics read back from a real Prometheus."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from support.mot_e2e import BUCKET
 from support.processes import wait_until
 
 from mot_trainer.tiny import arithmetic_records
@@ -61,10 +62,36 @@ def test_three_teachers_two_rounds_succeed(mot_e2e):
     assert rounds[2]["init"] == rounds[1]["mergedCheckpoint"]
     assert status["finalModel"] == f"{base}/round-2/merged"
 
-    # One Job per branch per round plus one merge per round, each run exactly once.
+    # The preflight (on by default) passed first, with each teacher's token statistics, and wrote
+    # its report next to the checkpoints.
+    preflight = status["preflight"]
+    assert (preflight["job"], preflight["attempt"], preflight["state"]) == ("tri-preflight-a1", 1, "Succeeded")
+    assert sorted(preflight["teachers"]) == sorted(TEACHERS)
+    for teacher in TEACHERS:
+        found = preflight["teachers"][teacher]
+        assert found["records"] == 16 and 0 < found["p50"] <= found["p95"] <= found["max"], found
+        assert found["truncated"] == 0, found
+    assert preflight["storage"] == "writable"
+    report = json.loads(mot_e2e.s3.client().get_object(
+        Bucket=BUCKET, Key=f"runs/{ns}/tri/preflight.json")["Body"].read())
+    assert report["teachers"] == preflight["teachers"] and report["max_seq_length"] == 128
+
+    # The preflight, then one Job per branch per round plus one merge per round, each run exactly once.
     jobs = mot_e2e.jobs(ns)
     stages = sorted((j["metadata"]["labels"]["mot.dev/stage"], j["metadata"]["labels"]["mot.dev/round"]) for j in jobs)
-    assert stages == sorted([("sft", str(r)) for r in (1, 2) for _ in TEACHERS] + [("merge", "1"), ("merge", "2")])
+    assert stages == sorted([("preflight", "0")] + [("sft", str(r)) for r in (1, 2) for _ in TEACHERS]
+                            + [("merge", "1"), ("merge", "2")])
+    [preflight_job] = [j for j in jobs if j["metadata"]["labels"]["mot.dev/stage"] == "preflight"]
+    assert preflight_job["metadata"]["labels"]["app.kubernetes.io/component"] == "preflight"
+    # A small CPU Pod (the defaults of spec.preflight), no GPU.
+    container = preflight_job["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"] == {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "4Gi"}}
+    assert container["args"][:1] == ["preflight"] and "--max-seq-length" in container["args"]
+    # It ran (once) and finished before any branch started.
+    [preflight_run] = mot_e2e.kubelet.runs_of("tri-preflight-a1", ns)
+    assert preflight_run.exit_code == 0
+    assert all(preflight_run.finished <= run.started for j in jobs if j["metadata"]["labels"]["mot.dev/stage"] == "sft"
+               for run in mot_e2e.kubelet.runs_of(j["metadata"]["name"], ns))
     for job in jobs:
         labels = job["metadata"]["labels"]
         assert labels["mot.dev/run"] == "tri" and labels["app.kubernetes.io/managed-by"] == "mot-operator"
@@ -73,8 +100,11 @@ def test_three_teachers_two_rounds_succeed(mot_e2e):
 
     # Events for every transition.
     reasons = [e["reason"] for e in mot_e2e.events(ns, "tri")]
-    for reason in ("BranchStarted", "MergeStarted", "RoundCompleted", "Succeeded"):
+    for reason in ("PreflightStarted", "PreflightPassed", "BranchStarted", "MergeStarted", "RoundCompleted",
+                   "Succeeded"):
         assert reason in reasons, reasons
+    [passed] = [e for e in mot_e2e.events(ns, "tri") if e["reason"] == "PreflightPassed"]
+    assert passed["type"] == "Normal" and passed["message"].startswith("preflight passed: alpha 16 records, p95 "), passed
     assert reasons.count("BranchStarted") == len(TEACHERS) * ROUNDS
     assert reasons.count("RoundCompleted") == ROUNDS
 
@@ -87,6 +117,7 @@ def test_three_teachers_two_rounds_succeed(mot_e2e):
     assert value(prometheus.wait_for('mot_runs{phase="Succeeded"} >= 1')) >= 1
     assert value(prometheus.wait_for('mot_jobs_created_total{stage="sft"} >= 6')) >= 6
     assert value(prometheus.wait_for('mot_jobs_created_total{stage="merge"} >= 2')) >= 2
+    assert value(prometheus.wait_for('mot_jobs_created_total{stage="preflight"} >= 1')) >= 1
     assert value(prometheus.wait_for('mot_jobs_finished_total{stage="sft",result="succeeded"} >= 6')) >= 6
     assert value(prometheus.wait_for('mot_stage_duration_seconds_count{stage="merge"} >= 2')) >= 2
     # Exported while the run moved, dropped once it finished: the no-progress alert cannot fire on it.

@@ -21,20 +21,25 @@ def dataset(mot_e2e, seed: int) -> str:
     return mot_e2e.upload_text(f"data/faults-{seed}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
 
-def in_namespace(ns: str, teacher: str | None = None, attempt: int | None = None):
-    """A kubelet fault matcher: Pods of this namespace (and teacher, and attempt: the Job's pod
+def in_namespace(ns: str, teacher: str | None = None, attempt: int | None = None, stage: str | None = None):
+    """A kubelet fault matcher: Pods of this namespace (and teacher, attempt and stage: the Job's pod
     template carries the run's labels)."""
     def match(pod: dict) -> bool:
         labels = pod["metadata"].get("labels") or {}
         return (pod["metadata"]["namespace"] == ns
                 and (teacher is None or labels.get("mot.dev/teacher") == teacher)
-                and (attempt is None or labels.get("mot.dev/attempt") == str(attempt)))
+                and (attempt is None or labels.get("mot.dev/attempt") == str(attempt))
+                and (stage is None or labels.get("mot.dev/stage") == stage))
     return match
 
 
 def branch_jobs(mot_e2e, ns: str, teacher: str) -> list[str]:
     return sorted(j["metadata"]["name"] for j in mot_e2e.jobs(ns)
                   if j["metadata"]["labels"].get("mot.dev/teacher") == teacher)
+
+
+def stage_jobs(mot_e2e, ns: str, stage: str) -> list[dict]:
+    return [j for j in mot_e2e.jobs(ns) if j["metadata"]["labels"].get("mot.dev/stage") == stage]
 
 
 def reasons(mot_e2e, ns: str, run: str) -> list[str]:
@@ -79,14 +84,17 @@ def test_branch_always_failing_fails_the_run_with_a_clear_message(mot_e2e):
 
 def test_invalid_input_exit_code_2_is_not_retried(mot_e2e):
     ns = mot_e2e.namespace()
-    # A real trainer run on a dataset that is not JSONL: the trainer exits 2 (invalid input).
+    # A real trainer run on a dataset that is not JSONL: the trainer exits 2 (invalid input). The
+    # preflight would refuse it before any branch (test_operator_preflight.py); without one, the
+    # branch itself meets it.
     broken = mot_e2e.upload_text("data/broken.jsonl", "this is not json\n")
-    mot_e2e.apply(ns, mot_e2e.motrun("broken", {"a": broken}, max_retries=3))
+    mot_e2e.apply(ns, mot_e2e.motrun("broken", {"a": broken}, max_retries=3, preflight={"enabled": False}))
 
     status = mot_e2e.wait_phase(ns, "broken", ("Succeeded", "Failed"))["status"]
     assert status["phase"] == "Failed"
-    assert status["rounds"][0]["branches"]["a"]["attempt"] == 1
+    assert status["rounds"][0]["branches"]["a"]["attempt"] == 1 and "preflight" not in status
     assert "broken.jsonl" in status["message"] and "not retried" in status["message"], status["message"]
+    assert stage_jobs(mot_e2e, ns, "preflight") == []
     jobs = branch_jobs(mot_e2e, ns, "a")
     assert len(jobs) == 1
     [run] = mot_e2e.kubelet.runs_of(jobs[0], ns)
@@ -103,15 +111,17 @@ def test_invalid_input_exit_code_2_is_not_retried(mot_e2e):
 
 def test_operator_killed_mid_round_resumes_without_duplicates(mot_e2e):
     ns = mot_e2e.namespace()
-    release = mot_e2e.kubelet.hold(in_namespace(ns))  # branches stay Running while the operator dies
+    # Branches stay Running while the operator dies (the preflight before them is not held).
+    release = mot_e2e.kubelet.hold(in_namespace(ns, stage="sft"))
     datasets = {"a": dataset(mot_e2e, 4), "b": dataset(mot_e2e, 5)}
     mot_e2e.apply(ns, mot_e2e.motrun("phoenix", datasets))
     try:
-        wait_until(lambda: len(mot_e2e.jobs(ns)) == 2, 60, "both branch Jobs to be created")
+        wait_until(lambda: len(stage_jobs(mot_e2e, ns, "sft")) == 2, 90, "both branch Jobs to be created")
         mot_e2e.operator.kill()
         release.set()  # the branches finish while no operator is running
         wait_until(lambda: all(len(r) == 1 and r[0].exit_code is not None for r in
-                               (mot_e2e.kubelet.runs_of(j["metadata"]["name"], ns) for j in mot_e2e.jobs(ns))),
+                               (mot_e2e.kubelet.runs_of(j["metadata"]["name"], ns)
+                                for j in stage_jobs(mot_e2e, ns, "sft"))),
                    240, "both branches to finish")
     finally:
         release.set()
@@ -121,7 +131,8 @@ def test_operator_killed_mid_round_resumes_without_duplicates(mot_e2e):
     status = mot_e2e.wait_phase(ns, "phoenix", ("Succeeded", "Failed"))["status"]
     assert status["phase"] == "Succeeded", status.get("message")
     names = sorted(j["metadata"]["name"] for j in mot_e2e.jobs(ns))
-    assert len(names) == len(set(names)) == 3  # two branches and one merge, none created twice
+    # The preflight, two branches and one merge, none created twice.
+    assert len(names) == len(set(names)) == 4 and "phoenix-preflight-a1" in names, names
     for name in names:
         assert len(mot_e2e.kubelet.runs_of(name, ns)) == 1
     assert reasons(mot_e2e, ns, "phoenix").count("BranchStarted") == 2
@@ -129,24 +140,26 @@ def test_operator_killed_mid_round_resumes_without_duplicates(mot_e2e):
 
 def test_suspend_then_resume(mot_e2e):
     ns = mot_e2e.namespace()
-    release = mot_e2e.kubelet.hold(in_namespace(ns))
+    release = mot_e2e.kubelet.hold(in_namespace(ns, stage="sft"))
     mot_e2e.apply(ns, mot_e2e.motrun("nap", {"a": dataset(mot_e2e, 6)}, suspend=True))
     try:
         mot_e2e.wait_phase(ns, "nap", ("Suspended",), timeout=60)
-        assert mot_e2e.jobs(ns) == []  # suspended from the start: nothing created
+        assert mot_e2e.jobs(ns) == []  # suspended from the start: nothing created, not even the preflight
 
         mot_e2e.kubectl("-n", ns, "patch", "motrun", "nap", "--type", "merge", "-p", '{"spec": {"suspend": false}}')
-        wait_until(lambda: [r for j in mot_e2e.jobs(ns) for r in mot_e2e.kubelet.runs_of(j["metadata"]["name"], ns)],
-                   60, "the branch Pod to run")
+        wait_until(lambda: [r for j in stage_jobs(mot_e2e, ns, "sft")
+                            for r in mot_e2e.kubelet.runs_of(j["metadata"]["name"], ns)],
+                   90, "the branch Pod to run (after the preflight)")
         mot_e2e.kubectl("-n", ns, "patch", "motrun", "nap", "--type", "merge", "-p", '{"spec": {"suspend": true}}')
         mot_e2e.wait_phase(ns, "nap", ("Suspended",), timeout=60)
-        wait_until(lambda: all(j["spec"].get("suspend") for j in mot_e2e.jobs(ns)), 60, "the running Job suspended")
-        [job] = mot_e2e.jobs(ns)
+        wait_until(lambda: all(j["spec"].get("suspend") for j in stage_jobs(mot_e2e, ns, "sft")), 60,
+                   "the running Job suspended")
+        [job] = stage_jobs(mot_e2e, ns, "sft")
         [pod_run] = mot_e2e.kubelet.runs_of(job["metadata"]["name"], ns)
         wait_until(lambda: pod_run.exit_code is not None, 30, "the suspended Job's process to stop")
         assert pod_run.deleted  # the Job controller deleted the Pod; the kubelet stopped its container
         wait_until(lambda: any(c["type"] == "Suspended" and c["status"] == "True"
-                               for c in mot_e2e.jobs(ns)[0].get("status", {}).get("conditions") or []),
+                               for c in stage_jobs(mot_e2e, ns, "sft")[0].get("status", {}).get("conditions") or []),
                    30, "the Job controller's Suspended condition")
 
         release.set()
@@ -160,6 +173,10 @@ def test_suspend_then_resume(mot_e2e):
     assert [(r.deleted, r.exit_code) for r in runs] == [(True, 143), (False, 0)]
     assert status["rounds"][0]["branches"]["a"]["attempt"] == 1
     assert {"Suspended", "Resumed"} <= set(reasons(mot_e2e, ns, "nap"))
+    # The preflight had passed before the suspension and is not run again.
+    assert [len(mot_e2e.kubelet.runs_of(j["metadata"]["name"], ns)) for j in stage_jobs(mot_e2e, ns, "preflight")] \
+        == [1]
+    assert status["preflight"]["state"] == "Succeeded"
 
 
 def test_invalid_motruns_are_refused_naming_the_field(mot_e2e):
@@ -194,8 +211,8 @@ def test_invalid_motruns_are_refused_naming_the_field(mot_e2e):
 
 def test_operator_killed_at_every_step_of_a_two_round_run_creates_each_job_once(mot_e2e):
     """SIGKILL right after the first status write (before or while its Jobs are created), then each
-    time new Jobs of the run appear (round 1's branches, its merge, round 2's branches, its merge),
-    restarting it at once: every Job is created once and runs once."""
+    time new Jobs of the run appear (the preflight, round 1's branches, its merge, round 2's branches,
+    its merge), restarting it at once: every Job is created once and runs once."""
     ns = mot_e2e.namespace()
     datasets = {"a": dataset(mot_e2e, 8), "b": dataset(mot_e2e, 9)}
     mot_e2e.apply(ns, mot_e2e.motrun("lazarus", datasets, rounds=2))
@@ -219,9 +236,10 @@ def test_operator_killed_at_every_step_of_a_two_round_run_creates_each_job_once(
             mot_e2e.operator.start()
     status = mot_e2e.wait_phase(ns, "lazarus", ("Succeeded", "Failed"))["status"]
     assert status["phase"] == "Succeeded", status.get("message")
-    assert kills >= 5, kills  # the first status, then four batches of new Jobs
+    assert kills >= 6, kills  # the first status, then five batches of new Jobs
     names = [j["metadata"]["name"] for j in mot_e2e.jobs(ns)]
-    assert len(names) == len(set(names)) == 6, names  # 2 rounds x (2 branches + merge), none twice
+    # The preflight and 2 rounds x (2 branches + merge), none twice.
+    assert len(names) == len(set(names)) == 7, names
     for name in names:
         assert len(mot_e2e.kubelet.runs_of(name, ns)) == 1, name
     # No branch announced twice (an Event posted just before a kill may be lost, never repeated).

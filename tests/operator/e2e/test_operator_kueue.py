@@ -1,5 +1,6 @@
-"""A MoTRun with `queueName` under a real Kueue (tests/support/kueue.py): its Jobs are created
-suspended and labelled for the LocalQueue; a ClusterQueue with less GPU quota than one round admits
+"""A MoTRun with `queueName` under a real Kueue (tests/support/kueue.py): its preflight, one small
+CPU Job, is not queued (no queue label, never suspended, no Workload) and runs at once; its branch and
+merge Jobs are created suspended and labelled for the LocalQueue; a ClusterQueue with less GPU quota than one round admits
 two of the three 2-GPU branches and keeps the third waiting, naming the quota; the operator leaves
 the waiting Job suspended (it never fights Kueue over `suspend`); once a branch finishes, Kueue
 admits the third, then the merge, and the run succeeds."""
@@ -26,6 +27,10 @@ def gpu_queue(kueue, mot_e2e):
         yield ns
 
 
+def stage_jobs(mot_e2e, ns: str, stage: str) -> list[dict]:
+    return [j for j in mot_e2e.jobs(ns) if j["metadata"]["labels"].get("mot.dev/stage") == stage]
+
+
 def branch_jobs(mot_e2e, ns: str) -> dict[str, dict]:
     return {j["metadata"]["labels"]["mot.dev/teacher"]: j for j in mot_e2e.jobs(ns)
             if j["metadata"]["labels"].get("mot.dev/stage") == "sft"}
@@ -37,7 +42,9 @@ def test_a_queued_run_waits_for_quota_and_the_operator_leaves_admission_to_kueue
     data = mot_e2e.upload_text("data/kueue.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     manifest = mot_e2e.motrun("queued", {"a": data, "b": data, "c": data}, queueName="gpus")
     manifest["spec"]["resources"] = {"branch": {"gpus": 2}}  # 3 branches x 2 GPUs > the queue's 4
-    release = mot_e2e.kubelet.hold(lambda pod: pod["metadata"]["namespace"] == ns)
+    # The branches stay Running (holding their quota) until released; the preflight is not held.
+    release = mot_e2e.kubelet.hold(lambda pod: pod["metadata"]["namespace"] == ns
+                                   and (pod["metadata"].get("labels") or {}).get("mot.dev/stage") == "sft")
     mot_e2e.apply(ns, manifest)
     try:
         def two_admitted_one_waiting():
@@ -49,6 +56,15 @@ def test_a_queued_run_waits_for_quota_and_the_operator_leaves_admission_to_kueue
                           on_timeout=kueue.logs)
         for job in jobs.values():  # created suspended, labelled for the queue
             assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpus"
+        # The preflight before them was not queued: no queue label, not suspended, no Workload; it
+        # ran once and passed.
+        [preflight] = stage_jobs(mot_e2e, ns, "preflight")
+        assert "kueue.x-k8s.io/queue-name" not in preflight["metadata"]["labels"]
+        assert not preflight["spec"].get("suspend")
+        assert kueue.workload_for(ns, preflight["metadata"]["uid"]) is None
+        [preflight_run] = mot_e2e.kubelet.runs_of(preflight["metadata"]["name"], ns)
+        assert preflight_run.exit_code == 0 and preflight_run.started
+        assert mot_e2e.get(ns, "queued")["status"]["preflight"]["state"] == "Succeeded"
         [teacher] = [t for t, j in jobs.items() if j["spec"].get("suspend")]
         workload = kueue.workload_for(ns, jobs[teacher]["metadata"]["uid"])
         reserved = condition(workload, "QuotaReserved")
