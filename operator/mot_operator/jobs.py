@@ -96,6 +96,20 @@ def _resources(resources: RoleResources) -> dict:
     return out
 
 
+def launcher(request: JobRequest) -> list[str]:
+    """The container command: one trainer process per GPU for a branch with more than one GPU
+    (torchrun; accelerate then runs DDP, and sees every rank), else plain `mot-train`.
+
+    Multi-node branches take their rendezvous from the PET_* environment (_multinode_env); a single
+    node needs none (--standalone)."""
+    res = request.resources
+    if request.stage != "sft" or (res.nodes <= 1 and res.gpus <= 1):
+        return ["mot-train"]
+    if res.nodes > 1:
+        return ["torchrun", "--module", "mot_trainer.cli"]
+    return ["torchrun", "--standalone", "--nproc-per-node", str(res.gpus), "--module", "mot_trainer.cli"]
+
+
 def render_job(request: JobRequest, spec: MoTRunSpec, run: RunRef, config: OperatorConfig) -> dict:
     res = request.resources
     multinode = request.stage == "sft" and res.nodes > 1
@@ -110,9 +124,7 @@ def render_job(request: JobRequest, spec: MoTRunSpec, run: RunRef, config: Opera
     env = _env(spec, config)
     if multinode:
         env += _multinode_env(request.name, run.namespace, res)
-        command = ["torchrun", "--module", "mot_trainer.cli"]
-    else:
-        command = ["mot-train"]
+    command = launcher(request)
     volumes = [{"name": "scratch", "emptyDir": {}}]
     mounts = [{"name": "scratch", "mountPath": "/tmp"}]
     if res.gpus:

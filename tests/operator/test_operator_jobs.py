@@ -4,10 +4,12 @@ validated offline against the Kubernetes API schema with kubernetes-validate."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 import kubernetes_validate
 import pytest
@@ -16,6 +18,7 @@ from mot_operator import naming
 from mot_operator.jobs import OperatorConfig, render, render_cleanup_job, render_job, with_defaults
 from mot_operator.planner import ObservedJob, RunRef, plan
 from mot_operator.spec import parse_spec
+from mot_trainer.manifest import read_checkpoint_manifest
 
 K8S_VERSION = "1.30.0"
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -177,6 +180,49 @@ def test_multinode_branch_is_an_indexed_job_with_headless_service_and_torchrun_e
     assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == (
         "metadata.annotations['batch.kubernetes.io/job-completion-index']")
     assert job["spec"]["template"]["spec"]["containers"][0]["command"][0] == "torchrun"
+
+
+@pytest.mark.parametrize(("role", "gpus", "nodes", "command"), [
+    ("branch", 0, 1, ["mot-train"]),
+    ("branch", 1, 1, ["mot-train"]),
+    ("branch", 8, 1, ["torchrun", "--standalone", "--nproc-per-node", "8", "--module", "mot_trainer.cli"]),
+    ("branch", 8, 2, ["torchrun", "--module", "mot_trainer.cli"]),
+    ("merge", 2, 1, ["mot-train"]),  # merge and eval are one process whatever they are given
+    ("eval", 2, 1, ["mot-train"]),
+])
+def test_a_branch_starts_one_process_per_gpu(role, gpus, nodes, command):
+    spec = spec_of(resources={role: {"gpus": gpus, "nodes": nodes}}, evaluation={"dataset": "s3://d/eval"})
+    stage = {"branch": "sft", "merge": "merge", "eval": "eval"}[role]
+    requests, status, jobs = {}, {}, []
+    for _ in range(4):  # preflight, branch, merge, eval
+        result = plan(RUN, spec, status, jobs, T0)
+        requests.update({r.stage: r for r in result.create})
+        status = result.status
+        jobs += [ObservedJob(r.name, r.stage, r.round, r.teacher, r.attempt, "Succeeded") for r in result.create]
+    job = render(requests[stage], spec, RUN, CONFIG)[-1]
+    validate(job)
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"] == command
+    assert render(requests["preflight"], spec, RUN, CONFIG)[-1]["spec"]["template"]["spec"]["containers"][0][
+        "command"] == ["mot-train"]
+
+
+def test_the_rendered_two_gpu_branch_command_trains_with_two_processes(tiny_model, tiny_data, tmp_path):
+    """The container command and args of a `gpus: 2` branch, run as written (torchrun from this venv,
+    on CPU: DDP over gloo): both processes train, the checkpoint says 2 processes."""
+    spec = spec_of(student=str(tiny_model), teachers=[{"name": "a", "dataset": str(tiny_data)}],
+                   storage={"uri": str(tmp_path / "ckpt")}, resources={"branch": {"gpus": 2}},
+                   training={"steps": 2, "microBatchSize": 2, "gradAccum": 1, "maxSeqLength": 128, "threads": 1})
+    job = render_job(first_request(spec), spec, RUN, CONFIG)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    argv = list(container["command"]) + list(container["args"])
+    argv[0] = str(Path(sys.executable).with_name("torchrun"))
+    argv[argv.index("--metrics-port") + 1] = "0"  # 0: no metrics server (tests may run side by side)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = argv[argv.index("--out") + 1]
+    manifest = read_checkpoint_manifest(out)
+    assert manifest["params"]["processes"] == 2 and manifest["metrics"]["steps"] == 2
 
 
 def test_kueue_queue_label_and_created_suspended():

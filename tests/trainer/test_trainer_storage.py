@@ -2,15 +2,11 @@
 folders refused, transient errors retried; missing or wrong credentials, a missing bucket and a missing
 input object are invalid input (exit 2) that says what to set."""
 
-import http.client
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
 
 import pytest
-from support.s3 import remove_credentials
+from support.s3 import FlakyProxy, remove_credentials
 
 from mot_trainer import cli, storage
 from mot_trainer.errors import InvalidInput
@@ -100,68 +96,6 @@ def test_local_checkpoint_copy_and_verify(tmp_path):
         storage.download_dir(str(tmp_path / "copy"), tmp_path / "unused")
     with pytest.raises(InvalidInput, match="incomplete"):
         storage.upload_checkpoint(tmp_path / "unused-empty", str(tmp_path / "x"))
-
-
-class FlakyProxy:
-    """An HTTP proxy in front of the real S3 server that fails chosen requests and records the order
-    of the requests it forwards."""
-
-    def __init__(self, upstream: str):
-        self.upstream = urlsplit(upstream).netloc
-        self.failures = []  # "503" or "drop", consumed one per request
-        self.forwarded = []  # (method, path)
-        self.lock = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _handle(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
-                with proxy.lock:
-                    failure = proxy.failures.pop(0) if proxy.failures else None
-                if failure == "drop":
-                    self.close_connection = True
-                    self.connection.shutdown(2)
-                    return
-                if failure == "503":
-                    payload = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
-                    self.send_response(503)
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                    return
-                with proxy.lock:
-                    proxy.forwarded.append((self.command, self.path))
-                conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
-                conn.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
-                resp = conn.getresponse()
-                data = resp.read()
-                self.send_response(resp.status)
-                for key, value in resp.getheaders():
-                    if key.lower() not in ("transfer-encoding", "content-length", "connection"):
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                conn.close()
-
-            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.server.block_on_close = False  # keep-alive connections from boto3 stay open
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

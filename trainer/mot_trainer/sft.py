@@ -126,6 +126,27 @@ def fetch_model(uri: str, workdir: Path) -> tuple[str, dict | None]:
     return uri, None  # a hub id; transformers fetches it where a hub is reachable
 
 
+def node_dir(args) -> Path:
+    """The folder the processes of one node (one Pod: /tmp is its own) share their inputs in."""
+    key = hashlib.sha256(f"{args.init}\n{args.data}\n{args.out}".encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"mot-sft-inputs-{key}"
+
+
+def fetch_inputs(args, folder: Path, *, first: bool) -> tuple[bytes, tuple[str, dict | None]]:
+    """The data's bytes and the init model (fetch_model) in `folder`. The node's first process starts
+    it afresh and fetches from storage; the others then find its complete copy there (the model's
+    manifest and hashes checked again) instead of downloading their own."""
+    data_copy = folder / "data"
+    if first:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        data_bytes = storage.read_bytes(args.data)
+        storage.write_bytes(data_copy, data_bytes)
+    else:
+        data_bytes = data_copy.read_bytes()
+    return data_bytes, fetch_model(args.init, folder)
+
+
 def load_model_and_tokenizer(source: str, uri: str, local: bool):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -337,14 +358,19 @@ def run(args) -> dict | None:
     accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
     set_seed(args.seed)
     started = time.monotonic()
-    data_bytes = storage.read_bytes(args.data)
-    params = {name: getattr(args, name) for name in PARAM_NAMES}
-    params.update(resolved_precision=mixed, processes=accelerator.num_processes)
-    inputs = {"init": args.init, "data": args.data, "data_sha256": sha256_bytes(data_bytes)}
     workdir = Path(tempfile.mkdtemp(prefix="mot-sft-"))
-    server = progress.serve(args.metrics_port) if args.metrics_port and accelerator.is_main_process else None
+    shared = node_dir(args) if accelerator.num_processes > 1 else None
+    server = None
     try:
-        source, init_manifest = fetch_model(args.init, workdir)
+        with accelerator.local_main_process_first():  # one download per node: the others reuse it
+            data_bytes, (source, init_manifest) = fetch_inputs(args, shared or workdir / "inputs",
+                                                               first=accelerator.is_local_main_process)
+        accelerator.wait_for_everyone()  # all have their inputs before any may return and clean up
+        params = {name: getattr(args, name) for name in PARAM_NAMES}
+        params.update(resolved_precision=mixed, processes=accelerator.num_processes)
+        inputs = {"init": args.init, "data": args.data, "data_sha256": sha256_bytes(data_bytes)}
+        if args.metrics_port and accelerator.is_main_process:
+            server = progress.serve(args.metrics_port)
         if init_manifest:
             inputs["init_created"] = init_manifest.get("created")
         existing = finished_output(args.out)
@@ -379,3 +405,6 @@ def run(args) -> dict | None:
         if server is not None:
             server.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)
+        if shared is not None and accelerator.is_local_main_process:
+            # Loaded by every process of the node by now (or the run failed and torchrun stops them).
+            shutil.rmtree(shared, ignore_errors=True)

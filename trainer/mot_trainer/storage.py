@@ -220,7 +220,7 @@ def write_bytes(uri, data: bytes) -> None:
         return
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
@@ -299,6 +299,11 @@ def download_dir(uri, local_dir, verify: bool = True) -> Path:
     (InvalidInput naming the file otherwise); only listed files are fetched. Without `verify` (e.g.
     a user's base model that has no manifest), everything under the prefix is fetched.
     A local `uri` is not copied: it is verified in place and returned as is.
+
+    A `local_dir` already holding a complete download of `uri` (the same manifest, its files intact;
+    or, unverified, a completion record naming the same keys) is reused, not fetched again: the
+    processes of one node share one download (sft). Files land under a per-process temporary name,
+    so two processes fetching into one folder at once never see each other's partial files.
     """
     uri = str(uri)
     if not is_s3(uri):
@@ -316,23 +321,49 @@ def download_dir(uri, local_dir, verify: bool = True) -> Path:
         except FileNotFoundError:
             raise InvalidInput(f"{uri}: no {MANIFEST_NAME}; the checkpoint is incomplete") from None
         rels = [entry["path"] for entry in parse_manifest(raw, manifest_uri)["files"]]
+        if _holds(local, raw):
+            log.info("%s already downloaded to %s", uri, local)
+            return local
     else:
         rels = list_keys(uri)
         if not rels:
             raise NotFound(f"{uri}: no objects under this prefix")
         raw = None
+        record = json.dumps(sorted(rels)).encode()
+        done = local / _UNVERIFIED_COMPLETE
+        if done.exists() and done.read_bytes() == record and all((local / rel).is_file() for rel in rels):
+            log.info("%s already downloaded to %s", uri, local)
+            return local
     _parallel(lambda rel: _download_file(join(uri, rel), local / rel), rels)
     if raw is not None:
-        (local / MANIFEST_NAME).write_bytes(raw)
+        write_bytes(local / MANIFEST_NAME, raw)  # last, atomically: it marks the folder complete
         verify_folder(local)
+    else:
+        write_bytes(local / _UNVERIFIED_COMPLETE, record)
     log.info("downloaded %d files from %s to %s", len(rels), uri, local)
     return local
+
+
+# Written last into a folder downloaded without a manifest: the keys it holds, all complete.
+_UNVERIFIED_COMPLETE = ".mot-download-complete"
+
+
+def _holds(local: Path, manifest_raw: bytes) -> bool:
+    """`local` has this manifest and every file it lists, intact (hashes cached: cheap when unchanged)."""
+    path = local / MANIFEST_NAME
+    if not path.is_file() or path.read_bytes() != manifest_raw:
+        return False
+    try:
+        verify_folder(local)
+    except InvalidInput:
+        return False
+    return True
 
 
 def _download_file(uri: str, dest: Path) -> None:
     bucket, key = split_s3(uri)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".partial")
+    part = dest.with_name(f"{dest.name}.{os.getpid()}.partial")
     try:
         with _s3_errors(uri):
             s3_client().download_file(bucket, key, str(part), Config=_transfer_config())
