@@ -202,7 +202,9 @@ def test_helm_install_then_the_deployed_operator_runs_a_motrun(cluster, node, s3
 
         # Every Job came from the operator with the chart's defaults: image and S3 settings.
         jobs = cluster.get_json("jobs", "-n", RUN_NAMESPACE)["items"]
-        assert len(jobs) == 2 * 2 + 2  # two branches and one merge per round
+        # The preflight, then two branches and one merge per round.
+        stages = sorted(job["metadata"]["labels"]["mot.dev/stage"] for job in jobs)
+        assert stages == ["merge"] * 2 + ["preflight"] + ["sft"] * 4, stages
         for job in jobs:
             (trainer,) = job["spec"]["template"]["spec"]["containers"]
             assert trainer["image"] == "ghcr.io/mot-operator/mot-trainer:0.1.0"
@@ -227,6 +229,7 @@ def test_helm_install_then_the_deployed_operator_runs_a_motrun(cluster, node, s3
         assert samples[("mot_runs", (("phase", "Succeeded"),))] == 1
         assert samples[("mot_run_round", (("motrun", "first-run"), ("namespace", RUN_NAMESPACE)))] == 2
         assert samples[("mot_jobs_created_total", (("stage", "sft"),))] == 4
+        assert samples[("mot_jobs_created_total", (("stage", "preflight"),))] == 1
         assert samples.get(("mot_reconcile_errors_total", ()), 0) == 0
 
         # The apiserver refused the operator nothing: the chart's Role grants all it does.
