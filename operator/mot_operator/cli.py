@@ -1,4 +1,4 @@
-"""`mot`: the operator (`mot operator`), a MoTRun on this machine (`mot run`, `mot validate`), the demo."""
+"""`mot`: the operator (`mot operator`), a MoTRun on this machine (`mot run`, `mot validate`, `mot estimate`), the demo."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ COMMANDS = {
     "operator": ("mot_operator.operator_cmd", "run the Kubernetes controller for MoTRun resources"),
     "run": ("mot_operator.local.cli", "run a MoTRun manifest on this machine, without a cluster"),
     "validate": ("mot_operator.local.validate", "check a MoTRun manifest and its inputs (student, data, storage)"),
+    "estimate": ("mot_operator.local.estimate_cmd", "per-GPU memory of a MoTRun's SFT branch, and whether it fits"),
     "demo": ("mot_operator.demo.cli", "the bundled demo: a complete MoT run on CPU with baselines"),
 }
 

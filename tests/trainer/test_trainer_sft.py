@@ -189,8 +189,9 @@ def test_metrics_port_serves_progress_while_training(tiny_model, tiny_data, tmp_
 
 
 def test_two_processes_match_one_process_with_double_accumulation(tiny_model, tiny_data, tmp_path):
-    """The same command under torchrun (DDP over gloo on CPU): each process takes its share of every
-    step, and the loss is normalised over the whole step, so the run equals one process."""
+    """The same command under torchrun (gloo on CPU; FSDP2, the default with two processes): each
+    process takes its share of every step, and the loss is normalised over the whole step, so the run
+    equals one process. (tests/trainer/test_trainer_fsdp.py covers --sharding ddp and the weights.)"""
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     common = ["--init", tiny_model, "--data", tiny_data, "--steps", 4, "--micro-batch-size", 2,
               "--learning-rate", 3e-3, "--threads", 1]

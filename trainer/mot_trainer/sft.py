@@ -1,7 +1,9 @@
 """`mot-train sft`: supervised fine-tuning of one branch on one teacher's chain-of-thought data.
 
-Built on accelerate, so the same command runs on CPU, one GPU, several GPUs (DDP/FSDP) and several
-nodes: start it with `accelerate launch` or torchrun and every process takes its share of each step.
+Built on accelerate, so the same command runs on CPU, one GPU, several GPUs and several nodes: start
+it with `accelerate launch` or torchrun and every process takes its share of each step. With more
+than one process the model is sharded with FSDP2 by default (--sharding, see sharding.py), or
+replicated with DDP.
 Defaults follow the MoT/s1 recipe (lr 1e-5 cosine, 5 % warmup, AdamW betas (0.9, 0.95), weight decay
 1e-4, effective batch 16, 50 steps per branch, loss on the response only).
 
@@ -21,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mot_trainer import data, progress, storage
+from mot_trainer import data, progress, sharding, storage
 from mot_trainer.errors import InvalidInput
 from mot_trainer.loss import DEFAULT_CHUNK_TOKENS, patch_model
 from mot_trainer.manifest import MANIFEST_NAME, read_checkpoint_manifest, verify_folder, write_manifest
@@ -59,6 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="auto: bf16 on a GPU that supports it, else fp32")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--sharding", choices=sharding.CHOICES, default="auto",
+                   help="with several processes: fsdp shards weights, gradients and optimizer states "
+                        "(FSDP2, 16/N bytes per parameter per process), ddp replicates them (16 bytes); "
+                        "auto: fsdp when there is more than one process")
     p.add_argument("--packing", action="store_true", help="pack short examples into --max-seq-length rows")
     p.add_argument("--loss-chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS,
                    help="tokens per chunk of the lm_head + cross-entropy, so the whole logits are never held "
@@ -218,24 +224,30 @@ def set_checkpointing(model, enabled: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
-def train(args, accelerator, model, tokenizer, rows: list[data.Example]):
+def train(args, accelerator, model, tokenizer, rows: list[data.Example], shard_mode: str = "ddp"):
     """The optimizer loop. Returns (metrics, prepared model); the loss is the mean per-token loss over
-    each whole step (all micro-batches of all processes)."""
+    each whole step (all micro-batches of all processes). `shard_mode` is sharding.resolve's answer:
+    "fsdp" shards the model with FSDP2 (sharding.shard) instead of accelerate's DDP wrapping."""
     import torch
     from transformers import get_scheduler
 
     world, rank = accelerator.num_processes, accelerator.process_index
+    fsdp = shard_mode == "fsdp"
     total_steps = plan_steps(args, len(rows), world)
     if args.gradient_checkpointing:
         set_checkpointing(model, True)
     model.config.use_cache = False
+    if fsdp:  # the optimizer is built on the sharded (DTensor) parameters, so its states are sharded
+        model = sharding.shard(model, accelerator.device, accelerator.mixed_precision)
     optimizer = build_optimizer(model, args)
     scheduler = get_scheduler(
         SCHEDULES[args.lr_schedule], optimizer,
         num_warmup_steps=math.ceil(args.warmup_ratio * total_steps), num_training_steps=total_steps,
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not fsdp:
+        model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    state_bytes = 0
     stream = micro_batches(len(rows), args.micro_batch_size, args.seed)
     meter = progress.Progress(total_steps, args.log_every) if accelerator.is_main_process else None
     history, loss_value, tokens_seen = [], float("nan"), 0
@@ -253,16 +265,24 @@ def train(args, accelerator, model, tokenizer, rows: list[data.Example]):
             batch = {k: v.to(accelerator.device) for k, v in data.collate([rows[i] for i in indices],
                                                                          tokenizer.pad_token_id).items()}
             step_tokens += sum(len(rows[i]) for i in indices)
-            # Gradients are all-reduced once per step, on the last micro-batch. The prepared model
-            # runs its forward under autocast when --precision is bf16/fp16.
-            sync = contextlib.nullcontext() if j == len(mine) - 1 else accelerator.no_sync(model)
+            # DDP: gradients are all-reduced once per step, on the last micro-batch; the prepared
+            # model runs its forward under autocast when --precision is bf16/fp16. FSDP:
+            # reduce-scattered after every micro-batch, so only sharded gradients are ever
+            # accumulated (skipping the sync would keep a whole unsharded gradient, 4 bytes/param).
+            last = j == len(mine) - 1
+            sync = contextlib.nullcontext() if last or fsdp else accelerator.no_sync(model)
             with sync:
                 loss = model(**batch, use_cache=False, num_items_in_batch=num_items).loss
                 accelerator.backward(loss)
             step_loss += loss.detach().float()
         if args.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            if fsdp:
+                sharding.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            else:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
+        if step == 1:  # AdamW's states exist from the first step on
+            state_bytes = sharding.state_bytes(model, optimizer)
         learning_rate = scheduler.get_last_lr()[0]
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -276,6 +296,10 @@ def train(args, accelerator, model, tokenizer, rows: list[data.Example]):
         if meter:
             meter.update(step, loss_value, learning_rate, new_tokens)
     wall = time.monotonic() - start
+    if world > 1:  # the largest process's share: what each GPU must hold
+        held = torch.tensor(state_bytes, dtype=torch.float64, device=accelerator.device)
+        torch.distributed.all_reduce(held, op=torch.distributed.ReduceOp.MAX)
+        state_bytes = int(held.item())
     return {
         "steps": total_steps,
         "final_loss": loss_value,
@@ -284,20 +308,27 @@ def train(args, accelerator, model, tokenizer, rows: list[data.Example]):
         "tokens_per_second": tokens_seen / wall if wall > 0 else 0.0,
         "train_seconds": wall,
         "train_cpu_seconds": time.process_time() - start_cpu,  # this process, all its threads
+        # Parameters + optimizer states held by the process holding most (shards under FSDP).
+        "sharded_state_bytes": state_bytes,
     }, model
 
 
-def save_model(accelerator, model, tokenizer, saved_dtype, folder: Path) -> None:
+def save_model(accelerator, model, tokenizer, saved_dtype, folder: Path, shard_mode: str = "ddp") -> None:
     """Gather the full weights (FSDP included) and write the HF folder from the main process."""
-    state = accelerator.get_state_dict(model)
+    fsdp = shard_mode == "fsdp"
+    # FSDP: a collective; every process takes part, the main one receives the whole fp32 state in
+    # CPU memory (sharding.full_state_dict: not a streaming save).
+    state = sharding.full_state_dict(model) if fsdp else accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = model if fsdp else accelerator.unwrap_model(model)
     if getattr(unwrapped, "supports_gradient_checkpointing", False):
         set_checkpointing(unwrapped, False)
     unwrapped.config.use_cache = True
     unwrapped.save_pretrained(folder, state_dict=cast_state(state, saved_dtype))
     unwrapped.config.dtype = saved_dtype  # save_pretrained wrote the fp32 training dtype
+    if fsdp:  # save_pretrained names the class it was called on: FSDP<class>
+        unwrapped.config.architectures = [sharding.plain_class(unwrapped).__name__]
     unwrapped.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     if not (folder / "generation_config.json").exists():
@@ -356,6 +387,10 @@ def run(args) -> dict | None:
 
     mixed = resolve_precision(args.precision)
     accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    shard_mode = sharding.resolve(args.sharding, accelerator.num_processes)
+    if shard_mode == "fsdp" and mixed == "fp16":
+        raise InvalidInput("--precision fp16 is not supported with --sharding fsdp (the default with "
+                           "several processes); use bf16, fp32 or --sharding ddp")
     set_seed(args.seed)
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="mot-sft-"))
@@ -367,7 +402,7 @@ def run(args) -> dict | None:
                                                                first=accelerator.is_local_main_process)
         accelerator.wait_for_everyone()  # all have their inputs before any may return and clean up
         params = {name: getattr(args, name) for name in PARAM_NAMES}
-        params.update(resolved_precision=mixed, processes=accelerator.num_processes)
+        params.update(resolved_precision=mixed, processes=accelerator.num_processes, sharding=shard_mode)
         inputs = {"init": args.init, "data": args.data, "data_sha256": sha256_bytes(data_bytes)}
         if args.metrics_port and accelerator.is_main_process:
             server = progress.serve(args.metrics_port)
@@ -388,9 +423,9 @@ def run(args) -> dict | None:
         log.info("%d records -> %d examples -> %d rows (packing %s); %d truncated, %d dropped",
                  stats.records, stats.examples, len(rows), "on" if args.packing else "off",
                  stats.truncated, stats.dropped)
-        metrics, model = train(args, accelerator, model, tokenizer, rows)
+        metrics, model = train(args, accelerator, model, tokenizer, rows, shard_mode)
         out_dir = workdir / "out"
-        save_model(accelerator, model, tokenizer, saved_dtype, out_dir)
+        save_model(accelerator, model, tokenizer, saved_dtype, out_dir, shard_mode)
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             return None

@@ -330,7 +330,7 @@ def download_dir(uri, local_dir, verify: bool = True) -> Path:
             raise NotFound(f"{uri}: no objects under this prefix")
         raw = None
         record = json.dumps(sorted(rels)).encode()
-        done = local / _UNVERIFIED_COMPLETE
+        done = _completion_record(local)
         if done.exists() and done.read_bytes() == record and all((local / rel).is_file() for rel in rels):
             log.info("%s already downloaded to %s", uri, local)
             return local
@@ -339,13 +339,15 @@ def download_dir(uri, local_dir, verify: bool = True) -> Path:
         write_bytes(local / MANIFEST_NAME, raw)  # last, atomically: it marks the folder complete
         verify_folder(local)
     else:
-        write_bytes(local / _UNVERIFIED_COMPLETE, record)
+        write_bytes(_completion_record(local), record)
     log.info("downloaded %d files from %s to %s", len(rels), uri, local)
     return local
 
 
-# Written last into a folder downloaded without a manifest: the keys it holds, all complete.
-_UNVERIFIED_COMPLETE = ".mot-download-complete"
+def _completion_record(local: Path) -> Path:
+    """Written last beside a folder downloaded without a manifest: the keys it holds, all complete.
+    Beside, not inside: the folder holds exactly the model's files (a merge hashes them all)."""
+    return local.with_name(f"{local.name}.mot-download-complete")
 
 
 def _holds(local: Path, manifest_raw: bytes) -> bool:

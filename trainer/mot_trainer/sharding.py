@@ -1,0 +1,142 @@
+"""How a multi-process SFT spreads the model over its processes: DDP (replicated) or FSDP2 (sharded).
+
+DDP keeps on every process the fp32 weights, their gradients and AdamW's two moments: 16 bytes per
+parameter per process, so an 8B student needs 128 GB on every GPU. FSDP2 full sharding
+(`torch.distributed.fsdp.fully_shard`) splits each of those tensors across the N processes along
+dim 0: each process holds (params + grads + Adam states) / N, still fp32 master weights (16/N bytes
+per parameter), plus, transiently, the unsharded parameters of one decoder layer (two with
+prefetch) that are all-gathered for its forward and again for its backward.
+
+Why torch's `fully_shard` and not accelerate's FSDP plugin (fsdp_version=2): accelerate 1.x turns
+its FSDP plugin on only for GPU-like devices (AcceleratorState switches to DistributedType.FSDP from
+MULTI_GPU/NPU/XPU/...; with `cpu=True` it stays MULTI_CPU and ignores the plugin), so the same
+command could not be tested on CPU with gloo. `fully_shard` runs on any device mesh, gloo included,
+and leaves nothing hidden: accelerate still starts the process group and does the reductions.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+CHOICES = ("auto", "ddp", "fsdp")
+
+
+def resolve(requested: str, world: int) -> str:
+    """The sharding a run uses: "fsdp", "ddp" or "none" (one process, nothing to share).
+
+    auto: FSDP with more than one process. An explicit fsdp is honoured with one process too (a
+    one-rank mesh: useful to try the FSDP path on one GPU); ddp with one process is plain training.
+    """
+    if requested == "fsdp":
+        return "fsdp"
+    if world <= 1:
+        return "none"
+    return "ddp" if requested == "ddp" else "fsdp"
+
+
+def decoder_layers(model) -> list:
+    """The model's decoder layers (transformers' `model.model.layers` for causal LMs); none found:
+    the whole model is one unit (still sharded at rest, but all-gathered whole for each pass)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        log.warning("%s: no model.layers; FSDP shards it as one unit", type(model).__name__)
+        return []
+    return list(layers)
+
+
+def shard(model, device, mixed_precision: str):
+    """FSDP2 full sharding in place: each decoder layer is its own unit (all-gathered for its forward
+    and backward, then freed again), then the root, which holds the rest: embeddings, final norm and
+    lm_head. The tied lm_head/embed_tokens weight is one Parameter of the root unit, so it is sharded
+    once and stays tied; the root's parameters stay unsharded from its forward to the end of the
+    backward (FSDP2 does not reshard the root after forward), so the chunked loss (loss.py), which
+    uses `lm_head.weight` outside lm_head's own forward but inside the root's, sees the whole weight
+    and its gradient goes to the root's reduce-scatter like any other.
+
+    Master weights stay fp32 (sharded). With bf16, parameters are all-gathered and computed in bf16
+    and gradients reduce-scattered in fp32 (MixedPrecisionPolicy), instead of DDP's autocast.
+    """
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if mixed_precision == "fp16":  # would need a sharded gradient scaler; bf16 is the recipe
+        raise ValueError("--precision fp16 is not supported with FSDP sharding; use bf16 or fp32")
+    policy = root_policy = MixedPrecisionPolicy()
+    if mixed_precision == "bf16":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # The root's float inputs are not activations: num_items_in_batch (the step's token count
+        # the loss is divided by) must not be rounded to bf16's 8 significant bits. The layers still
+        # cast theirs; the hidden states reaching them are bf16 from the bf16 embedding anyway.
+        root_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                           cast_forward_inputs=False)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if not torch.distributed.is_initialized():  # one process: a one-rank group so a mesh can exist
+        torch.distributed.init_process_group("gloo" if device.type == "cpu" else "nccl",
+                                             store=torch.distributed.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh(device.type, (world,))
+    # No model.to(device): each fully_shard call moves its own unit's parameters to the mesh's
+    # device and shards them there, so the device never holds more than one whole layer at once.
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=root_policy)
+    return model
+
+
+def local_bytes(tensor) -> int:
+    """Bytes this process holds of `tensor` (its shard, for a DTensor)."""
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return local.numel() * local.element_size()
+
+
+def state_bytes(model, optimizer) -> int:
+    """Bytes of parameters plus optimizer states held by this process (shards only under FSDP)."""
+    import torch
+
+    total = sum(local_bytes(p) for p in model.parameters())
+    for state in optimizer.state.values():
+        total += sum(local_bytes(v) for v in state.values() if isinstance(v, torch.Tensor))
+    return total
+
+
+def clip_grad_norm_(parameters, max_norm: float):
+    """Gradient clipping over sharded gradients: the total norm of DTensor gradients is a DTensor
+    whose full value is reduced across the processes before the gradients are scaled."""
+    import torch
+
+    parameters = [p for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm([p.grad for p in parameters], 2.0)
+    if hasattr(total, "full_tensor"):
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+    return total
+
+
+def full_state_dict(model) -> dict:
+    """The whole model's weights, gathered to the main process's CPU memory (other processes get an
+    empty dict; every process must call this). The tied lm_head/embed_tokens entry points at one
+    tensor again, so save_pretrained writes it once.
+
+    Not streaming: the main process holds one full fp32 copy (4 bytes/param of CPU RAM) before the
+    cast and the write. A sharded, streaming save (DCP, or per-layer gather and write) is not done.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not state:
+        return state
+    first_name = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        primary = first_name.setdefault(id(param), name)
+        if primary != name and primary in state and name in state:
+            state[name] = state[primary]
+    return state
+
+
+def plain_class(model) -> type:
+    """The model's own class (fully_shard swaps in a subclass named FSDP<class>)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
