@@ -1,6 +1,7 @@
 """`mot validate FILE.yaml`: the manifest read as `mot run` reads it, then the trainer's preflight in
 process: a per-teacher table and exit 0, or exit 2 naming the field, file or teacher."""
 
+import json
 import subprocess
 
 import yaml
@@ -25,6 +26,15 @@ def test_validate_prints_the_per_teacher_table(tmp_path, tiny_model):
         records, p50, p95, longest, truncated = cells
         assert records == "32" and 0 < int(p50) <= int(p95) <= int(longest) <= 128 and truncated == "0.0%"
     assert "eval set: 6 problems with answers" in proc.stdout
+    # The estimator's figure for this spec (one process: nothing sharded), as `mot estimate` gives it.
+    from mot_operator import estimate
+    from mot_operator.local.cli import read_run
+    from mot_operator.local.estimate_cmd import gib
+
+    _, _, _, spec = read_run(manifest)
+    found = estimate.estimate_spec(json.loads((tiny_model / "config.json").read_text()), spec)
+    assert (f"memory: a branch needs about {gib(found.total + found.margin)} GiB per GPU (none over 1 process"
+            in proc.stdout), proc.stdout
     assert f"ok: {manifest} passes the preflight" in proc.stdout
     assert not (tmp_path / "mot-runs").exists()  # no workdir, no default storage folder created
 

@@ -77,5 +77,20 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print(f"MoTRun {name}: {len(spec.teachers)} teachers, student {spec.student}")
     print(report.table())
+    print(memory_line(spec, spec_dict))
     print(f"ok: {path} passes the preflight ({report.seconds:.1f}s)")
     return EXIT_OK
+
+
+def memory_line(spec, spec_dict: dict) -> str:
+    """One line of `mot estimate`'s figure: what a branch needs per GPU with the strategy it will use."""
+    from mot_operator import estimate
+    from mot_operator.local.estimate_cmd import ConfigUnavailable, gib, read_config
+
+    try:
+        found = estimate.estimate_spec(read_config(spec.student, spec_dict, None), spec)
+    except (ConfigUnavailable, estimate.ConfigError, ValueError) as exc:
+        return f"memory: not estimated ({exc})"
+    return (f"memory: a branch needs about {gib(found.total + found.margin)} GiB per GPU ({found.strategy} over "
+            f"{found.processes} process{'es' if found.processes != 1 else ''}, margin included; "
+            f"`mot estimate` for the terms)")
