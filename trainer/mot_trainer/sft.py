@@ -153,25 +153,65 @@ def fetch_inputs(args, folder: Path, *, first: bool) -> tuple[bytes, tuple[str, 
     return data_bytes, fetch_model(args.init, folder)
 
 
-def load_model_and_tokenizer(source: str, uri: str, local: bool):
+def load_model_and_tokenizer(source: str, uri: str, local: bool, *, on_meta: bool = False,
+                             stats: dict | None = None):
+    """The model (fp32), its tokenizer and the dtype to save it in.
+
+    `on_meta`: the model is built from the config on the meta device, no weights read or allocated
+    (FSDP's non-zero ranks: their shards are filled from rank 0's copy by sharding.load_from_rank0).
+    `stats`: gets "weight_bytes", the bytes of weights the model holds (not on meta), and
+    "peak_rss_before", this process's peak RSS just before the weights step. The model is then first
+    built on meta either way, so that the modelling code's imports (~200 MB) are done before it.
+    """
+    import copy
+
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(source)
         tokenizer = AutoTokenizer.from_pretrained(source)
-        # Train with fp32 master weights (autocast does the bf16/fp16 math); save in the input's dtype.
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        saved_dtype = getattr(config, "dtype", None) or torch.float32
+        model = None
+        if on_meta or stats is not None:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=torch.float32)
+        if stats is not None:
+            stats["peak_rss_before"] = peak_rss_bytes()
+        if not on_meta:
+            del model
+            # Train with fp32 master weights (autocast does the bf16/fp16 math); save in the input's dtype.
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        if stats is not None:
+            stats["weight_bytes"] = sharding.materialised_bytes(model)
     except (OSError, ValueError, KeyError) as exc:
         if local:
             raise InvalidInput(f"--init {uri}: not a loadable causal LM folder ({exc})") from None
         raise
-    saved_dtype = getattr(config, "dtype", None) or torch.float32
     if isinstance(saved_dtype, str):
         saved_dtype = getattr(torch, saved_dtype)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, saved_dtype
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux: ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def per_rank(accelerator, values: list[int]) -> list[list[int]]:
+    """Every process's `values` (a collective), indexed by rank: [[v0, v1, ...] of rank 0, ...]."""
+    import torch
+
+    if accelerator.num_processes == 1:
+        return [list(values)]
+    table = torch.zeros(accelerator.num_processes, len(values), dtype=torch.float64, device=accelerator.device)
+    table[accelerator.process_index] = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(table)
+    return [[int(v) for v in row] for row in table.tolist()]
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -238,7 +278,13 @@ def train(args, accelerator, model, tokenizer, rows: list[data.Example], shard_m
         set_checkpointing(model, True)
     model.config.use_cache = False
     if fsdp:  # the optimizer is built on the sharded (DTensor) parameters, so its states are sharded
+        # Only rank 0 holds the weights (the others' model is on the meta device): its full state
+        # dict, kept over the sharding, is broadcast into every rank's shards.
+        full_state = model.state_dict() if rank == 0 and world > 1 else None
         model = sharding.shard(model, accelerator.device, accelerator.mixed_precision)
+        sharding.load_from_rank0(model, full_state, accelerator.device)
+        del full_state
+    rss_loaded = peak_rss_bytes()  # the loading's peak (host) memory: whole weights or shards
     optimizer = build_optimizer(model, args)
     scheduler = get_scheduler(
         SCHEDULES[args.lr_schedule], optimizer,
@@ -310,6 +356,7 @@ def train(args, accelerator, model, tokenizer, rows: list[data.Example], shard_m
         "train_cpu_seconds": time.process_time() - start_cpu,  # this process, all its threads
         # Parameters + optimizer states held by the process holding most (shards under FSDP).
         "sharded_state_bytes": state_bytes,
+        "peak_rss_after_load": rss_loaded,  # run() takes it out again
     }, model
 
 
@@ -414,7 +461,13 @@ def run(args) -> dict | None:
             return summary(existing.get("metrics", {}), args.out) if accelerator.is_main_process else None
         if existing:
             log.warning("%s holds a finished checkpoint of other inputs or parameters: replacing it", args.out)
-        model, tokenizer, saved_dtype = load_model_and_tokenizer(source, args.init, Path(source).is_dir())
+        # FSDP: only global rank 0 reads the weights into host memory; the others build the model on
+        # the meta device and get their shards from rank 0 (train -> sharding.load_from_rank0).
+        fsdp_load = shard_mode == "fsdp" and accelerator.num_processes > 1
+        load_stats = {} if fsdp_load else None
+        model, tokenizer, saved_dtype = load_model_and_tokenizer(
+            source, args.init, Path(source).is_dir(), on_meta=fsdp_load and not accelerator.is_main_process,
+            stats=load_stats)
         if args.loss_chunk_tokens and not patch_model(model, chunk=args.loss_chunk_tokens):
             log.info("%s: no chunked loss for this architecture; using transformers' loss", type(model).__name__)
         records = data.read_records(args.data, raw=data_bytes)
@@ -424,6 +477,9 @@ def run(args) -> dict | None:
                  stats.records, stats.examples, len(rows), "on" if args.packing else "off",
                  stats.truncated, stats.dropped)
         metrics, model = train(args, accelerator, model, tokenizer, rows, shard_mode)
+        rss_loaded = metrics.pop("peak_rss_after_load", 0)
+        if fsdp_load:  # per rank: weight bytes the load materialised; peak-RSS growth until sharded
+            loaded = per_rank(accelerator, [load_stats["weight_bytes"], rss_loaded - load_stats["peak_rss_before"]])
         out_dir = workdir / "out"
         save_model(accelerator, model, tokenizer, saved_dtype, out_dir, shard_mode)
         accelerator.wait_for_everyone()
@@ -431,6 +487,9 @@ def run(args) -> dict | None:
             return None
         metrics.update(examples=stats.examples, examples_truncated=stats.truncated,
                        examples_dropped=stats.dropped, wall_seconds=time.monotonic() - started)
+        if fsdp_load:
+            metrics.update(loaded_weight_bytes=[row[0] for row in loaded],
+                           load_peak_rss_growth_bytes=[row[1] for row in loaded])
         write_manifest(out_dir, kind="sft", inputs=inputs, params=params, metrics=metrics)
         storage.upload_checkpoint(out_dir, args.out)
         log.info("wrote %s: final loss %.4f, %.0f tokens/s", args.out, metrics["final_loss"],

@@ -12,6 +12,11 @@ its FSDP plugin on only for GPU-like devices (AcceleratorState switches to Distr
 MULTI_GPU/NPU/XPU/...; with `cpu=True` it stays MULTI_CPU and ignores the plugin), so the same
 command could not be tested on CPU with gloo. `fully_shard` runs on any device mesh, gloo included,
 and leaves nothing hidden: accelerate still starts the process group and does the reductions.
+
+Loading under FSDP (load_from_rank0): only global rank 0 reads the checkpoint into host memory; the
+other processes build the model on the meta device, all shard it alike, and rank 0's weights (and
+buffers, which no state dict holds: the rotary inv_freq) are broadcast into the others' shards. So a
+node holds one whole fp32 copy (4 bytes/param) while loading, not one per process.
 """
 
 from __future__ import annotations
@@ -140,3 +145,51 @@ def plain_class(model) -> type:
     from torch.distributed.fsdp import FSDPModule
 
     return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+
+
+def tied_groups(model) -> list[tuple[str, ...]]:
+    """Names of the parameters that are one Parameter under several names (tied lm_head/embed_tokens)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return sorted(tuple(group) for group in names.values() if len(group) > 1)
+
+
+def load_from_rank0(model, full_state: dict | None, device) -> None:
+    """Fill a sharded model (shard()) with the whole weights that only global rank 0 holds.
+
+    Rank 0 built its model from the checkpoint (`full_state`: its state dict taken before sharding,
+    so its shards already hold the values); the other ranks built theirs on the meta device and get
+    their shards here: each one's sharded parameters are allocated (to_empty: only its shards, on the
+    mesh's device), then set_model_state_dict broadcasts the full weights from rank 0 one tensor at
+    a time and each rank keeps its slice. Buffers are not sharded and the non-persistent ones (the
+    rotary embedding's inv_freq) are in no state dict: each buffer is broadcast from rank 0 whole.
+    Every process must call this; a one-process run has nothing to load.
+    """
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return
+    rank0 = torch.distributed.get_rank() == 0
+    ties = tied_groups(model)
+    if not rank0:
+        model.to_empty(device=device)
+    if tied_groups(model) != ties:  # to_empty must keep one Parameter under the tied names
+        raise RuntimeError(f"tied parameters {ties} came apart while materialising the model")
+    set_model_state_dict(model, full_state if rank0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():
+        torch.distributed.broadcast(buffer, src=0)
+
+
+def materialised_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers that exist in memory (not on the meta device),
+    each tied tensor once: the whole model after a normal load, none for a meta-device model."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_meta or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        total += local_bytes(tensor)
+    return total
