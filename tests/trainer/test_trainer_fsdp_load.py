@@ -55,7 +55,10 @@ gathered = [None] * dist.get_world_size()
 dist.all_gather_object(gathered, held)
 if rank == 0:
     torch.save(gathered, out)
-dist.destroy_process_group()
+# As mot-train does (cli.leave_distributed): both ranks done, then out without interpreter teardown.
+from mot_trainer.cli import leave_distributed
+
+leave_distributed(0)
 """
 
 

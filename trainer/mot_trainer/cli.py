@@ -108,7 +108,26 @@ def main(argv: list[str] | None = None) -> int:
         import json
 
         write_termination_message(json.dumps(summary, sort_keys=True, separators=(",", ":")))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        leave_distributed(EXIT_OK)
     return EXIT_OK
+
+
+def leave_distributed(code: int) -> None:
+    """End a torchrun worker whose work is complete (output uploaded, message written): wait for the
+    other ranks, take the process group down, and exit without the interpreter's teardown. Under load,
+    destroying the gloo/FSDP objects in whatever order finalization picks has aborted a rank (SIGABRT,
+    "terminate called without an active exception") after the work was done, which torchrun reports
+    as a failed branch. Only after success: a failed rank returns normally and torchrun stops the rest."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 if __name__ == "__main__":
