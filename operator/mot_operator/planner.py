@@ -280,10 +280,7 @@ class _Planner:
                                  and (not self.spec.queue_name or j.stage == "preflight"))
 
     def needs_preflight(self) -> bool:
-        """Before round 1 (a run started before preflights existed is not sent back to one)."""
-        if not self.spec.preflight.enabled:
-            return False
-        return "preflight" in self.status or not self.status.get("rounds")
+        return preflight_applies(self.spec, self.status)
 
     def shorten(self) -> None:
         """`rounds` was lowered below the round in progress: the last kept round's merge is final."""
@@ -554,6 +551,19 @@ class _Planner:
             reason = {"Pending": "Pending", "Running": "BranchesRunning"}.get(phase, phase)
         _set_conditions(s, phase, reason, s.get("message", ""), self.now, self.run_ref.generation)
         return self.out
+
+
+def preflight_applies(spec: MoTRunSpec, status: dict) -> bool:
+    """The run has a preflight stage: enabled, and before round 1 (a run started before preflights
+    existed, with rounds but no preflight record, is not sent back to one)."""
+    if not spec.preflight.enabled:
+        return False
+    return "preflight" in status or not status.get("rounds")
+
+
+def preflight_pending(spec: MoTRunSpec, status: dict) -> bool:
+    """The run's preflight applies and has not passed (yet): nothing else may start."""
+    return preflight_applies(spec, status) and (status.get("preflight") or {}).get("state") != "Succeeded"
 
 
 def _round_of(rec: dict, stage: str) -> int:

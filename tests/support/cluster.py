@@ -72,11 +72,14 @@ def kube_version() -> str:
     return pinned_version(GO_MOD, "k8s.io/kubernetes")
 
 
+def built_dir(env_var: str, kind: str, version: str) -> Path:
+    """Where a build script puts what it builds: $env_var when set, else the cache folder."""
+    return Path(os.environ[env_var]) if os.environ.get(env_var) else cache_dir(kind, version)
+
+
 def bin_dir() -> Path:
     """Where build.sh puts the binaries ($MOT_KUBE_BIN_DIR elsewhere)."""
-    if os.environ.get("MOT_KUBE_BIN_DIR"):
-        return Path(os.environ["MOT_KUBE_BIN_DIR"])
-    return cache_dir("kube", kube_version())
+    return built_dir("MOT_KUBE_BIN_DIR", "kube", kube_version())
 
 
 def free_port() -> int:

@@ -59,7 +59,7 @@ from support.cluster import (
     KubeCluster,
     _die_with_parent,
     _get,
-    cache_dir,
+    built_dir,
     free_port,
     pinned_version,
 )
@@ -82,9 +82,7 @@ def kueue_version() -> str:
 
 def kueue_dir() -> Path:
     """Where tests/cluster/kueue/build.sh puts Kueue ($MOT_KUEUE_DIR elsewhere)."""
-    if os.environ.get("MOT_KUEUE_DIR"):
-        return Path(os.environ["MOT_KUEUE_DIR"])
-    return cache_dir("kueue", kueue_version())
+    return built_dir("MOT_KUEUE_DIR", "kueue", kueue_version())
 
 
 @dataclass

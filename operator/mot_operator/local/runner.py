@@ -407,16 +407,6 @@ class LocalRunner:
         self.save()
 
     # ---------------------------------------------------------------- report-only work
-    def preflight_passed(self) -> bool:
-        """The planner's preflight succeeded, is disabled, or the run started before preflights
-        existed (rounds recorded without one: the planner does not send it back to one either)."""
-        if not self.spec.preflight.enabled:
-            return True
-        found = self.status.get("preflight")
-        if found is None:
-            return bool(self.status.get("rounds"))
-        return found.get("state") == "Succeeded"
-
     def mot_jobs(self, stage: str, state: str = "Succeeded") -> list[LocalJob]:
         return [j for j in self.jobs.values() if j.role == "mot" and j.stage == stage and j.state == state]
 
@@ -429,7 +419,9 @@ class LocalRunner:
         """Report-only evals (the student, then every finished branch) and, with --compare, baselines.
         Without `spec.evaluation` there is nothing to score: the report shows losses only. None of it
         before the preflight passed: a run with bad inputs starts no trainer besides the preflight."""
-        if self.status.get("phase") == "Failed" or not self.preflight_passed():
+        from mot_operator.planner import preflight_pending
+
+        if self.status.get("phase") == "Failed" or preflight_pending(self.spec, self.status):
             return
         if self.opt.compare:
             from mot_operator.local.baselines import schedule_baselines
