@@ -45,6 +45,10 @@ class ObservedJob:
     metrics: dict | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    progress: dict | None = None  # the trainer's latest progress record (rank 0)
+    waiting: dict | None = None  # {"reason", "message"}: why none of its Pods runs yet
+    disruptions: list[dict] = field(default_factory=list)  # [{"pod", "reason", "message"}], not failures
+    reason: str | None = None  # a failed Job's cause when known (OOMKilled, Evicted, DeadlineExceeded ...)
 
 
 @dataclass
