@@ -22,6 +22,15 @@ ACTIVE_JOB_STATES = ("Pending", "Running", "Suspended")
 CONDITION_TYPES = ("Ready", "Progressing", "Succeeded", "Failed", "Suspended")
 MAX_BACKOFF_SECONDS = 600.0
 _STAGE_NOUN = {"preflight": "Preflight", "sft": "Branch", "merge": "Merge", "eval": "Eval"}
+# Waiting reasons that mean a stage is stuck (told in an Event, the run's reason and message);
+# ContainerCreating and PodPending are the normal way to start.
+STUCK_REASONS = ("Unschedulable", "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
+                 "CrashLoopBackOff", "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+                 "WaitingForAdmission", "Preempted", "Evicted")
+DISRUPTION_VERB = {"Preempted": "was preempted", "Evicted": "was evicted"}
+MAX_DISRUPTIONS = 10
+MESSAGE_LIMIT = 1024
+PROGRESS_KEYS = ("step", "totalSteps", "loss", "learningRate", "tokensPerSecond", "etaSeconds")
 
 
 @dataclass(frozen=True)
@@ -197,6 +206,7 @@ class _Planner:
         self.out = Plan(status=self.status)
         self.may_start = not spec.suspend
         self.failure_reason: str | None = None
+        self.stuck: list[tuple[str, str, str]] = []  # (stage described, reason, message), in plan order
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -380,18 +390,86 @@ class _Planner:
             return "waiting"
         if job.started_at and not entry.get("startTime"):
             entry["startTime"] = timestamp(job.started_at)
+        self.record_disruptions(entry, job, stage, teacher, round_)
+        self.record_progress(entry, job)
         if job.state == "Succeeded":
             entry["state"] = "Succeeded"
             entry["completionTime"] = timestamp(job.finished_at or self.now)
             entry.pop("message", None)
+            entry.pop("waiting", None)
+            if entry.get("progress"):  # the last record may predate the last step
+                entry["progress"].update(step=entry["progress"].get("totalSteps"), etaSeconds=0)
             self.record_metrics(stage, entry, job)
             if stage == "preflight":
                 self.event("PreflightPassed", preflight_summary(entry))
             return "done"
         if job.state == "Failed":
+            entry.pop("waiting", None)
             return self.job_failed(rec, container, key, entry, job, stage, teacher)
         entry["state"] = job.state
+        if self.record_waiting(entry, job, stage, teacher, round_) == "timed out":
+            return "failed"
         return "waiting"
+
+    @staticmethod
+    def record_progress(entry: dict, job: ObservedJob) -> None:
+        """The trainer's latest record, as the stage's progress (only what status declares)."""
+        record = job.progress or {}
+        if not record:
+            return
+        found = {key: record[key] for key in PROGRESS_KEYS if record.get(key) is not None}
+        if record.get("time"):
+            found["updateTime"] = record["time"]
+        entry["progress"] = found
+
+    def record_disruptions(self, entry: dict, job: ObservedJob, stage: str, teacher: str | None, round_: int) -> None:
+        """Pods the Job lost to a preemption or eviction: kept (the last few) and told once each."""
+        known = {d.get("pod") for d in entry.get("disruptions", [])}
+        for found in job.disruptions:
+            if found.get("pod") in known:
+                continue
+            known.add(found.get("pod"))
+            entry.setdefault("disruptions", []).append(
+                {"pod": found.get("pod", ""), "reason": found.get("reason", "Disrupted"),
+                 "message": found.get("message", ""), "time": timestamp(self.now)})
+            entry["disruptions"] = entry["disruptions"][-MAX_DISRUPTIONS:]
+            self.event(f"{_STAGE_NOUN[stage]}Disrupted",
+                       f"{self.describe(stage, teacher, round_)}: Pod {found.get('pod')} "
+                       f"{DISRUPTION_VERB.get(found.get('reason'), 'was disrupted')}: {found.get('message', '')}; "
+                       "its Job replaces it (not counted as a failed attempt)", warning=True)
+
+    def record_waiting(self, entry: dict, job: ObservedJob, stage: str, teacher: str | None, round_: int) -> str:
+        """Why the stage's Pods are not running, when the executor knows; fails the run once
+        spec.pendingTimeoutSeconds have passed without a running Pod. Returns "timed out" then."""
+        waiting = job.waiting if job.state in ("Pending", "Suspended") and not self.spec.suspend else None
+        if not waiting:
+            entry.pop("waiting", None)
+            return ""
+        what = self.describe(stage, teacher, round_)
+        previous = entry.get("waiting") or {}
+        reason, message = waiting.get("reason") or "PodPending", (waiting.get("message") or "")[:MESSAGE_LIMIT]
+        # `since` is when the stage started waiting, whatever the reasons on the way.
+        since = previous.get("since") or timestamp(self.now)
+        entry["waiting"] = {"reason": reason, "message": message, "since": since}
+        if reason != previous.get("reason") and reason in STUCK_REASONS:
+            self.event(reason, f"{what}: {message}" if message else what, warning=reason != "WaitingForAdmission")
+        if reason in STUCK_REASONS:
+            self.stuck.append((what, reason, message))
+        timeout = self.spec.pending_timeout_seconds
+        # Time queued by Kueue is not a Pod that cannot start: Kueue has its own timeouts.
+        if not timeout or job.state != "Pending" or reason == "WaitingForAdmission":
+            return ""
+        left = timeout - (self.now - parse_timestamp(since)).total_seconds()
+        if left > 0:
+            self.requeue(left)
+            return ""
+        entry["state"] = "Failed"
+        entry["message"] = (f"none of its Pods has run for {timeout}s (spec.pendingTimeoutSeconds): {reason}"
+                            + (f": {message}" if message else ""))
+        entry["completionTime"] = timestamp(self.now)
+        self.fail(stage, teacher, entry.get("attempt", 0), entry["message"], round_=round_,
+                  code=reason if reason in STUCK_REASONS else "PendingTimeout")
+        return "timed out"
 
     @staticmethod
     def record_metrics(stage: str, entry: dict, job: ObservedJob) -> None:
@@ -415,6 +493,8 @@ class _Planner:
         attempt = entry["attempt"]
         entry["completionTime"] = timestamp(job.finished_at or self.now)
         entry["message"] = job.message or "the Job failed without a message"
+        if job.reason:
+            entry["failureReason"] = job.reason
         what = self.describe(stage, teacher, round_)
         noun = _STAGE_NOUN[stage]
         if job.permanent or attempt > self.spec.max_retries:
@@ -422,7 +502,8 @@ class _Planner:
             why = "invalid input (exit code 2), not retried" if job.permanent else "no retries left"
             self.event(f"{noun}Failed", f"{what}: attempt {attempt} failed ({why}): {entry['message']}",
                        warning=True)
-            self.fail(stage, teacher, attempt, entry["message"], round_=round_, permanent=job.permanent)
+            self.fail(stage, teacher, attempt, entry["message"], round_=round_, permanent=job.permanent,
+                      code=job.reason)
             return "failed"
         wait = backoff_seconds(self.spec, attempt)
         entry["state"] = "Retrying"
@@ -539,22 +620,94 @@ class _Planner:
         s["teacherCount"] = len(self.spec.teachers)
         s["observedGeneration"] = self.run_ref.generation
         phase = s["phase"]
+        retrying = [e for e in _stage_entries(s) if e.get("state") == "Retrying"]
         if phase == "Failed":
             reason = self.failure_reason or "Failed"
         elif phase == "Succeeded":
             reason = "Succeeded"
         elif phase == "Suspended":
             reason = "Suspended"
-        elif any(b.get("state") == "Retrying" for rec in s.get("rounds", []) for b in
-                 list(rec.get("branches", {}).values()) + [rec.get("merge") or {}, rec.get("eval") or {}]) or (
-                     (s.get("preflight") or {}).get("state") == "Retrying"):
-            reason = "Retrying"
+        elif self.stuck:
+            what, reason, message = self.stuck[0]
+            s["message"] = f"{s.get('message', '')}; {what}: {reason}" + (f": {message}" if message else "")
+        elif retrying:
+            reason = retrying[0].get("failureReason") or "Retrying"
         elif phase == "Pending" and (s.get("preflight") or {}).get("state") in ACTIVE_JOB_STATES:
             reason = "PreflightRunning"
         else:
             reason = {"Pending": "Pending", "Running": "BranchesRunning"}.get(phase, phase)
+        s["reason"] = reason
+        self.run_progress()
         _set_conditions(s, phase, reason, s.get("message", ""), self.now, self.run_ref.generation)
         return self.out
+
+    def run_progress(self) -> None:
+        """The run's share of training steps done and the time left, from the branches' progress
+        and the rounds' durations; only from recorded times (never `now`), so it changes, and status
+        is written, only when a record or a stage does."""
+        s = self.status
+        if not s.get("rounds"):
+            return
+        steps, teachers, rounds = self.spec.training.steps, len(self.spec.teachers), self.spec.rounds
+        done, round_eta, updated = 0, 0.0, None
+        current = s["round"]
+        for rec in s["rounds"]:
+            for teacher in self.spec.teachers:
+                entry = rec["branches"].get(teacher.name) or {}
+                progress = entry.get("progress") or {}
+                if entry.get("state") == "Succeeded":
+                    done += steps
+                    continue
+                done += min(int(progress.get("step") or 0), steps)
+                if rec["round"] == current and round_eta is not None:
+                    # Branches run side by side: the round waits for the slowest; unknown if one has no estimate.
+                    eta = progress.get("etaSeconds")
+                    round_eta = None if eta is None else max(round_eta, float(eta))
+                if progress.get("updateTime"):
+                    updated = max(updated or progress["updateTime"], progress["updateTime"])
+        progress = {"fraction": round(done / (steps * teachers * rounds), 4) if steps * teachers else 0.0}
+        if s.get("phase") == "Succeeded":
+            progress["fraction"], round_eta = 1.0, 0.0
+        finished = [r for r in s["rounds"] if r.get("completionTime") and r.get("startTime")]
+        if round_eta is not None and s.get("phase") != "Succeeded":
+            # Rounds still to come take as long as the last finished one did (none yet: unknown).
+            later = rounds - current
+            if later and finished:
+                last = finished[-1]
+                round_eta += later * (parse_timestamp(last["completionTime"]) -
+                                      parse_timestamp(last["startTime"])).total_seconds()
+            elif later:
+                round_eta = None
+        if round_eta is not None:
+            progress["etaSeconds"] = round(round_eta, 1)
+        if updated:
+            progress["updateTime"] = updated
+        s["progress"] = progress
+        display = f"{int(progress['fraction'] * 100)}%"
+        if progress.get("etaSeconds") is not None and s.get("phase") not in TERMINAL:
+            display += f" ETA {duration(progress['etaSeconds'])}"
+        s["progressDisplay"] = display
+
+
+def duration(seconds: float) -> str:
+    """1h05m, 4m10s, 12s: a time left, as people read it."""
+    seconds = int(round(max(seconds, 0)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _stage_entries(status: dict):
+    """Every stage entry of a status: the preflight's, then each round's branches, merge and eval."""
+    if status.get("preflight"):
+        yield status["preflight"]
+    for rec in status.get("rounds", []):
+        yield from rec.get("branches", {}).values()
+        for stage in ("merge", "eval"):
+            if rec.get(stage):
+                yield rec[stage]
 
 
 def preflight_applies(spec: MoTRunSpec, status: dict) -> bool:

@@ -141,6 +141,7 @@ class MoTRunSpec:
     max_retries: int = 2
     retry_backoff_seconds: int = 10
     active_deadline_seconds: int | None = None
+    pending_timeout_seconds: int = 0  # 0: a stage may wait for its Pods forever
     suspend: bool = False
     queue_name: str | None = None
     ttl_seconds_after_finished: int | None = None
@@ -374,6 +375,7 @@ def _build(d: dict) -> MoTRunSpec:
         max_retries=d["maxRetries"],
         retry_backoff_seconds=d["retryBackoffSeconds"],
         active_deadline_seconds=d.get("activeDeadlineSeconds"),
+        pending_timeout_seconds=d.get("pendingTimeoutSeconds", 0),
         suspend=d["suspend"],
         queue_name=d.get("queueName"),
         ttl_seconds_after_finished=d.get("ttlSecondsAfterFinished"),

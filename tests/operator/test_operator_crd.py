@@ -65,9 +65,13 @@ def test_crd_identity_columns_and_status_subresource():
     assert VERSION["name"] == "v1alpha1" and VERSION["served"] and VERSION["storage"]
     assert VERSION["subresources"] == {"status": {}}
     columns = {c["name"]: c for c in VERSION["additionalPrinterColumns"]}
-    assert list(columns) == ["Phase", "Round", "Teachers", "Age", "Message"]
+    assert list(columns) == ["Phase", "Round", "Teachers", "Age", "Reason", "Progress", "Message"]
     assert columns["Round"]["jsonPath"] == ".status.roundDisplay"
-    assert columns["Message"]["priority"] == 1 and "priority" not in columns["Phase"]
+    assert columns["Reason"]["jsonPath"] == ".status.reason"
+    assert columns["Progress"]["jsonPath"] == ".status.progressDisplay"
+    # -o wide only: the one-word reason, the progress and the message
+    assert all(columns[name]["priority"] == 1 for name in ("Reason", "Progress", "Message"))
+    assert "priority" not in columns["Phase"]
 
 
 def test_schema_is_structural_with_descriptions_defaults_and_bounds():
@@ -206,12 +210,14 @@ def test_teachers_are_a_list_keyed_by_name():
     check_update(old, {**old, "teachers": old["teachers"][::-1]})
 
 
-def test_immutability_covers_everything_but_rounds_and_suspend():
+def test_immutability_covers_everything_but_rounds_suspend_and_the_pending_timeout():
+    """A run stuck waiting may be given a (different) pending timeout; nothing else of its work changes."""
     old = paper_spec()
     assert failing_rules(old, old) == []
-    for name in ("rounds", "suspend"):
-        check_update(old, {**old, name: 7 if name == "rounds" else True})
-    assert set(EDITS) | {"rounds", "suspend"} == set(SPEC_SCHEMA["properties"]), "a spec field lacks a rule"
+    for name, value in (("rounds", 7), ("suspend", True), ("pendingTimeoutSeconds", 600)):
+        check_update(old, {**old, name: value})
+    mutable = {"rounds", "suspend", "pendingTimeoutSeconds"}
+    assert set(EDITS) | mutable == set(SPEC_SCHEMA["properties"]), "a spec field lacks a rule"
     for name in EDITS:
         assert any("immutable" in m for m in failing_rules(edited(old, name), old)), f"{name} is not immutable"
 

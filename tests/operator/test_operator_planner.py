@@ -613,3 +613,169 @@ def test_a_preflight_created_before_a_restart_is_created_again_under_its_name():
     again = plan(RUN, make_spec(), first.status, [], T0 + timedelta(seconds=30))
     assert [r.name for r in again.create] == [PREFLIGHT] and again.events == []
     assert again.create[0].args == first.create[0].args
+
+
+# -- progress, stuck stages, disruptions, pending timeout --------------------------------------
+
+
+def _record(step, total=10, eta=30.0, loss=0.5, time="2026-01-01T00:00:30Z"):
+    """A trainer progress record (mot_trainer.progress), as the executors pass it on."""
+    return {"step": step, "totalSteps": total, "loss": loss, "learningRate": 1e-3, "tokens": 100 * step,
+            "tokensPerSecond": 250.0, "etaSeconds": eta, "elapsedSeconds": 3.0, "time": time}
+
+
+def test_branch_progress_and_the_runs_fraction_and_eta_come_from_the_trainers_records():
+    cluster = Cluster(make_spec(training={"steps": 10}))
+    cluster.start()
+    a, b = "demo-r1-sft-a-a1", "demo-r1-sft-b-a1"
+    for name, step, eta in ((a, 4, 30.0), (b, 2, 60.0)):
+        cluster.jobs[name].state = "Running"
+        cluster.jobs[name].progress = _record(step, eta=eta)
+    cluster.step()
+    s = cluster.status
+    assert s["rounds"][0]["branches"]["a"]["progress"] == {
+        "step": 4, "totalSteps": 10, "loss": 0.5, "learningRate": 1e-3, "tokensPerSecond": 250.0,
+        "etaSeconds": 30.0, "updateTime": "2026-01-01T00:00:30Z"}
+    # 6 of 2 rounds x 2 teachers x 10 steps; round 2's length is unknown before round 1 ends.
+    assert s["progress"] == {"fraction": 0.15, "updateTime": "2026-01-01T00:00:30Z"}
+    assert s["progressDisplay"] == "15%" and s["reason"] == "BranchesRunning"
+    cluster.step()
+    assert cluster.last.status == s, "the same records write nothing new"
+    # Round 1 ends after 100 s; round 2's branches are half way with 20 s left: 20 s + 0 later rounds.
+    cluster.now = T0 + timedelta(seconds=99)
+    cluster.finish_active(metrics={"final_loss": 1.0})
+    cluster.step()
+    cluster.finish_active()
+    cluster.step()
+    r2a, r2b = "demo-r2-sft-a-a1", "demo-r2-sft-b-a1"
+    for name in (r2a, r2b):
+        cluster.jobs[name].state = "Running"
+        cluster.jobs[name].progress = _record(5, eta=20.0)
+    cluster.step()
+    assert cluster.status["rounds"][0]["branches"]["a"]["progress"]["step"] == 10  # done: all steps
+    assert cluster.status["progress"]["fraction"] == 0.75 and cluster.status["progress"]["etaSeconds"] == 20.0
+    assert cluster.status["progressDisplay"] == "75% ETA 20s"
+
+
+def test_eta_of_later_rounds_is_the_last_rounds_duration():
+    cluster = Cluster(make_spec(rounds=3, training={"steps": 10}, preflight={"enabled": False}))
+    cluster.start()
+    cluster.now = T0 + timedelta(seconds=119)
+    cluster.finish_active(metrics={"final_loss": 1.0})
+    cluster.step()
+    cluster.finish_active()
+    cluster.step()
+    for name in ("demo-r2-sft-a-a1", "demo-r2-sft-b-a1"):
+        cluster.jobs[name].state = "Running"
+        cluster.jobs[name].progress = _record(5, eta=40.0)
+    cluster.step()
+    rec = cluster.status["rounds"][0]
+    length = (datetime.fromisoformat(rec["completionTime"].replace("Z", "+00:00"))
+              - datetime.fromisoformat(rec["startTime"].replace("Z", "+00:00"))).total_seconds()
+    assert cluster.status["progress"]["etaSeconds"] == 40.0 + length
+
+
+def test_an_unschedulable_branch_says_so_in_reason_message_and_one_event():
+    cluster = Cluster(make_spec())
+    cluster.start()
+    job = cluster.jobs["demo-r1-sft-a-a1"]
+    job.waiting = {"reason": "Unschedulable", "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."}
+    cluster.step()
+    s = cluster.status
+    waiting = s["rounds"][0]["branches"]["a"]["waiting"]
+    assert waiting["reason"] == "Unschedulable" and waiting["since"] == "2026-01-01T00:00:03Z"
+    assert s["reason"] == "Unschedulable"
+    assert s["message"].endswith("; branch 'a' of round 1: Unschedulable: 0/1 nodes are available: "
+                                 "1 Insufficient nvidia.com/gpu.")
+    progressing = next(c for c in s["conditions"] if c["type"] == "Progressing")
+    assert progressing["reason"] == "Unschedulable" and "Insufficient nvidia.com/gpu" in progressing["message"]
+    assert cluster.reasons().count("Unschedulable") == 1
+    cluster.step()
+    assert cluster.reasons().count("Unschedulable") == 1, "told once, not on every pass"
+    # Scheduled, then the image cannot be pulled: a new reason, a new Event, the same `since`.
+    job.waiting = {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "x.invalid/t:1"'}
+    cluster.step()
+    assert cluster.status["rounds"][0]["branches"]["a"]["waiting"]["since"] == waiting["since"]
+    assert cluster.status["reason"] == "ImagePullBackOff" and cluster.reasons()[-1] == "ImagePullBackOff"
+    job.waiting, job.state = None, "Running"
+    cluster.step()
+    assert "waiting" not in cluster.status["rounds"][0]["branches"]["a"]
+    assert cluster.status["reason"] == "BranchesRunning" and "Back-off" not in cluster.status["message"]
+
+
+def test_normal_start_is_not_stuck():
+    cluster = Cluster(make_spec())
+    cluster.start()
+    cluster.jobs["demo-r1-sft-a-a1"].waiting = {"reason": "ContainerCreating", "message": ""}
+    cluster.step()
+    assert cluster.status["rounds"][0]["branches"]["a"]["waiting"]["reason"] == "ContainerCreating"
+    assert cluster.status["reason"] == "Pending" and "ContainerCreating" not in cluster.reasons()
+
+
+def test_pending_timeout_fails_the_run_with_the_stuck_reason():
+    cluster = Cluster(make_spec(pendingTimeoutSeconds=60))
+    cluster.start()
+    job = cluster.jobs["demo-r1-sft-b-a1"]
+    job.waiting = {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "x.invalid/t:1"'}
+    result = cluster.step()
+    assert result.requeue_after == 60.0, "planned again when the timeout is due"
+    cluster.step(30)
+    assert cluster.status["phase"] == "Pending"
+    cluster.step(30)
+    s = cluster.status
+    assert s["phase"] == "Failed" and s["reason"] == "ImagePullBackOff"
+    assert s["message"] == ("branch 'b' of round 1 failed after 1 attempt: none of its Pods has run for 60s "
+                            "(spec.pendingTimeoutSeconds): ImagePullBackOff: Back-off pulling image \"x.invalid/t:1\"")
+    failed = next(c for c in s["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "ImagePullBackOff"
+    assert cluster.last.delete == ["demo-r1-sft-a-a1", "demo-r1-sft-b-a1"]
+
+
+def test_pending_timeout_does_not_count_kueue_queueing_and_is_off_by_default():
+    cluster = Cluster(make_spec(pendingTimeoutSeconds=60, queueName="q"))
+    cluster.start()
+    for job in cluster.jobs.values():
+        job.state = "Suspended"
+        job.waiting = {"reason": "WaitingForAdmission", "message": "insufficient quota for nvidia.com/gpu"}
+    cluster.step(600)
+    assert cluster.status["phase"] == "Pending" and cluster.status["reason"] == "WaitingForAdmission"
+    assert ("WaitingForAdmission", "branch 'a' of round 1: insufficient quota for nvidia.com/gpu") in cluster.events
+    off = Cluster(make_spec())
+    off.start()
+    off.jobs["demo-r1-sft-a-a1"].waiting = {"reason": "Unschedulable", "message": "no nodes"}
+    off.step(86400)
+    assert off.status["phase"] == "Pending"
+
+
+def test_a_disruption_is_recorded_and_told_once_and_not_counted_as_an_attempt():
+    cluster = Cluster(make_spec())
+    cluster.start()
+    job = cluster.jobs["demo-r1-sft-a-a1"]
+    job.disruptions = [{"pod": "demo-r1-sft-a-a1-x1", "reason": "Preempted",
+                        "message": "PreemptionByScheduler: Kubernetes Scheduler"}]
+    job.waiting = {"reason": "Preempted", "message": "the replacement of Pod demo-r1-sft-a-a1-x1 is not running yet"}
+    cluster.step()
+    cluster.step()
+    entry = cluster.status["rounds"][0]["branches"]["a"]
+    assert [d["pod"] for d in entry["disruptions"]] == ["demo-r1-sft-a-a1-x1"] and entry["attempt"] == 1
+    assert cluster.reasons().count("BranchDisrupted") == 1
+    message = dict(cluster.events)["BranchDisrupted"]
+    assert message.startswith("branch 'a' of round 1: Pod demo-r1-sft-a-a1-x1 was preempted: ") and \
+        "not counted as a failed attempt" in message
+    assert cluster.status["reason"] == "Preempted"
+
+
+def test_an_oom_killed_attempt_names_the_cause_while_retrying_and_when_failed():
+    cluster = Cluster(make_spec(maxRetries=1, retryBackoffSeconds=100))
+    cluster.start()
+    job = cluster.jobs["demo-r1-sft-a-a1"]
+    job.state, job.reason = "Failed", "OOMKilled"
+    job.message, job.finished_at = "OOMKilled: the container used more than its memory limit (8Gi)", cluster.now
+    cluster.step()
+    assert cluster.status["reason"] == "OOMKilled" and cluster.status["rounds"][0]["branches"]["a"]["state"] == "Retrying"
+    cluster.step(100)
+    retry = cluster.jobs["demo-r1-sft-a-a2"]
+    retry.state, retry.reason, retry.message, retry.finished_at = "Failed", "OOMKilled", job.message, cluster.now
+    cluster.step()
+    assert cluster.status["phase"] == "Failed" and cluster.status["reason"] == "OOMKilled"
+    assert "memory limit (8Gi)" in cluster.status["message"]
