@@ -14,7 +14,8 @@ from support.deploy import CHART_DIR, VALUES_CASES, exported_metric_names, manif
 ALERTS_DIR = CHART_DIR / "alerts"
 RULES_FILE = ALERTS_DIR / "mot-operator-alerts.yaml"
 RULES_TESTS = ALERTS_DIR / "mot-operator-alerts.test.yaml"
-REQUIRED_ALERTS = {"MoTRunFailed", "MoTRunNoProgress", "MoTJobRetriesHigh", "MoTOperatorDown"}
+REQUIRED_ALERTS = {"MoTRunFailed", "MoTRunNoProgress", "MoTJobRetriesHigh", "MoTStagePendingTooLong",
+                   "MoTOperatorDown"}
 
 
 def promtool(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -74,6 +75,28 @@ def test_thresholds_come_from_values_and_stay_valid(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_stage_pending_threshold_and_ignored_reasons_come_from_values(tmp_path):
+    default = rules(one(manifests({"alerts": {"enabled": True}}), "PrometheusRule")["spec"]["groups"])
+    # Kueue queueing is waiting by design: ignored unless the values say otherwise.
+    assert '{reason!~"WaitingForAdmission"}' in default["MoTStagePendingTooLong"]["expr"]
+    assert default["MoTStagePendingTooLong"]["expr"].endswith("> 900")
+    cases = {
+        "none ignored": ({"thresholdSeconds": 1800, "ignoreReasons": [], "severity": "critical"},
+                         "(time() - mot_stage_pending_since_timestamp_seconds) > 1800"),
+        "two ignored": ({"ignoreReasons": ["WaitingForAdmission", "PodPending"]},
+                        '{reason!~"WaitingForAdmission|PodPending"}'),
+    }
+    for name, (values, expected) in cases.items():
+        rendered = one(manifests({"alerts": {"enabled": True, "stagePending": values}}), "PrometheusRule")
+        rule = rules(rendered["spec"]["groups"])["MoTStagePendingTooLong"]
+        assert expected in rule["expr"], name
+        assert rule["labels"]["severity"] == values.get("severity", "warning"), name
+        rules_file = tmp_path / "rendered.yaml"
+        rules_file.write_text(yaml.safe_dump(rendered["spec"]))
+        result = promtool("check", "rules", str(rules_file))
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_operator_down_watches_the_job_a_service_monitor_creates():
     docs = manifests({"alerts": {"enabled": True}, "metrics": {"serviceMonitor": {"enabled": True}}})
     service = one(docs, "Service")["metadata"]["name"]
@@ -93,6 +116,8 @@ def test_alert_queries_use_only_exported_metric_names():
 @pytest.mark.parametrize(("expr", "names"), [
     ('sum by (stage) (increase(mot_job_retries_total{stage="sft"}[1h])) > 3', {"mot_job_retries_total"}),
     ("(time() - mot_run_last_progress_timestamp_seconds) > 7200", {"mot_run_last_progress_timestamp_seconds"}),
+    ('(time() - mot_stage_pending_since_timestamp_seconds{reason!~"A|B"}) > 900',
+     {"mot_stage_pending_since_timestamp_seconds"}),
     ('up{job="x"} == 0 or absent(up{job="x"})', {"up"}),
     ("histogram_quantile(0.95, sum by (le, stage) (rate(mot_stage_duration_seconds_bucket[$__rate_interval])))",
      {"mot_stage_duration_seconds_bucket"}),

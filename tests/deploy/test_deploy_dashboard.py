@@ -14,7 +14,8 @@ from support.deploy import CHART_DIR, exported_metric_names, promql_metric_names
 
 DASHBOARD_FILE = CHART_DIR / "dashboards" / "mot-operator.json"
 
-# What the dashboard must show (issue: Grafana dashboard): a panel title pattern and a metric it reads.
+# What the dashboard must show (issues: Grafana dashboard; progress and stuck stages): a panel title
+# pattern and the metric(s) it reads.
 REQUIRED_PANELS = {
     r"runs by phase": "mot_runs",
     r"round progress": "mot_run_round",
@@ -24,6 +25,11 @@ REQUIRED_PANELS = {
     r"failures and retries": "mot_job_retries_total",
     r"tokens/s": "mot_trainer_tokens_per_second",
     r"reconcile errors": "mot_reconcile_errors_total",
+    r"branch progress": "mot_branch_progress_ratio",
+    r"tokens/s per branch": "mot_branch_tokens_per_second",
+    r"run progress and eta": ("mot_run_progress_ratio", "mot_run_eta_seconds"),
+    r"stuck stages by reason": "mot_stage_pending_since_timestamp_seconds",
+    r"disruptions": "mot_stage_disruptions_total",
 }
 
 # Grafana's variables, replaced by something PromQL accepts for the syntax check.
@@ -86,11 +92,34 @@ def test_panels_do_not_overlap(dashboard):
 
 
 def test_dashboard_has_every_promised_panel(dashboard):
-    for title_pattern, metric in REQUIRED_PANELS.items():
+    for title_pattern, metrics in REQUIRED_PANELS.items():
         matching = [p for p in panels(dashboard) if re.search(title_pattern, p["title"], re.IGNORECASE)]
         assert matching, f"no panel titled like {title_pattern!r}"
         used = set().union(*(promql_metric_names(t["expr"]) for p in matching for t in p["targets"]))
-        assert metric in used, f"panel {title_pattern!r} does not read {metric}"
+        for metric in (metrics,) if isinstance(metrics, str) else metrics:
+            assert metric in used, f"panel {title_pattern!r} does not read {metric}"
+
+
+def test_stuck_stages_table_shows_time_waiting_and_reason(dashboard):
+    """The series' value is a Unix time: the table must show time() - value, and keep the reason."""
+    (table,) = [p for p in panels(dashboard) if re.search("stuck stages", p["title"], re.IGNORECASE)]
+    assert table["type"] == "table"
+    (target,) = table["targets"]
+    assert re.match(r"time\(\)\s*-\s*mot_stage_pending_since_timestamp_seconds\b", target["expr"])
+    assert target.get("instant") and target.get("format") == "table"
+    assert table["fieldConfig"]["defaults"]["unit"] == "s"
+    for transformation in table.get("transformations", []):
+        hidden = transformation.get("options", {}).get("excludeByName", {})
+        assert not any(hidden.get(label) for label in ("namespace", "motrun", "stage", "teacher", "reason"))
+
+
+def test_per_run_panels_follow_the_run_variables(dashboard):
+    """Queries of series labelled by run honour the namespace/motrun dropdowns."""
+    per_run = {"mot_branch_progress_ratio", "mot_branch_tokens_per_second", "mot_run_progress_ratio",
+               "mot_run_eta_seconds", "mot_stage_pending_since_timestamp_seconds"}
+    for title, expr in queries(dashboard):
+        if promql_metric_names(expr) & per_run:
+            assert 'namespace=~"$namespace"' in expr and 'motrun=~"$motrun"' in expr, title
 
 
 def test_dashboard_queries_use_only_exported_metric_names(dashboard):

@@ -18,7 +18,9 @@ CONTRACT = {
     "mot_runs": "gauge", "mot_run_round": "gauge", "mot_run_last_progress_timestamp_seconds": "gauge",
     "mot_jobs_created": "counter", "mot_jobs_finished": "counter", "mot_job_retries": "counter",
     "mot_stage_duration_seconds": "histogram", "mot_branch_loss": "gauge", "mot_eval_score": "gauge",
-    "mot_reconcile_errors": "counter",
+    "mot_reconcile_errors": "counter", "mot_branch_progress_ratio": "gauge", "mot_branch_tokens_per_second": "gauge",
+    "mot_run_progress_ratio": "gauge", "mot_run_eta_seconds": "gauge",
+    "mot_stage_pending_since_timestamp_seconds": "gauge", "mot_stage_disruptions": "counter",
 }
 
 
@@ -162,3 +164,134 @@ def test_the_preflight_is_counted_as_a_stage_of_its_own():
     created = value("mot_jobs_created_total", stage="preflight") or 0
     metrics.job_created("preflight")
     assert value("mot_jobs_created_total", stage="preflight") == created + 1
+
+
+def branch(state, step=None, total=None, tokens_per_second=None, **extra):
+    entry = {"attempt": 1, "state": state, **extra}
+    if step is not None:
+        entry["progress"] = {"step": step, "totalSteps": total, "tokensPerSecond": tokens_per_second,
+                             "updateTime": "2026-01-01T00:05:00Z"}
+    return entry
+
+
+def test_branch_and_run_progress_follow_the_current_round():
+    round1 = {"round": 1, "branches": {"a": branch("Running", 10, 40, 512.5), "b": branch("Succeeded", 40, 40, 400.0),
+                                       "c": branch("Pending")}}
+    status = {"phase": "Running", "round": 1, "rounds": [round1],
+              "progress": {"fraction": 0.3, "etaSeconds": 1200, "updateTime": "2026-01-01T00:05:00Z"}}
+    metrics.observe_run("ns3", "run-p", status, progressed=True)
+    labels = {"namespace": "ns3", "motrun": "run-p"}
+    assert value("mot_branch_progress_ratio", **labels, teacher="a") == 0.25
+    assert value("mot_branch_progress_ratio", **labels, teacher="b") == 1
+    assert value("mot_branch_progress_ratio", **labels, teacher="c") == 0  # shown before its first record
+    assert value("mot_branch_tokens_per_second", **labels, teacher="a") == 512.5
+    # A finished or not-yet-running branch has no current throughput.
+    assert value("mot_branch_tokens_per_second", **labels, teacher="b") is None
+    assert value("mot_branch_tokens_per_second", **labels, teacher="c") is None
+    assert value("mot_run_progress_ratio", **labels) == pytest.approx(0.3)
+    assert value("mot_run_eta_seconds", **labels) == 1200
+
+    # Round 2 trains teachers a and b only: c's series goes, a's throughput goes until it runs again.
+    round2 = {"round": 2, "branches": {"a": branch("Pending"), "b": branch("Running", 5, 50, 300.0)}}
+    status = {**status, "round": 2, "rounds": [round1, round2], "progress": {"fraction": 0.6, "etaSeconds": 600}}
+    metrics.observe_run("ns3", "run-p", status, progressed=True)
+    assert value("mot_branch_progress_ratio", **labels, teacher="a") == 0
+    assert value("mot_branch_progress_ratio", **labels, teacher="b") == pytest.approx(0.1)
+    assert value("mot_branch_progress_ratio", **labels, teacher="c") is None
+    assert value("mot_branch_tokens_per_second", **labels, teacher="a") is None
+    assert value("mot_branch_tokens_per_second", **labels, teacher="b") == 300
+    assert value("mot_run_eta_seconds", **labels) == 600
+
+    # A stopped run keeps its progress but has no ETA and no throughput (even if a branch still says Running).
+    done = {**status, "phase": "Failed", "progress": {"fraction": 0.6, "etaSeconds": 600}}
+    metrics.observe_run("ns3", "run-p", done, progressed=True)
+    assert value("mot_run_progress_ratio", **labels) == pytest.approx(0.6)
+    assert value("mot_run_eta_seconds", **labels) is None
+    assert value("mot_branch_tokens_per_second", **labels, teacher="b") is None
+    assert value("mot_branch_progress_ratio", **labels, teacher="b") == pytest.approx(0.1)
+    metrics.observe_run("ns3", "run-p", status, progressed=True)
+    metrics.forget_run("ns3", "run-p")
+    for name in ("mot_run_progress_ratio", "mot_run_eta_seconds"):
+        assert value(name, **labels) is None
+    for name in ("mot_branch_progress_ratio", "mot_branch_tokens_per_second"):
+        for teacher in "abc":
+            assert value(name, **labels, teacher=teacher) is None
+
+
+def waiting(reason, since="2026-01-01T00:00:00Z"):
+    return {"reason": reason, "message": f"{reason}: details", "since": since}
+
+
+def test_waiting_stages_have_a_pending_since_series_only_while_they_wait():
+    since = 1767225600.0  # 2026-01-01T00:00:00Z
+    pending = "mot_stage_pending_since_timestamp_seconds"
+    labels = {"namespace": "ns4", "motrun": "run-w"}
+    status = {"phase": "Running", "round": 1,
+              "preflight": {"attempt": 1, "state": "Succeeded"},
+              "rounds": [{"round": 1, "branches": {"a": branch("Pending", waiting=waiting("Unschedulable")),
+                                                   "b": branch("Running", 1, 10, 100.0)}}]}
+    metrics.observe_run("ns4", "run-w", status, progressed=True)
+    assert value(pending, **labels, stage="sft", teacher="a", reason="Unschedulable") == since
+    assert value(pending, **labels, stage="sft", teacher="b", reason="Unschedulable") is None
+
+    # The reason changes, `since` does not: the old reason's series goes, the new one keeps the time.
+    status["rounds"][0]["branches"]["a"] = branch("Pending", waiting=waiting("ImagePullBackOff"))
+    status["rounds"][0]["merge"] = {"attempt": 1, "state": "Suspended",
+                                    "waiting": waiting("WaitingForAdmission", "2026-01-01T00:10:00Z")}
+    metrics.observe_run("ns4", "run-w", status, progressed=True)
+    assert value(pending, **labels, stage="sft", teacher="a", reason="Unschedulable") is None
+    assert value(pending, **labels, stage="sft", teacher="a", reason="ImagePullBackOff") == since
+    # Stages without a teacher have an empty teacher label.
+    assert value(pending, **labels, stage="merge", teacher="", reason="WaitingForAdmission") == since + 600
+
+    # Running again: gone. A failed stage (e.g. pendingTimeoutSeconds) waits for nothing either.
+    status["rounds"][0]["branches"]["a"] = branch("Running", 1, 10, 90.0)
+    status["rounds"][0]["merge"] = {"attempt": 1, "state": "Failed", "waiting": waiting("Unschedulable")}
+    metrics.observe_run("ns4", "run-w", status, progressed=True)
+    assert value(pending, **labels, stage="sft", teacher="a", reason="ImagePullBackOff") is None
+    assert value(pending, **labels, stage="merge", teacher="", reason="WaitingForAdmission") is None
+    assert value(pending, **labels, stage="merge", teacher="", reason="Unschedulable") is None
+
+    # A preflight waiting on a run that then stops (failed, succeeded, suspended): no series.
+    status = {"phase": "Pending", "round": 1, "rounds": [],
+              "preflight": {"attempt": 1, "state": "Pending", "waiting": waiting("ErrImagePull")}}
+    metrics.observe_run("ns4", "run-w", status, progressed=True)
+    assert value(pending, **labels, stage="preflight", teacher="", reason="ErrImagePull") == since
+    metrics.observe_run("ns4", "run-w", {**status, "phase": "Failed"}, progressed=True)
+    assert value(pending, **labels, stage="preflight", teacher="", reason="ErrImagePull") is None
+
+    metrics.observe_run("ns4", "run-w", status, progressed=True)
+    metrics.forget_run("ns4", "run-w")
+    assert value(pending, **labels, stage="preflight", teacher="", reason="ErrImagePull") is None
+
+
+def disruption(pod, reason="Preempted"):
+    return {"pod": pod, "reason": reason, "message": "x", "time": "2026-01-01T00:00:00Z"}
+
+
+def test_disruptions_are_counted_once_per_pod_from_status_transitions():
+    def counts():
+        return (value("mot_stage_disruptions_total", stage="sft", reason="Preempted"),
+                value("mot_stage_disruptions_total", stage="sft", reason="Evicted"),
+                value("mot_stage_disruptions_total", stage="eval", reason="Preempted"))
+
+    def status(branch_pods, eval_pods=()):
+        rec = {"round": 1, "branches": {"a": branch("Pending", disruptions=list(branch_pods))}}
+        if eval_pods:
+            rec["eval"] = {"attempt": 1, "state": "Pending", "disruptions": list(eval_pods)}
+        return {"phase": "Running", "round": 1, "rounds": [rec]}
+
+    preempted, evicted, eval_preempted = counts()
+    assert preempted is not None and evicted is not None  # every stage and reason starts at 0
+    none = status([])
+    two = status([disruption("a-0"), disruption("a-1", "Evicted")])
+    metrics.record_transitions(none, two)
+    metrics.record_transitions(two, two)  # re-observed, e.g. after an operator restart
+    assert counts() == (preempted + 1, evicted + 1, eval_preempted)
+    # The list keeps the last 10: the oldest dropping out while a new one arrives counts the new one only.
+    full = status([disruption(f"a-{i}") for i in range(10)])
+    metrics.record_transitions(two, full)
+    assert counts() == (preempted + 9, evicted + 1, eval_preempted)
+    shifted = status([disruption(f"a-{i}") for i in range(1, 11)], eval_pods=[disruption("e-0")])
+    metrics.record_transitions(full, shifted)
+    assert counts() == (preempted + 10, evicted + 1, eval_preempted + 1)

@@ -95,6 +95,18 @@ app.kubernetes.io/component: controller
         description: >-
           Branch, merge or eval Jobs keep failing and being retried. Failed pods' termination
           messages carry the trainer's one-line reason (`kubectl describe motrun`).
+    - alert: MoTStagePendingTooLong
+      expr: (time() - mot_stage_pending_since_timestamp_seconds{{ with $a.stagePending.ignoreReasons }}{reason!~"{{ join "|" . }}"}{{ end }}) > {{ int64 $a.stagePending.thresholdSeconds }}
+      labels:
+        severity: {{ $a.stagePending.severity }}
+      annotations:
+        summary: "MoTRun {{ "{{" }} $labels.namespace {{ "}}" }}/{{ "{{" }} $labels.motrun {{ "}}" }}: {{ "{{" }} $labels.stage {{ "}}" }}{{ "{{" }} with $labels.teacher {{ "}}" }} branch {{ "{{" }} . {{ "}}" }}{{ "{{" }} end {{ "}}" }} has had no running Pod for {{ "{{" }} $value | humanizeDuration {{ "}}" }}: {{ "{{" }} $labels.reason {{ "}}" }}"
+        description: >-
+          The stage's Job started but none of its Pods has run for over {{ int64 $a.stagePending.thresholdSeconds }}s
+          ({{ "{{" }} $labels.reason {{ "}}" }}). `kubectl describe motrun {{ "{{" }} $labels.motrun {{ "}}" }} -n {{ "{{" }} $labels.namespace {{ "}}" }}`
+          shows the message and Events. Unschedulable: no node fits the Pod's GPUs, memory or tolerations;
+          image errors: check the trainer image and imagePullSecrets; CrashLoopBackOff or Create*Error: the
+          Pod's logs and the Secrets it mounts. spec.pendingTimeoutSeconds fails such a run by itself.
     - alert: MoTOperatorDown
       expr: up{job="{{ $job }}"} == 0 or absent(up{job="{{ $job }}"})
       for: {{ $a.operatorDown.for }}
@@ -118,9 +130,14 @@ app.kubernetes.io/component: controller
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Pods only to read trainer termination messages of finished Jobs (no watch).
+# Pods, read only: termination messages, why a stage waits, disruptions (watched), and their IPs to
+# read a training branch's progress from its metrics port.
 - apiGroups: [""]
   resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+# Kueue's Workloads, read only: why a queued Job is not admitted (harmless without Kueue).
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
   verbs: ["get", "list"]
 # Headless Services of multi-node branches.
 - apiGroups: [""]
