@@ -1,10 +1,12 @@
 """Kopf handlers: a level-based controller for MoTRuns.
 
 One daemon per MoTRun loops: observe its Jobs (from an in-memory index fed by a watch), call the
-pure planner, write the status, then create/suspend/resume/delete Jobs. Job events wake the daemon
-at once, so reactions do not wait for a timer; a periodic resync covers anything missed. Pods are
-not watched (RBAC: get/list only): when Jobs have finished, the run's Pods are listed once for the
-trainer's termination messages. Deleting a MoTRun stops its daemon; a deletion handler then starts
+pure planner, write the status, then create/suspend/resume/delete Jobs. Job and Pod events wake the
+daemon at once, so reactions do not wait for a timer; a periodic resync covers anything missed. The
+run's Pods (a second watch-fed index) give the trainers' termination messages, why a stage waits
+(unschedulable, image pull errors, Kueue admission) and disruptions; a training branch's progress is
+read from its rank-0 Pod's metrics port (GET /progress) every progress interval: the operator only
+reads, and trainer Pods get no access to MoTRuns. Deleting a MoTRun stops its daemon; a deletion handler then starts
 the checkpoint cleanup Job when the spec asks for one, once the run's Pods have stopped (it deletes
 their Jobs first), retried until the Job exists.
 Kopf keeps its own bookkeeping in annotations; our status holds only the run's state.
@@ -24,7 +26,7 @@ from datetime import UTC, datetime
 import kopf
 
 from . import jobs as jobrender
-from . import metrics, naming
+from . import metrics, naming, podstate
 from .planner import (
     TERMINAL,
     ObservedJob,
@@ -54,6 +56,7 @@ DAEMON_EXIT_WAIT_SECONDS = 2.0
 DAEMON_STOP_GRACE_SECONDS = 10.0
 DAEMON_CANCEL_SECONDS = 10.0
 MESSAGE_LIMIT = 1024
+PROGRESS_TIMEOUT_SECONDS = 2.0
 log = logging.getLogger("mot_operator.controller")
 
 
@@ -67,8 +70,14 @@ class ControllerState:
     by_label: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (namespace, run label) -> names
     # {(namespace, run): metadata.generation} last seen on a MoTRun event: only a new spec wakes a daemon
     generations: dict[tuple[str, str], int] = field(default_factory=dict)
-    # Pods of finished Jobs, read once per Job: {(namespace, run): {job: [pod, ...]}}
-    pods: dict[tuple[str, str], dict[str, list[dict]]] = field(default_factory=dict)
+    # Pods seen marked for a disruption, kept until their run goes (the Pod may be gone before the
+    # daemon looks): {(namespace, run label): {pod: {"job", "pod", "reason", "message"}}}
+    disrupted: dict[tuple[str, str], dict[str, dict]] = field(default_factory=dict)
+    # The branches' latest progress records {(namespace, run): {job: record}} and when they were read
+    progress: dict[tuple[str, str], dict[str, dict]] = field(default_factory=dict)
+    progress_read: dict[tuple[str, str], float] = field(default_factory=dict)
+    # Kueue's reason per queued Job: {(namespace, job): (monotonic time read, waiting)}
+    admission: dict[tuple[str, str], tuple[float, dict]] = field(default_factory=dict)
     # {(namespace, run): (spec JSON, parsed spec or SpecError)}: parse each spec version once
     specs: dict[tuple[str, str], tuple[str, object]] = field(default_factory=dict)
     # {(namespace, job): monotonic time} of the Jobs this process created
@@ -77,7 +86,11 @@ class ControllerState:
 
     def forget(self, namespace: str, name: str) -> None:
         """Drop what is kept about a deleted run."""
-        self.pods.pop((namespace, name), None)
+        self.disrupted.pop((namespace, naming.label_value(name)), None)
+        self.progress.pop((namespace, name), None)
+        self.progress_read.pop((namespace, name), None)
+        self.admission = {key: found for key, found in self.admission.items()
+                          if not (key[0] == namespace and key[1].startswith(f"{name}-"))}
         self.specs.pop((namespace, name), None)
         self.generations.pop((namespace, name), None)
         # Jobs created recently are forgotten once observed; those of a run deleted first, here.
@@ -115,6 +128,7 @@ STATE = ControllerState()
 # The Kubernetes API calls the controller makes (the official client, run in threads)
 
 MERGE_PATCH = "application/merge-patch+json"
+KUEUE_VERSIONS = ("v1beta2", "v1beta1")
 
 
 class KubeApi:
@@ -132,6 +146,7 @@ class KubeApi:
         self.batch = client.BatchV1Api(self._client)
         self.core = client.CoreV1Api(self._client)
         self.custom = client.CustomObjectsApi(self._client)
+        self._http = None  # an aiohttp session for the trainers' progress, made in the event loop
 
     @staticmethod
     def _status(error) -> int | None:
@@ -148,6 +163,38 @@ class KubeApi:
                                 label_selector=f"{naming.LABEL_RUN}={run_label}")
         items = json.loads(data).get("items") or []
         return [p for p in items if ((p.get("metadata") or {}).get("labels") or {}).get(naming.LABEL_RUN) == run_label]
+
+    async def workloads(self, namespace: str, job_uid: str) -> list[dict]:
+        """Kueue's Workloads of a Job (labelled with its uid by Kueue)."""
+        from kubernetes.client.exceptions import ApiException
+
+        for version in KUEUE_VERSIONS:
+            try:
+                data = await self._call(self.custom.list_namespaced_custom_object, "kueue.x-k8s.io", version,
+                                        namespace, "workloads", label_selector=f"kueue.x-k8s.io/job-uid={job_uid}")
+            except ApiException as error:
+                if self._status(error) == 404 and version != KUEUE_VERSIONS[-1]:
+                    continue  # an older Kueue serves only v1beta1
+                raise
+            return json.loads(data).get("items") or []
+        return []
+
+    async def progress(self, url: str) -> dict | None:
+        """The trainer's latest progress record from its Pod (None when it cannot be read: a Pod
+        just started or stopping, a NetworkPolicy in the way; the status keeps the last one)."""
+        import aiohttp
+
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PROGRESS_TIMEOUT_SECONDS))
+        try:
+            async with self._http.get(url) as response:
+                if response.status != 200:
+                    return None
+                record = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+            log.debug("reading progress from %s failed: %s", url, error)
+            return None
+        return record if isinstance(record, dict) and "step" in record else None
 
     async def patch_status(self, namespace: str, name: str, patch: dict) -> None:
         await self._call(
@@ -208,18 +255,6 @@ def _body_of(fn, *args, **kwargs) -> bytes:
 # Observing Jobs and Pods (pure functions of their bodies)
 
 
-def _termination(pod: dict) -> dict | None:
-    """The trainer container's terminated state: exit code and one-line message."""
-    statuses = (pod.get("status") or {}).get("containerStatuses") or []
-    for cs in statuses:
-        if cs.get("name") != jobrender.CONTAINER and len(statuses) > 1:
-            continue
-        term = ((cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated"))
-        if term:
-            return {"exit_code": term.get("exitCode"), "message": (term.get("message") or "").strip()}
-    return None
-
-
 def _last_line(text: str, limit: int | None = MESSAGE_LIMIT) -> str:
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
     line = lines[-1] if lines else ""
@@ -227,7 +262,8 @@ def _last_line(text: str, limit: int | None = MESSAGE_LIMIT) -> str:
 
 
 def observe_job(job: dict, pods: list[dict] = ()) -> ObservedJob | None:
-    """An ObservedJob from a Job body (labels + status) and its Pods' termination messages."""
+    """An ObservedJob from a Job body (labels + status) and its Pods (podstate snapshots or bodies):
+    the trainer's termination message, what Kubernetes says ended them, why none runs yet."""
     meta = job.get("metadata") or {}
     labels = meta.get("labels") or {}
     try:
@@ -238,13 +274,15 @@ def observe_job(job: dict, pods: list[dict] = ()) -> ObservedJob | None:
         return None  # not one of ours, or labels edited by hand
     status = job.get("status") or {}
     true = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
-    terms = [t for t in (_termination(p) for p in pods) if t]
+    terms = [t for t in (podstate.termination(p) for p in pods) if t]
     failed_terms = [t for t in terms if t["exit_code"] not in (0, None)]
     started = status.get("startTime")
     finished = None
     permanent = False
     metrics_ = None
     message = ""
+    cause = None
+    waiting = None
     if "Complete" in true or "SuccessCriteriaMet" in true:
         state = "Succeeded"
         finished = status.get("completionTime") or true.get("Complete", true.get("SuccessCriteriaMet")).get(
@@ -264,21 +302,31 @@ def observe_job(job: dict, pods: list[dict] = ()) -> ObservedJob | None:
         finished = cond.get("lastTransitionTime")
         permanent = cond.get("reason") == "PodFailurePolicy" or any(
             t["exit_code"] == jobrender.EXIT_INVALID_INPUT for t in failed_terms)
+        found = podstate.failure_cause(pods)
         source = failed_terms or terms
         message = _last_line(source[0]["message"]) if source else ""
+        if found:
+            cause = found[0]
+            message = message or found[1][:MESSAGE_LIMIT]
+        elif cond.get("reason") == "DeadlineExceeded":  # spec.activeDeadlineSeconds
+            cause = "DeadlineExceeded"
         if not message:
             message = f"{cond.get('reason') or 'Failed'}: {cond.get('message') or 'the Job failed'}"[:MESSAGE_LIMIT]
     elif (job.get("spec") or {}).get("suspend"):
         state = "Suspended"
-    elif status.get("active") or status.get("ready"):
+    elif status.get("ready") or any(podstate.running(p) for p in pods):
         state = "Running"
     else:
+        # Started (or not yet) but no Pod runs: say why when the Pods do.
         state = "Pending"
+        if started:
+            waiting = podstate.waiting([p for p in pods if podstate.job_of(p) in (None, meta.get("name"))])
     return ObservedJob(
         name=meta.get("name", ""), stage=stage, round=round_, teacher=labels.get(naming.LABEL_TEACHER),
         attempt=attempt, state=state, permanent=permanent, message=message, metrics=metrics_,
         started_at=parse_timestamp(started) if started else None,
         finished_at=parse_timestamp(finished) if finished else None,
+        waiting=waiting, reason=cause,
     )
 
 
@@ -316,60 +364,92 @@ def _finished(job: dict) -> bool:
                                                                 "FailureTarget") for c in conditions)
 
 
-def _is_deferrable(job: dict, jobs: list[dict]) -> bool:
-    """A succeeded branch whose round has no unfinished branch left: its completion may start the
-    merge, which should not wait for the Pod list; its loss may arrive one pass later. (Earlier
-    branches start nothing: reading their loss at once costs one status write instead of two.)"""
-    labels = job["metadata"].get("labels") or {}
-    conditions = (job.get("status") or {}).get("conditions") or []
-    complete = any(c.get("status") == "True" and c.get("type") in ("Complete", "SuccessCriteriaMet")
-                   for c in conditions)
-    if not complete or labels.get(naming.LABEL_STAGE) != "sft":
-        return False
-    round_ = labels.get(naming.LABEL_ROUND)
-    return all(_finished(j) for j in jobs if (j["metadata"].get("labels") or {}).get(naming.LABEL_STAGE) == "sft"
-               and j["metadata"]["labels"].get(naming.LABEL_ROUND) == round_)
-
-
-async def observed_jobs(namespace: str, run_name: str, job_index, state: ControllerState,
-                        read_all: bool = True) -> tuple[list[ObservedJob], bool]:
-    """The run's Jobs from the index; finished ones with their Pods' termination messages.
-
-    The Pods are listed (one call for the whole run) when a finished Job's messages are not known
-    yet. With read_all=False, the last succeeded branches of a round do not cause that read: their
-    loss is filled in on a later pass, so the merge is created without waiting for it. Returns the
-    observed Jobs and whether such deferred messages are still unread."""
-    cache = state.pods.setdefault((namespace, run_name), {})
+async def observed_jobs(namespace: str, run_name: str, job_index, pod_index, state: ControllerState,
+                        spec=None) -> tuple[list[ObservedJob], bool]:
+    """The run's Jobs from the index, each with what its Pods (from the Pod index) say, the
+    disruptions seen, the trainer's latest progress record and, for a Job queued by Kueue, its
+    Workload's reason. Returns them and whether a branch is training (progress is then re-read)."""
     run_label = naming.label_value(run_name)
     jobs = list(job_index.get((namespace, run_label), []))
-    unread = [j for j in jobs if _finished(j) and j["metadata"]["name"] not in cache]
-    deferrable = [j for j in unread if not read_all and _is_deferrable(j, jobs)]
-    if len(deferrable) < len(unread):
-        by_job: dict[str, list[dict]] = {}
-        for pod in await state.api.run_pods(namespace, run_label):
-            by_job.setdefault(pod["metadata"]["labels"].get(naming.LABEL_JOB_NAME), []).append(pod)
-        for job in unread:
-            name = job["metadata"]["name"]
-            if any(_termination(p) for p in by_job.get(name, [])):  # else look again next time
-                cache[name] = by_job[name]
-        unread = [j for j in unread if j["metadata"]["name"] not in cache]
+    pods_by_job: dict[str, list[dict]] = {}
+    for pod in pod_index.get((namespace, run_label), []) if pod_index is not None else []:
+        pods_by_job.setdefault(podstate.job_of(pod), []).append(pod)
+    disrupted = state.disrupted.get((namespace, run_label), {})
+    progress = state.progress.setdefault((namespace, run_name), {})
     found = []
     for job in jobs:
-        pods = cache.get(job["metadata"]["name"], []) if _finished(job) else []
+        name = job["metadata"]["name"]
+        pods = pods_by_job.get(name, [])
+        if _finished(job) and not any(podstate.termination(p) for p in pods) and \
+                any(not podstate.terminal(p) for p in pods):
+            # The Job's end reached us before its Pods' (two watches): look again on the Pod's event,
+            # so its termination message (loss, reason) is read with the outcome.
+            job = {**job, "status": {k: v for k, v in (job.get("status") or {}).items() if k != "conditions"}}
         obs = observe_job(job, pods)
-        if obs is not None:
-            found.append(obs)
-    return found, any(j["metadata"]["name"] not in cache for j in deferrable)
+        if obs is None:
+            continue
+        obs.disruptions = [d for d in disrupted.values() if d.get("job") == name]
+        if obs.state == "Pending" and obs.disruptions and (obs.waiting or {}).get("reason") in (
+                "ContainerCreating", "PodPending", None):
+            last = obs.disruptions[-1]
+            obs.waiting = {"reason": last["reason"], "message": f"Pod {last['pod']}: {last['message']}; "
+                                                                 "its replacement has not started yet"}
+        if obs.state == "Suspended" and spec is not None and spec.queue_name and not spec.suspend:
+            obs.waiting = await _admission(state, namespace, job, spec.queue_name)
+        obs.progress = progress.get(name)
+        found.append(obs)
+    training = [o for o in found if o.stage == "sft" and o.state == "Running"]
+    await _read_progress(state, namespace, run_name, training, pods_by_job)
+    for obs in training:
+        obs.progress = progress.get(obs.name)
+    return found, bool(training)
 
 
-async def reconcile(body: dict, status: dict, job_index, state: ControllerState,
-                    now: datetime | None = None) -> tuple[dict, Plan]:
-    """Observe, plan, write status, act; then, if branch losses were left unread so that the next
-    Job could start sooner, read them and reconcile once more. Returns the stored status and plan."""
-    status, result, deferred = await _reconcile_once(body, status, job_index, state, now, read_all=False)
-    if deferred and result.status.get("phase") not in TERMINAL:
-        status, result, _ = await _reconcile_once(body, status, job_index, state, now, read_all=True)
-    return status, result
+async def _read_progress(state: ControllerState, namespace: str, run_name: str, training: list[ObservedJob],
+                         pods_by_job: dict[str, list[dict]]) -> None:
+    """Ask each training branch's rank-0 Pod for its latest progress record, at most once per
+    progress interval per run (the records change once per trainer log interval anyway)."""
+    key = (namespace, run_name)
+    clock = time.monotonic()
+    if not training or clock - state.progress_read.get(key, -1e9) < state.config.progress_interval_seconds:
+        return
+    state.progress_read[key] = clock
+    urls = {obs.name: podstate.progress_url(pod) for obs in training
+            if (pod := podstate.rank0(pods_by_job.get(obs.name, [])))}
+    urls = {name: url for name, url in urls.items() if url}
+    records = await asyncio.gather(*(state.api.progress(url) for url in urls.values()))
+    store = state.progress.setdefault(key, {})
+    for name, record in zip(urls, records, strict=True):
+        if record:
+            store[name] = record
+
+
+async def _admission(state: ControllerState, namespace: str, job: dict, queue: str) -> dict:
+    """Why Kueue has not admitted a queued Job: its Workload's QuotaReserved message, read at most
+    once per progress interval per Job."""
+    name = job["metadata"]["name"]
+    cached = state.admission.get((namespace, name))
+    clock = time.monotonic()
+    if cached and clock - cached[0] < state.config.progress_interval_seconds:
+        return cached[1]
+    message = f"queued in LocalQueue {queue!r}, waiting for Kueue to admit it"
+    uid = job["metadata"].get("uid")
+    try:
+        for workload in await state.api.workloads(namespace, uid) if uid else []:
+            for cond in (workload.get("status") or {}).get("conditions") or []:
+                if cond.get("type") == "QuotaReserved" and cond.get("status") == "False" and cond.get("message"):
+                    message = f"LocalQueue {queue!r}: {cond['message']}"[:MESSAGE_LIMIT]
+    except Exception as error:  # noqa: BLE001 - no Kueue CRD or no RBAC: the generic message stays
+        log.debug("reading the Workload of %s/%s failed: %s", namespace, name, error)
+    found = {"reason": "WaitingForAdmission", "message": message}
+    state.admission[(namespace, name)] = (clock, found)
+    return found
+
+
+async def reconcile(body: dict, status: dict, job_index, state: ControllerState, now: datetime | None = None,
+                    pod_index=None) -> tuple[dict, Plan]:
+    """Observe, plan, write status, act. Returns the stored status and the plan."""
+    return await _reconcile_once(body, status, job_index, pod_index, state, now)
 
 
 def _parse_cached(state: ControllerState, namespace: str, name: str, spec_dict: dict):
@@ -387,22 +467,26 @@ def _parse_cached(state: ControllerState, namespace: str, name: str, spec_dict: 
     return parsed
 
 
-async def _reconcile_once(body, status, job_index, state: ControllerState, now, read_all: bool):
+async def _reconcile_once(body, status, job_index, pod_index, state: ControllerState, now):
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     run = RunRef(namespace=namespace, name=name, uid=meta.get("uid", ""), generation=meta.get("generation") or 1)
     now = now or datetime.now(UTC)
     parsed = _parse_cached(state, namespace, name, body.get("spec") or {})
-    deferred = False
+    training = False
     if isinstance(parsed, SpecError):
         spec = None
         result = plan_invalid(run, status, parsed, now)
     else:
         spec = parsed
-        observed, deferred = await observed_jobs(namespace, name, job_index, state, read_all=read_all)
+        observed, training = await observed_jobs(namespace, name, job_index, pod_index, state, spec)
         result = plan(run, spec, status, observed, now)
         for job in observed:
             state.created.pop((namespace, job.name), None)
+    if training and result.status.get("phase") not in TERMINAL:
+        # Read the branches' progress again in an interval, even when nothing else happens.
+        interval = state.config.progress_interval_seconds
+        result.requeue_after = interval if result.requeue_after is None else min(result.requeue_after, interval)
 
     api = state.api
     if result.status != status:
@@ -427,7 +511,7 @@ async def _reconcile_once(body, status, job_index, state: ControllerState, now, 
     for job in result.delete:
         await api.delete_job(namespace, job)
     metrics.observe_run(namespace, name, result.status, progressed=result.status != status)
-    return result.status, result, deferred
+    return result.status, result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,7 +540,7 @@ def configure(settings: kopf.OperatorSettings, **_):
 async def job_index(namespace, name, labels, body, **_):
     # Only what observe_job reads: a small copy per Job keeps memory and copying down.
     return {(namespace, labels[naming.LABEL_RUN]): {
-        "metadata": {"name": name, "labels": dict(labels)},
+        "metadata": {"name": name, "uid": body.get("metadata", {}).get("uid"), "labels": dict(labels)},
         "spec": {"suspend": bool((body.get("spec") or {}).get("suspend"))},
         "status": _snapshot(body.get("status") or {}),
     }}
@@ -465,6 +549,23 @@ async def job_index(namespace, name, labels, body, **_):
 @kopf.on.event("batch", "v1", "jobs", labels={naming.LABEL_RUN: kopf.PRESENT})
 async def job_changed(namespace, labels, **_):
     STATE.wake(namespace, labels[naming.LABEL_RUN])
+
+
+@kopf.index("", "v1", "pods", labels={naming.LABEL_RUN: kopf.PRESENT})
+async def pod_index(namespace, labels, body, **_):
+    return {(namespace, labels[naming.LABEL_RUN]): podstate.snapshot(body)}
+
+
+@kopf.on.event("", "v1", "pods", labels={naming.LABEL_RUN: kopf.PRESENT})
+async def pod_changed(namespace, labels, body, **_):
+    """A Pod of a run changed: its run's daemon looks (why it waits, how it ended). A disruption is
+    remembered here: the Pod is deleted soon after, maybe before the daemon's next pass."""
+    run_label = labels[naming.LABEL_RUN]
+    found = podstate.disruption(body)
+    if found and naming.LABEL_STAGE in labels:
+        found["job"] = labels.get(naming.LABEL_JOB_NAME)
+        STATE.disrupted.setdefault((namespace, run_label), {}).setdefault(found["pod"], found)
+    STATE.wake(namespace, run_label)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -595,7 +696,7 @@ async def _sleep(wake: asyncio.Event, stopped, seconds: float) -> None:
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_backoff=DAEMON_STOP_GRACE_SECONDS,
              cancellation_timeout=DAEMON_CANCEL_SECONDS)
-async def run_daemon(stopped, namespace, name, body, job_index, logger, **_):
+async def run_daemon(stopped, namespace, name, body, job_index, pod_index, logger, **_):
     """Reconcile one MoTRun until it is terminal (never restarted), then wait for its deletion.
 
     On deletion it returns at once (from its sleep, or after the pass it is in): Kopf's finalizer,
@@ -617,7 +718,7 @@ async def run_daemon(stopped, namespace, name, body, job_index, logger, **_):
             wake.clear()
             delay = RESYNC_SECONDS
             try:
-                status, result = await reconcile(_run_body(body), status, job_index, STATE)
+                status, result = await reconcile(_run_body(body), status, job_index, STATE, pod_index=pod_index)
                 if status.get("phase") in TERMINAL and not result.delete:
                     if not done:
                         log.info("MoTRun %s/%s is %s: %s", namespace, name, status["phase"],

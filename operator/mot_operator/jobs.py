@@ -20,12 +20,15 @@ COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-ind
 
 @dataclass(frozen=True)
 class OperatorConfig:
-    """Operator-wide defaults for what a MoTRun leaves unset (flags/env of `mot operator`)."""
+    """Operator-wide settings and defaults for what a MoTRun leaves unset (flags/env of `mot operator`)."""
 
     default_image: str = "ghcr.io/mot-operator/mot-trainer:0.1.0"
     default_storage_uri: str | None = None
     default_storage_endpoint: str | None = None
     default_credentials_secret: str | None = None
+    # How often a training branch's progress is read from its Pod (so, at most, how often progress
+    # changes a MoTRun's status): `mot operator --progress-interval`.
+    progress_interval_seconds: float = 15.0
 
 
 def with_defaults(spec_dict: dict, config: OperatorConfig) -> dict:

@@ -43,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="port for /metrics, /healthz and /readyz (env MOT_METRICS_PORT; 0 = any free port)")
     parser.add_argument("--metrics-host", default=_env("MOT_METRICS_HOST", "0.0.0.0"),
                         help="address the HTTP port binds (env MOT_METRICS_HOST)")
+    parser.add_argument("--progress-interval", type=float,
+                        default=float(_env("MOT_PROGRESS_INTERVAL", OperatorConfig.progress_interval_seconds)),
+                        help="seconds between reads of a training branch's progress from its Pod, so at most "
+                             "one status write per run per interval for progress (env MOT_PROGRESS_INTERVAL)")
     parser.add_argument("--log-level", default=_env("MOT_LOG_LEVEL", "info"),
                         choices=["debug", "info", "warning", "error"], help="env MOT_LOG_LEVEL")
     parser.add_argument("--log-format", default=_env("MOT_LOG_FORMAT", "text"), choices=["text", "json"],
@@ -135,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         default_storage_uri=args.default_storage_uri,
         default_storage_endpoint=args.default_storage_endpoint,
         default_credentials_secret=args.default_credentials_secret,
+        progress_interval_seconds=max(args.progress_interval, 1.0),
     )
     load_kube_client_config()
     controller.STATE.api = controller.KubeApi()

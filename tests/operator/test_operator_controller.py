@@ -32,10 +32,25 @@ def job_body(name="demo-r1-sft-a-a1", stage="sft", round_="1", attempt="1", teac
             "spec": {"suspend": suspend}, "status": status or {}}
 
 
-def pod_body(exit_code, message, job="demo-r1-sft-a-a1"):
-    return {"metadata": {"labels": {"mot.dev/run": "demo", "batch.kubernetes.io/job-name": job}},
-            "status": {"containerStatuses": [
-        {"name": "trainer", "state": {"terminated": {"exitCode": exit_code, "message": message}}}]}}
+def pod_body(exit_code, message, job="demo-r1-sft-a-a1", reason=None):
+    """A finished Pod of `job`, as the Pod index holds it."""
+    terminated = {"exitCode": exit_code, "message": message, **({"reason": reason} if reason else {})}
+    return {"metadata": {"name": f"{job}-x", "labels": {"mot.dev/run": "demo", "batch.kubernetes.io/job-name": job}},
+            "status": {"phase": "Succeeded" if exit_code == 0 else "Failed",
+                       "containerStatuses": [{"name": "trainer", "state": {"terminated": terminated}}]}}
+
+
+def live_pod(job="demo-r1-sft-a-a1", phase="Pending", conditions=(), waiting=None, ip=None, deleting=False):
+    """A Pod of `job` that has not finished: scheduled or not, its container waiting or running."""
+    state = {"waiting": waiting} if waiting else ({"running": {}} if phase == "Running" else {})
+    meta = {"name": f"{job}-p", "labels": {"mot.dev/run": "demo", "mot.dev/stage": "sft",
+                                           "batch.kubernetes.io/job-name": job}}
+    if deleting:
+        meta["deletionTimestamp"] = NOW
+    return {"metadata": meta,
+            "spec": {"containers": [{"name": "trainer", "ports": [{"name": "metrics", "containerPort": 9090}]}]},
+            "status": {"phase": phase, "conditions": list(conditions), **({"podIP": ip} if ip else {}),
+                       "containerStatuses": [{"name": "trainer", "state": state}] if state else []}}
 
 
 def cond(kind, reason="", message=""):
@@ -53,9 +68,13 @@ def compact(summary):
 
 def test_observe_pending_running_suspended():
     assert controller.observe_job(job_body()).state == "Pending"
-    assert controller.observe_job(job_body(status={"active": 1, "startTime": NOW})).state == "Running"
+    # Active Pods that do not run yet are Pending; Running needs a ready (running) Pod.
+    assert controller.observe_job(job_body(status={"active": 1, "startTime": NOW})).state == "Pending"
+    assert controller.observe_job(job_body(status={"active": 1, "ready": 1, "startTime": NOW})).state == "Running"
+    assert controller.observe_job(job_body(status={"active": 1, "startTime": NOW}),
+                                  [live_pod(phase="Running")]).state == "Running"
     assert controller.observe_job(job_body(suspend=True)).state == "Suspended"
-    obs = controller.observe_job(job_body(status={"active": 1, "startTime": NOW}))
+    obs = controller.observe_job(job_body(status={"active": 1, "ready": 1, "startTime": NOW}))
     assert (obs.stage, obs.round, obs.teacher, obs.attempt) == ("sft", 1, "a", 1)
     assert obs.started_at == datetime(2026, 1, 1, 0, 0, 10, tzinfo=UTC)
     assert controller.observe_job({"metadata": {"name": "x", "labels": {}}}) is None
@@ -88,13 +107,27 @@ def test_merge_patch_deletes_removed_keys_and_replaces_lists():
 
 
 class FakeApi:
-    """Records calls; `existing` Job names answer AlreadyExists."""
+    """Records calls; `existing` Job names answer AlreadyExists; `pods` {job: [pod]} are what the Pod
+    index holds; `records` {url: progress record} what trainers serve; `workloads` Kueue's."""
 
-    def __init__(self, existing=(), pods=None):
+    def __init__(self, existing=(), pods=None, records=None, workloads=()):
         self.existing = set(existing)
         self.pods = pods or {}
+        self.records = records or {}
+        self.workload_items = list(workloads)
         self.calls = []
         self.objects = {}
+
+    def pod_index(self):
+        return {("ns", "demo"): [pod for pods in self.pods.values() for pod in pods]}
+
+    async def progress(self, url):
+        self.calls.append(("progress", url))
+        return self.records.get(url)
+
+    async def workloads(self, namespace, job_uid):
+        self.calls.append(("workloads", job_uid))
+        return self.workload_items
 
     async def run_pods(self, namespace, run_label):
         self.calls.append(("run_pods", run_label))
@@ -131,10 +164,14 @@ def motrun(spec_extra=None, status=None):
             "spec": spec, "status": status or {}}
 
 
-def reconcile(body, api, jobs=()):
-    state = controller.ControllerState(config=OperatorConfig(default_storage_uri="s3://ckpt"), api=api)
+def new_state(api, **config):
+    return controller.ControllerState(config=OperatorConfig(default_storage_uri="s3://ckpt", **config), api=api)
+
+
+def reconcile(body, api, jobs=(), state=None):
+    state = state or new_state(api)
     index = {("ns", "demo"): list(jobs)}
-    return asyncio.run(controller.reconcile(body, body["status"], index, state))
+    return asyncio.run(controller.reconcile(body, body["status"], index, state, pod_index=api.pod_index()))
 
 
 def test_reconcile_writes_status_before_creating_jobs_and_posts_events():
@@ -205,14 +242,11 @@ def first_branch_done():
     return status, jobs, api
 
 
-def test_finished_jobs_pods_are_read_once_for_the_termination_message():
+def test_finished_jobs_results_come_from_the_pod_index_without_api_calls():
     status, jobs, api = first_branch_done()
-    state = controller.ControllerState(config=OperatorConfig(default_storage_uri="s3://ckpt"), api=api)
-    index = {("ns", "demo"): jobs}
-    status, _ = asyncio.run(controller.reconcile(motrun(NO_PREFLIGHT, status=status), status, index, state))
+    status, _ = reconcile(motrun(NO_PREFLIGHT, status=status), api, jobs=jobs)
     assert status["rounds"][0]["branches"]["a"]["loss"] == 0.25
-    asyncio.run(controller.reconcile(motrun(NO_PREFLIGHT, status=status), status, index, state))
-    assert [c for c in api.calls if c[0] == "run_pods"] == [("run_pods", "demo")]  # read once, then cached
+    assert [c[0] for c in api.calls] == ["patch_status"]  # no Pod list: the watch keeps them
 
 
 def test_deleting_a_run_creates_a_cleanup_job_only_when_asked(monkeypatch):
@@ -278,8 +312,8 @@ def test_a_deleted_run_leaves_nothing_behind(monkeypatch):
                                      meta={**meta, "deletionTimestamp": NOW})
 
     asyncio.run(life())
-    assert (state.generations, state.wakers, state.by_label, state.pods, state.specs, state.created) == (
-        {}, {}, {}, {}, {}, {})
+    assert (state.generations, state.wakers, state.by_label, state.disrupted, state.progress, state.specs,
+            state.created) == ({}, {}, {}, {}, {}, {}, {})
 
 
 class FailingCreates(FakeApi):
@@ -356,16 +390,22 @@ def test_the_deletion_handler_only_takes_deleted_runs_that_ask_for_cleanup():
     assert not controller._deleted_with_cleanup(meta={"deletionTimestamp": NOW}, spec={})
 
 
-def test_the_merge_is_created_before_branch_results_are_read():
+def test_a_job_seen_finished_before_its_pod_is_read_when_the_pod_has_ended():
+    """Jobs and Pods come through two watches: a Job's Complete may arrive while its Pod still looks
+    Running. The branch is then left as it was until the Pod's own event (which wakes the daemon)."""
     status, _ = reconcile(motrun(NO_PREFLIGHT), FakeApi())
     done = {"conditions": [cond("Complete")], "completionTime": NOW}
     jobs = [job_body(status=done), job_body(name="demo-r1-sft-b-a1", teacher="b", status=done)]
+    b_done = [pod_body(0, json.dumps({"final_loss": 0.5}), job="demo-r1-sft-b-a1")]
     api = FakeApi(existing={"demo-r1-sft-a-a1", "demo-r1-sft-b-a1"},
-                  pods={"demo-r1-sft-a-a1": [pod_body(0, json.dumps({"final_loss": 0.25}))],
-                        "demo-r1-sft-b-a1": [pod_body(0, json.dumps({"final_loss": 0.5}), job="demo-r1-sft-b-a1")]})
+                  pods={"demo-r1-sft-a-a1": [live_pod(phase="Running")], "demo-r1-sft-b-a1": b_done})
     status, _ = reconcile(motrun(NO_PREFLIGHT, status=status), api, jobs=jobs)
-    kinds = [c[:2] for c in api.calls if c[0] in ("create", "run_pods")]
-    assert kinds == [("create", "demo-r1-merge-a1"), ("run_pods", "demo")]
+    assert status["rounds"][0]["branches"]["a"]["state"] == "Running"
+    assert not [c for c in api.calls if c[0] == "create"]
+    api = FakeApi(existing=api.existing, pods={"demo-r1-sft-a-a1": [pod_body(0, json.dumps({"final_loss": 0.25}))],
+                                               "demo-r1-sft-b-a1": b_done})
+    status, _ = reconcile(motrun(NO_PREFLIGHT, status=status), api, jobs=jobs)
+    assert [c[1] for c in api.calls if c[0] == "create"] == ["demo-r1-merge-a1"]
     assert [b["loss"] for b in status["rounds"][0]["branches"].values()] == [0.25, 0.5]
 
 
@@ -382,7 +422,7 @@ def test_a_branch_finishing_before_the_others_is_recorded_in_one_status_write():
     """Only a round's last branch may start the merge; an earlier one's loss is read in the same pass."""
     status, jobs, api = first_branch_done()
     status, _ = reconcile(motrun(NO_PREFLIGHT, status=status), api, jobs=jobs)
-    assert [c[0] for c in api.calls if c[0] in ("run_pods", "patch_status")] == ["run_pods", "patch_status"]
+    assert [c[0] for c in api.calls if c[0] in ("run_pods", "patch_status")] == ["patch_status"]
     assert status["rounds"][0]["branches"]["a"]["loss"] == 0.25
 
 
@@ -396,7 +436,7 @@ def test_observe_a_preflight_job_reads_its_report_from_the_termination_message()
     assert (obs.name, obs.stage, obs.round, obs.teacher, obs.attempt) == (PREFLIGHT, "preflight", 0, None, 1)
     assert obs.state == "Succeeded" and obs.metrics == PREFLIGHT_REPORT
     assert obs.finished_at == datetime(2026, 1, 1, 0, 0, 10, tzinfo=UTC)
-    running = controller.observe_job(preflight_body(status={"active": 1, "startTime": NOW}))
+    running = controller.observe_job(preflight_body(status={"active": 1, "ready": 1, "startTime": NOW}))
     assert (running.state, running.metrics) == ("Running", None)
 
 
@@ -434,7 +474,7 @@ def test_a_passed_preflight_is_recorded_from_its_pod_and_round_1_starts_in_the_s
     api = FakeApi(existing={PREFLIGHT}, pods={PREFLIGHT: [pod_body(0, compact(PREFLIGHT_REPORT), job=PREFLIGHT)]})
     status, _ = reconcile(motrun({"queueName": "gpu"}, status=status), api, jobs=[preflight_body(status=done)])
     calls = [c[:2] for c in api.calls if c[0] != "patch_status"]
-    assert calls == [("run_pods", "demo"), ("event", "PreflightPassed"), ("event", "BranchStarted"),
+    assert calls == [("event", "PreflightPassed"), ("event", "BranchStarted"),
                      ("event", "BranchStarted"), ("create", "demo-r1-sft-a-a1"), ("create", "demo-r1-sft-b-a1")]
     assert status["preflight"]["state"] == "Succeeded"
     assert status["preflight"]["teachers"] == PREFLIGHT_REPORT["teachers"]
@@ -458,3 +498,112 @@ def test_a_preflight_exiting_2_fails_the_run_and_no_branch_job_is_created():
     assert {c["type"]: c["reason"] for c in status["conditions"]}["Failed"] == "PreflightFailed"
     assert not [c for c in api.calls if c[0] == "create"]
     assert [c[1] for c in api.calls if c[0] == "event"] == ["PreflightFailed", "Failed"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Why a stage waits, what ended it, and its progress (from the Pod index)
+
+STARTED = {"active": 1, "startTime": NOW}
+UNSCHEDULABLE = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                 "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."}
+SCHEDULED = {"type": "PodScheduled", "status": "True"}
+
+
+def started_round():
+    status, _ = reconcile(motrun(NO_PREFLIGHT), FakeApi())
+    return status
+
+
+def test_a_pod_the_scheduler_cannot_place_is_the_runs_reason_and_an_event():
+    api = FakeApi(existing={"demo-r1-sft-a-a1", "demo-r1-sft-b-a1"},
+                  pods={"demo-r1-sft-a-a1": [live_pod(conditions=[UNSCHEDULABLE])]})
+    jobs = [job_body(status=STARTED), job_body(name="demo-r1-sft-b-a1", teacher="b", status=STARTED)]
+    status, _ = reconcile(motrun(NO_PREFLIGHT, status=started_round()), api, jobs=jobs)
+    assert status["rounds"][0]["branches"]["a"]["waiting"]["reason"] == "Unschedulable"
+    assert status["rounds"][0]["branches"]["b"]["waiting"]["reason"] == "PodPending"  # no Pod yet
+    assert status["reason"] == "Unschedulable" and "Insufficient nvidia.com/gpu" in status["message"]
+    assert ("event", "Unschedulable") in api.calls
+
+
+def test_container_waiting_reasons_are_read_as_the_kubelet_reports_them():
+    pull = {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "x.invalid/t:1"'}
+    obs = controller.observe_job(job_body(status=STARTED), [live_pod(conditions=[SCHEDULED], waiting=pull)])
+    assert obs.state == "Pending" and obs.waiting == pull
+    creating = {"reason": "ContainerCreating"}
+    obs = controller.observe_job(job_body(status=STARTED), [live_pod(conditions=[SCHEDULED], waiting=creating)])
+    assert obs.waiting == {"reason": "ContainerCreating", "message": ""}
+    # A stuck Pod is told over a starting one (an Indexed Job's ranks).
+    obs = controller.observe_job(job_body(status=STARTED), [
+        live_pod(conditions=[SCHEDULED], waiting=creating), live_pod(conditions=[SCHEDULED], waiting=pull)])
+    assert obs.waiting["reason"] == "ImagePullBackOff"
+    assert controller.observe_job(job_body(status={}), [live_pod(conditions=[UNSCHEDULABLE])]).waiting is None
+
+
+def test_an_oom_killed_pod_names_the_cause_and_the_memory_limit():
+    failed = job_body(status={"conditions": [cond("Failed", "BackoffLimitExceeded", "Job has reached the limit")]})
+    pod = pod_body(137, "", reason="OOMKilled")
+    pod["spec"] = {"containers": [{"name": "trainer", "resources": {"limits": {"memory": "8Gi"}}}]}
+    obs = controller.observe_job(failed, [pod])
+    assert obs.reason == "OOMKilled" and not obs.permanent
+    assert obs.message == ("OOMKilled: the trainer container of Pod demo-r1-sft-a-a1-x used more than its memory "
+                           "limit (8Gi) and was killed (exit code 137)")
+    deadline = job_body(status={"conditions": [cond("Failed", "DeadlineExceeded", "active too long")]})
+    assert controller.observe_job(deadline, []).reason == "DeadlineExceeded"
+
+
+def test_a_disrupted_pod_is_remembered_from_its_event_and_told_once(monkeypatch):
+    api = FakeApi(existing={"demo-r1-sft-a-a1", "demo-r1-sft-b-a1"})
+    state = new_state(api)
+    monkeypatch.setattr(controller, "STATE", state)
+    preempted = live_pod(phase="Failed", conditions=[
+        {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler",
+         "message": "Kubernetes Scheduler: preempting to accommodate a higher priority pod"}])
+    labels = preempted["metadata"]["labels"]
+    asyncio.run(controller.pod_changed(namespace="ns", labels=labels, body=preempted))
+    jobs = [job_body(status=STARTED), job_body(name="demo-r1-sft-b-a1", teacher="b", status=STARTED)]
+    status, _ = reconcile(motrun(NO_PREFLIGHT, status=started_round()), api, jobs=jobs, state=state)
+    entry = status["rounds"][0]["branches"]["a"]
+    assert entry["disruptions"][0]["pod"] == "demo-r1-sft-a-a1-p" and entry["disruptions"][0]["reason"] == "Preempted"
+    # The replacement has no Pod yet: the stage waits because of the preemption.
+    assert entry["waiting"]["reason"] == "Preempted" and status["reason"] == "Preempted"
+    api.calls.clear()
+    reconcile(motrun(NO_PREFLIGHT, status=status), api, jobs=jobs, state=state)
+    assert ("event", "BranchDisrupted") not in api.calls
+
+
+def test_progress_is_read_from_the_rank_0_pod_once_per_interval():
+    record = {"step": 3, "totalSteps": 10, "loss": 0.9, "learningRate": 1e-3, "tokensPerSecond": 500.0,
+              "etaSeconds": 14.0, "time": "2026-01-01T00:00:09Z"}
+    url = "http://127.1.0.7:9090/progress"
+    api = FakeApi(existing={"demo-r1-sft-a-a1", "demo-r1-sft-b-a1"}, records={url: record},
+                  pods={"demo-r1-sft-a-a1": [live_pod(phase="Running", ip="127.1.0.7")]})
+    state = new_state(api, progress_interval_seconds=60)
+    running = {"active": 1, "ready": 1, "startTime": NOW}
+    jobs = [job_body(status=running), job_body(name="demo-r1-sft-b-a1", teacher="b", status=STARTED)]
+    status, result = reconcile(motrun(NO_PREFLIGHT, status=started_round()), api, jobs=jobs, state=state)
+    assert status["rounds"][0]["branches"]["a"]["progress"]["step"] == 3
+    assert status["progress"]["fraction"] == 0.03  # 3 of 1 round x 2 branches x 50 steps (the default)
+    assert result.requeue_after == 60  # read again in an interval
+    assert [c for c in api.calls if c[0] == "progress"] == [("progress", url)]
+    reconcile(motrun(NO_PREFLIGHT, status=status), api, jobs=jobs, state=state)
+    assert len([c for c in api.calls if c[0] == "progress"]) == 1, "not again within the interval"
+
+
+def test_a_job_queued_by_kueue_says_why_from_its_workload():
+    workload = {"status": {"conditions": [{"type": "QuotaReserved", "status": "False", "reason": "Pending",
+                                           "message": "couldn't assign flavors to pod set main: insufficient "
+                                                      "quota for nvidia.com/gpu in flavor default"}]}}
+    api = FakeApi(existing={"demo-r1-sft-a-a1", "demo-r1-sft-b-a1"}, workloads=[workload])
+    spec = {**NO_PREFLIGHT, "queueName": "gpu"}
+    status, _ = reconcile(motrun(spec), FakeApi())
+    queued = job_body(suspend=True)
+    queued["metadata"]["uid"] = "job-uid-a"
+    jobs = [queued, job_body(name="demo-r1-sft-b-a1", teacher="b", suspend=True)]
+    status, _ = reconcile(motrun(spec, status=status), api, jobs=jobs)
+    waiting = status["rounds"][0]["branches"]["a"]["waiting"]
+    assert waiting["reason"] == "WaitingForAdmission"
+    assert waiting["message"] == ("LocalQueue 'gpu': couldn't assign flavors to pod set main: insufficient quota "
+                                  "for nvidia.com/gpu in flavor default")
+    assert status["rounds"][0]["branches"]["b"]["waiting"]["message"] == (
+        "queued in LocalQueue 'gpu', waiting for Kueue to admit it")  # no uid known: no Workload read
+    assert status["reason"] == "WaitingForAdmission" and ("workloads", "job-uid-a") in api.calls
