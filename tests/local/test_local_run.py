@@ -6,7 +6,6 @@ import subprocess
 import yaml
 from support.local_run import mot_command, mot_env, write_manifest
 
-from mot_operator.local.progress import TaskLine
 from mot_trainer.manifest import read_checkpoint_manifest
 
 
@@ -59,39 +58,6 @@ def test_manifest_without_a_motrun_is_refused(tmp_path):
     path.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
     proc = subprocess.run(mot_command("run", path), capture_output=True, text=True, env=mot_env(), timeout=120)
     assert proc.returncode == 2 and "kind" in proc.stderr and str(path) in proc.stderr
-
-
-def test_progress_reads_the_trainer_log_line():
-    line = TaskLine("r1 sft alpha")
-    changed = line.feed("2026-11-24 09:07:42,474 INFO mot_trainer.sft: step 50/300 loss 0.7260 lr 0.0029 "
-                        "tokens/s 5834 eta 0m43s")
-    assert changed and (line.step, line.total, line.loss, line.eta) == (50, 300, 0.726, "0m43s")
-    assert "step 50/300" in line.render() and "ETA 0m43s" in line.render()
-
-
-def test_progress_redraws_a_block_on_a_terminal_and_prints_plain_lines_otherwise():
-    import io
-
-    from mot_operator.local.progress import Progress
-
-    tty = io.StringIO()
-    live = Progress(stream=tty, tty=True)
-    live.set_header("MoTRun local/x: Running, round 1/2")
-    live.start("a", "r1 sft alpha")
-    live.feed("a", "step 3/10 loss 0.5 eta 0m07s\n")
-    live.redraw()
-    live.finish("a", "done")
-    live.close()
-    assert "\x1b[F\x1b[2K" in tty.getvalue() and "step 3/10" in tty.getvalue()
-
-    plain = io.StringIO()
-    lines = Progress(stream=plain, tty=False, plain_interval=0)
-    lines.set_header("round 1/2")
-    lines.start("a", "r1 sft alpha")
-    lines.feed("a", "step 3/10 loss 0.5 eta 0m07s\n")
-    lines.finish("a", "done")
-    assert "\x1b" not in plain.getvalue()
-    assert plain.getvalue().splitlines()[0] == "round 1/2" and "step 3/10" in plain.getvalue()
 
 
 def test_run_with_s3_storage_from_the_manifest(tmp_path, tiny_model, s3_server, monkeypatch):

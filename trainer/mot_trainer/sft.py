@@ -70,7 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens per chunk of the lm_head + cross-entropy, so the whole logits are never held "
                         f"(default {DEFAULT_CHUNK_TOKENS}; 0: transformers' own loss)")
     p.add_argument("--log-every", type=int, default=1)
-    p.add_argument("--metrics-port", type=int, help="serve mot_trainer_* Prometheus metrics on this port")
+    p.add_argument("--metrics-port", type=int,
+                   help="serve mot_trainer_* Prometheus metrics (/metrics) and the latest progress record "
+                        "(/progress) on this port, bound to env MOT_METRICS_ADDRESS (default 0.0.0.0)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own)")
 
 

@@ -30,6 +30,7 @@ from mot_operator.local.progress import Progress
 from mot_operator.spec import check_update
 from mot_trainer import manifest as mot_manifest
 from mot_trainer import storage
+from mot_trainer.progress import PROGRESS_FILE_ENV, read_records
 
 log = logging.getLogger("mot_operator.local")
 
@@ -59,6 +60,7 @@ class LocalJob:
     started_at: str | None = None
     finished_at: str | None = None
     order: int = 0
+    progress: dict | None = None  # the trainer's latest progress record: kept, so a resumed runner has it
 
 
 @dataclass
@@ -66,8 +68,9 @@ class _Proc:
     popen: subprocess.Popen
     log_path: Path
     term_path: Path
+    progress_path: Path
     slot: int
-    log_offset: int = 0
+    progress_offset: int = 0
 
 
 @dataclass
@@ -235,8 +238,8 @@ class LocalRunner:
 
     def _reap(self) -> None:
         for name, proc in list(self.procs.items()):
-            self._tail(name, proc)
             rc = proc.popen.poll()
+            self._tail(name, proc)  # after the poll: an ended process's last record is read too
             if rc is None:
                 continue
             del self.procs[name]
@@ -257,15 +260,11 @@ class LocalRunner:
                 self.progress.finish(name, f"FAILED (exit {rc}): {job.message[:160]}")
 
     def _tail(self, name: str, proc: _Proc) -> None:
-        try:
-            with open(proc.log_path, "rb") as f:
-                f.seek(proc.log_offset)
-                chunk = f.read()
-        except OSError:
-            return
-        if chunk:
-            proc.log_offset += len(chunk)
-            self.progress.feed(name, chunk.decode(errors="replace"))
+        """New progress records of the process (its MOT_PROGRESS_FILE, read on from the last offset)."""
+        records, proc.progress_offset = read_records(proc.progress_path, proc.progress_offset)
+        if records:
+            self.jobs[name].progress = records[-1]
+            self.progress.feed(name, records[-1])
 
     def observed(self):
         from mot_operator.planner import ObservedJob
@@ -275,6 +274,7 @@ class LocalRunner:
                 name=j.name, stage=j.stage, round=j.round, teacher=j.teacher, attempt=j.attempt,
                 state=j.state, permanent=j.permanent, message=j.message, metrics=j.metrics,
                 started_at=_parse_iso(j.started_at), finished_at=_parse_iso(j.finished_at),
+                progress=j.progress,
             )
             for j in self.jobs.values() if j.role == "mot"
         ]
@@ -329,9 +329,12 @@ class LocalRunner:
         log_path = self.logs / f"{job.name}.log"
         term_path = self.logs / f"{job.name}.termination"
         term_path.unlink(missing_ok=True)
+        progress_path = self.logs / f"{job.name}.progress.jsonl"
+        progress_path.unlink(missing_ok=True)  # a previous process's records are not this one's
         env = dict(os.environ, MOT_TERMINATION_LOG=str(term_path), OMP_NUM_THREADS=str(self.opt.threads),
                    MKL_NUM_THREADS=str(self.opt.threads), OMP_WAIT_POLICY="PASSIVE",
                    TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+        env[PROGRESS_FILE_ENV] = str(progress_path)
         if self.opt.gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(slot % self.opt.gpus)
         with open(log_path, "ab") as log_file:
@@ -340,8 +343,9 @@ class LocalRunner:
             popen = subprocess.Popen([*self.opt.trainer_cmd, *job.args], stdout=log_file, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=env, start_new_session=True,
                                      preexec_fn=_die_with_parent)
-        self.procs[job.name] = _Proc(popen, log_path, term_path, slot, log_offset=log_path.stat().st_size)
+        self.procs[job.name] = _Proc(popen, log_path, term_path, progress_path, slot)
         job.state, job.pid, job.started_at, job.finished_at = "Running", popen.pid, _iso(now_utc()), None
+        job.progress = None  # a new process starts over at step 0: an earlier one's record is stale
         self.progress.start(job.name, job.label or job.name)
 
     # ---------------------------------------------------------------- the loop
