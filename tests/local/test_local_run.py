@@ -39,6 +39,16 @@ def test_run_finishes_with_report_plot_and_checkpoints(compare_run):
     assert "| 2     | branch beta" in report and "| 2     | **merged**" in report
     assert (workdir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "MoT run local/cmp: per round" in proc.stdout
+    # The trainers' progress records reached status.json (no log parsing), and the run ends with the
+    # per-round table `kubectl mot status` prints from a MoTRun's status: the same function, the same text.
+    for rnd in status["rounds"]:
+        for branch in rnd["branches"].values():
+            assert branch["progress"]["step"] == branch["progress"]["totalSteps"] > 0
+    assert status["progress"]["fraction"] == 1.0 and status["reason"] == "Succeeded"
+    from mot_operator import status_table
+
+    table = status_table.format_table(status_table.HEADER, status_table.rows(status, saved.get("spec")))
+    assert table in proc.stdout and "alpha" in table and "merged" in table
 
 
 def test_invalid_manifest_names_the_field(local_manifest, tmp_path):

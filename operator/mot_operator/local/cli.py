@@ -130,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_spec(meta: dict, spec, spec_dict: dict, workdir: Path, *, parallel=None, threads=None,
              compare=False, quiet=False, eval_branches=True) -> int:
+    from mot_operator import status_table
     from mot_operator.local import report
     from mot_operator.local.progress import Progress
     from mot_operator.local.runner import LocalRunner, Options, collect_results, detect_gpus, split_threads
@@ -158,12 +159,15 @@ def run_spec(meta: dict, spec, spec_dict: dict, workdir: Path, *, parallel=None,
         phase = runner.run()
     except KeyboardInterrupt:
         runner.stop_children()
-        print(f"\ninterrupted: progress kept in {runner.state_path}; run the same command again to resume",
+        print("\n" + status_table.render(runner.status, spec_dict, name=ref.name, namespace=ref.namespace))
+        print(f"interrupted: progress kept in {runner.state_path}; run the same command again to resume",
               file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    # The per-round table `kubectl mot status` prints for a run in a cluster, from the same status.
+    print("\n" + status_table.render(runner.status, spec_dict, name=ref.name, namespace=ref.namespace), end="")
     results = collect_results(runner)
     (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str))
     if results["rounds"] or phase == "Succeeded":  # a run that failed before any result has no report

@@ -76,6 +76,17 @@ def test_a_queued_run_waits_for_quota_and_the_operator_leaves_admission_to_kueue
         assert branch_jobs(mot_e2e, ns)[teacher]["spec"]["suspend"] is True
         status = mot_e2e.get(ns, "queued")["status"]
         assert status["phase"] == "Running" and status["rounds"][0]["branches"][teacher]["state"] == "Suspended"
+        # ... and says why, in Kueue's words (its Workload), in status, an Event and `-o wide`.
+        waiting = status["rounds"][0]["branches"][teacher]["waiting"]
+        assert waiting["reason"] == "WaitingForAdmission" and waiting["message"].startswith("LocalQueue 'gpus': ")
+        assert "insufficient unused quota for nvidia.com/gpu" in waiting["message"]
+        assert status["reason"] == "WaitingForAdmission" and "insufficient unused quota" in status["message"]
+        # (Each branch waited for admission at first: one Event each, once.)
+        events = [e for e in mot_e2e.events(ns, "queued") if e["reason"] == "WaitingForAdmission"]
+        [event] = [e for e in events if f"branch '{teacher}' of round 1" in e["message"]]
+        assert event["type"] == "Normal" and len(events) <= 3
+        wide = mot_e2e.kubectl("-n", ns, "get", "motrun", "queued", "-o", "wide").stdout
+        assert "WaitingForAdmission" in wide
     finally:
         release.set()
     status = mot_e2e.wait_phase(ns, "queued", ("Succeeded", "Failed"), timeout=300)["status"]
