@@ -3,17 +3,24 @@ GPUs and keeps its Lease fresh; the real scheduler binds Pods to it (or leaves t
 it runs their container commands as processes with the container's env; and the real Job
 controller decides each Job from the Pod status it reports: exit 0 -> Complete, exit 2 -> Failed
 by the podFailurePolicy, exit 1 retried within backoffLimit then BackoffLimitExceeded; suspension
-and activeDeadlineSeconds delete the running Pod, whose process the kubelet stops."""
+and activeDeadlineSeconds delete the running Pod, whose process the kubelet stops. Each Pod has its
+own IP; an unresolvable image stays in ErrImagePull / ImagePullBackOff; a memory limit is enforced
+(OOMKilled); `kubectl logs` reads the container's output through the apiserver."""
 
 from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
 
+import kubernetes
 import pytest
+import requests
+from support.cluster import KUBECTL, free_port
 from support.processes import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -27,14 +34,15 @@ def namespace(kube_cluster):
 
 
 def job(name: str, code: str, *, backoff_limit: int = 0, env=None, suspend: bool = False, gpus: int = 0,
-        deadline: int | None = None, annotations=None) -> dict:
+        deadline: int | None = None, annotations=None, memory: str | None = None) -> dict:
     """A Job running `python -c code` the way the operator's Jobs are built (podFailurePolicy: exit 2
     fails the Job, a disruption is not counted; an emptyDir at /tmp; FallbackToLogsOnError)."""
     container = {"name": "main", "image": "python:3.11", "command": ["python", "-c", code], "env": env or [],
                  "terminationMessagePolicy": "FallbackToLogsOnError",
                  "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}]}
-    if gpus:
-        container["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}}
+    limits = {**({"nvidia.com/gpu": str(gpus)} if gpus else {}), **({"memory": memory} if memory else {})}
+    if limits:
+        container["resources"] = {"limits": limits}
     spec = {"backoffLimit": backoff_limit, "suspend": suspend,
             "podFailurePolicy": {"rules": [
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
@@ -45,6 +53,13 @@ def job(name: str, code: str, *, backoff_limit: int = 0, env=None, suspend: bool
     if deadline:
         spec["activeDeadlineSeconds"] = deadline
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name}, "spec": spec}
+
+
+def bare_pod(name: str, command: list[str], *, image: str = "python:3.11", env=None) -> dict:
+    """A Pod of one container, no controller (restartPolicy Never, as the test kubelet runs)."""
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": name}},
+            "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 5,
+                     "containers": [{"name": "main", "image": image, "command": command, "env": env or []}]}}
 
 
 def create(cluster, namespace: str, *objects: dict) -> None:
@@ -210,3 +225,160 @@ def test_a_missing_secret_keeps_the_container_waiting_until_it_exists(kube_clust
     cluster.kubectl("-n", namespace, "create", "secret", "generic", "late", "--from-literal=TOKEN=t")
     wait_until(lambda: conditions(cluster, namespace, "patient").get("Complete"), 60, "patient to complete")
     assert [r.exit_code for r in kube_node.runs_of("patient", namespace)] == [0]
+
+
+def container_state(cluster, namespace: str, name: str) -> dict:
+    statuses = (cluster.get_json("pod", name, "-n", namespace).get("status") or {}).get("containerStatuses") or [{}]
+    return statuses[0].get("state") or {}
+
+
+# A server on the Pod's address ($MOT_METRICS_ADDRESS) and the port given as --metrics-port (not rewritten).
+SERVE = ("import http.server, os, sys\n"
+         "port = int(sys.argv[sys.argv.index('--metrics-port') + 1])\n"
+         "class Hello(http.server.BaseHTTPRequestHandler):\n"
+         "    def do_GET(self):\n"
+         "        body = f\"{os.environ['POD_NAME']} {os.environ['POD_IP']} {port}\".encode()\n"
+         "        self.send_response(200)\n"
+         "        self.send_header('Content-Length', str(len(body)))\n"
+         "        self.end_headers()\n"
+         "        self.wfile.write(body)\n"
+         "http.server.HTTPServer((os.environ['MOT_METRICS_ADDRESS'], port), Hello).serve_forever()\n")
+
+
+def test_each_pod_has_its_own_ip_and_serves_on_the_same_port(kube_cluster, kube_node, namespace):
+    cluster = kube_cluster
+    port = free_port()
+    env = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+           {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+    names = ("web-a", "web-b")
+    create(cluster, namespace, *(bare_pod(name, ["python", "-c", SERVE, "--metrics-port", str(port)], env=env)
+                                 for name in names))
+
+    def answer(name):
+        pod = cluster.get_json("pod", name, "-n", namespace)
+        ip = pod["status"].get("podIP")
+        if pod["status"].get("phase") != "Running" or not ip:
+            return None
+        try:
+            return ip, pod["status"]["podIPs"], requests.get(f"http://{ip}:{port}/", timeout=2).text
+        except requests.RequestException:
+            return None  # not listening yet
+    served = {name: wait_until(lambda name=name: answer(name), 60, f"{name} to serve on its podIP") for name in names}
+    print(f"\n{served}")
+    for name, (ip, ips, text) in served.items():
+        assert ip.startswith("127.") and ip != "127.0.0.1" and ips == [{"ip": ip}]
+        assert text == f"{name} {ip} {port}"   # both processes at once, each on its own address, same port
+    assert served["web-a"][0] != served["web-b"][0]
+    assert all(r.exit_code is None for r in kube_node.runs if r.namespace == namespace)  # neither collided
+    host_ip = cluster.get_json("pod", "web-a", "-n", namespace)["status"]["hostIP"]
+    assert host_ip == "127.0.0.1"
+    cluster.kubectl("-n", namespace, "delete", "pod", *names, "--timeout=60s")
+    assert sorted(r.exit_code for r in kube_node.runs if r.namespace == namespace) == [143, 143]  # SIGTERM
+    assert not kube_node.errors
+
+
+def test_an_unresolvable_image_backs_off_until_deleted(kube_cluster, kube_node, namespace):
+    cluster = kube_cluster
+    image = "registry.mot.invalid/trainer:v1"
+    create(cluster, namespace, bare_pod("unpullable", ["python", "-c", "print('never')"], image=image))
+    # Every waiting reason the Pod goes through, from a watch (each lasts a second or two).
+    watch = subprocess.Popen(
+        [str(KUBECTL), "get", "pod", "unpullable", "-n", namespace, "--watch", "-o",
+         "jsonpath={.status.containerStatuses[0].state.waiting.reason}{'|'}"
+         "{.status.containerStatuses[0].state.waiting.message}{'\\n'}"],
+        stdout=subprocess.PIPE, text=True, env=cluster.env())
+    seen: list[tuple[str, str]] = []
+    reader = threading.Thread(target=lambda: seen.extend(tuple(line.rstrip("\n").split("|", 1))
+                                                         for line in watch.stdout), daemon=True)
+    reader.start()
+    try:
+        def alternated():
+            reasons = [reason for reason, _ in seen if reason]
+            changes = [r for i, r in enumerate(reasons) if i == 0 or reasons[i - 1] != r]
+            return changes if changes[-3:] == ["ErrImagePull", "ImagePullBackOff", "ErrImagePull"] else None
+        changes = wait_until(alternated, 60, "ErrImagePull, ImagePullBackOff, ErrImagePull again",
+                             on_timeout=lambda: repr(seen))
+    finally:
+        watch.terminate()
+        watch.wait(10)
+    print(f"\nwaiting reasons: {changes}")
+    messages = dict((reason, message) for reason, message in seen if reason)
+    assert messages["ErrImagePull"] == (
+        f'rpc error: code = Unknown desc = failed to pull and unpack image "{image}": failed to resolve reference '
+        f'"{image}": failed to do request: Head "https://registry.mot.invalid/v2/trainer/manifests/v1": '
+        "dial tcp: lookup registry.mot.invalid: no such host")
+    assert messages["ImagePullBackOff"] == f'Back-off pulling image "{image}"'
+    pod = cluster.get_json("pod", "unpullable", "-n", namespace)
+    assert pod["status"]["phase"] == "Pending"
+    assert {c["type"]: c["status"] for c in pod["status"]["conditions"]}["Ready"] == "False"
+    [run] = [r for r in kube_node.runs if r.namespace == namespace]
+    assert not run.started and run.exit_code is None
+    logs = cluster.kubectl("-n", namespace, "logs", "unpullable", check=False)
+    assert logs.returncode != 0
+    assert 'container "main" in pod "unpullable" is waiting to start: trying and failing to pull image' \
+        in logs.stderr, logs.stderr
+
+    cluster.kubectl("-n", namespace, "delete", "pod", "unpullable", "--timeout=60s")
+    assert run.exit_code == 137 and run.deleted and not run.started  # it never ran
+    assert not kube_node.errors
+
+
+def test_a_container_over_its_memory_limit_is_oom_killed(kube_cluster, kube_node, namespace):
+    cluster = kube_cluster
+    # bytes * n writes every page (a zeroed bytearray would be lazily mapped, not resident).
+    hog = "import time\ndata = b'x' * (200 * 2**20)\nprint('allocated', flush=True)\ntime.sleep(120)"
+    create(cluster, namespace, job("hog", hog, memory="64Mi"), job("frugal", "print('ok')", memory="64Mi"))
+    failed = wait_until(lambda: conditions(cluster, namespace, "hog").get("Failed"), 60, "hog to fail")
+    assert failed["reason"] == "BackoffLimitExceeded"
+    [pod] = pods(cluster, namespace, "hog")
+    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    print(f"\nhog: {terminated}")
+    assert pod["status"]["phase"] == "Failed"
+    assert (terminated["reason"], terminated["exitCode"]) == ("OOMKilled", 137)
+    [run] = kube_node.runs_of("hog", namespace)
+    assert run.finished - run.started < 30  # killed, not slept out
+    wait_until(lambda: conditions(cluster, namespace, "frugal").get("Complete"), 60, "frugal to complete")
+    assert not kube_node.errors
+
+
+def test_container_logs_through_the_apiserver(kube_cluster, kube_node, namespace):
+    cluster = kube_cluster
+    node = cluster.get_json("node", kube_node.name)
+    assert node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"] == kube_node.kubelet_port > 0
+    assert {(a["type"], a["address"]) for a in node["status"]["addresses"]} == {
+        ("InternalIP", "127.0.0.1"), ("Hostname", kube_node.name)}
+
+    talk = ("import sys, time\n"
+            "for i in range(8):\n"
+            "    print(f'line {i}', flush=True)\n"
+            "    time.sleep(0.4)\n"
+            "print('to stderr', file=sys.stderr)\n")
+    expected = "".join(f"line {i}\n" for i in range(8)) + "to stderr\n"
+    # Held: Running, its command not started, so `kubectl logs -f` is attached before the first line.
+    release = kube_node.hold(lambda pod: pod["metadata"]["namespace"] == namespace
+                             and pod["metadata"]["name"] == "talker")
+    create(cluster, namespace, bare_pod("talker", ["python", "-c", talk]))
+    wait_until(lambda: container_state(cluster, namespace, "talker").get("running"), 60, "talker Running")
+    follow = subprocess.Popen([str(KUBECTL), "logs", "-f", "-n", namespace, "talker"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=cluster.env())
+    time.sleep(1)
+    assert follow.poll() is None  # still following: the container runs and has printed nothing
+    started = time.monotonic()
+    release.set()
+    out, err = follow.communicate(timeout=60)
+    print(f"\nkubectl logs -f returned {time.monotonic() - started:.1f}s after the command started")
+    assert (follow.returncode, out) == (0, expected), err
+    wait_until(lambda: container_state(cluster, namespace, "talker").get("terminated"), 30, "talker to end")
+
+    assert cluster.kubectl("logs", "-n", namespace, "talker").stdout == expected
+    core = kubernetes.client.CoreV1Api(kubernetes.config.new_client_from_config(str(cluster.kubeconfig)))
+    # Unpreloaded: the client's decoded form of a followed log is str(bytes) in this client version.
+    response = core.read_namespaced_pod_log("talker", namespace, follow=True, tail_lines=3, _preload_content=False)
+    assert response.read().decode() == "line 6\nline 7\nto stderr\n"
+    assert cluster.kubectl("logs", "-n", namespace, "talker", "--tail=2").stdout == "line 7\nto stderr\n"
+    assert cluster.kubectl("logs", "-n", namespace, "talker", "--limit-bytes=10").stdout == "line 0\nlin"
+    assert cluster.kubectl("logs", "-n", namespace, "talker", "--tail=0").stdout == ""
+    previous = cluster.kubectl("logs", "-n", namespace, "talker", "--previous", check=False)
+    assert previous.returncode != 0 and 'previous terminated container "main" in pod "talker" not found' \
+        in previous.stderr, previous.stderr
+    assert not kube_node.errors

@@ -18,7 +18,8 @@ and scheduler as their bootstrap RBAC users); a ServiceAccount signing key and i
 `kubectl create token` works; the ServiceAccount admission plugin off (Pods do not need a token
 controller); the controller-manager with `--use-service-account-credentials`, all default
 controllers (Job, garbage collector, ttl-after-finished, namespace, serviceaccount, ...) and no
-leader election; the apiserver generates its own serving certificate in its --cert-dir.
+leader election; the apiserver generates its own serving certificate in its --cert-dir, and reaches
+kubelets (pods/log) at their InternalIP without verifying their certificate.
 """
 
 from __future__ import annotations
@@ -279,6 +280,10 @@ def start_cluster(workdir: Path, binaries: Path | None = None, timeout: float = 
             f"--service-account-issuer={SA_ISSUER}",
             "--disable-admission-plugins=ServiceAccount",
             "--service-cluster-ip-range=10.96.0.0/16",
+            # The test kubelet's Hostname address (its node name) resolves nowhere: reach it at its
+            # InternalIP (the default order tries Hostname first and fails). Its self-signed serving
+            # certificate is not verified: no --kubelet-certificate-authority.
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
             "--profiling=false", "--v=1", *apiserver_args,
         ])
         # /readyz includes etcd, the RBAC bootstrap roles and the CRD informers; anonymous may read it.

@@ -4,13 +4,30 @@ controller creates the Pods and decides the Jobs' status (backoff, podFailurePol
 suspension), the scheduler binds them, the garbage collector deletes them.
 
 What it does, as a kubelet does:
-- registers Node `name` (capacity cpu, memory, pods, ephemeral-storage and `nvidia.com/gpu`),
-  reports it Ready and renews its Lease in kube-node-lease, so the node lifecycle controller keeps
-  it schedulable (`start()` returns once the node is Ready and untainted);
+- registers Node `name` (capacity cpu, memory, pods, ephemeral-storage and `nvidia.com/gpu`;
+  addresses InternalIP 127.0.0.1 and Hostname `name`; daemonEndpoints.kubeletEndpoint the port of
+  its HTTPS endpoint), reports it Ready and renews its Lease in kube-node-lease, so the node
+  lifecycle controller keeps it schedulable (`start()` returns once the node is Ready and untainted);
+- gives every Pod its own IP, status.podIP / podIPs: a loopback address 127.1.x.y from a counter
+  (Linux routes all of 127.0.0.0/8 to lo; never 127.0.0.1, the node's hostIP, never reused), so
+  Pods bind the same port side by side as in their own network namespaces;
 - watches the Pods bound to it (`spec.nodeName`) and runs each Pod's container (command + args)
   with the container's env: `value`, `valueFrom.secretKeyRef` / `configMapKeyRef` (read from the
   API), `fieldRef` (metadata.name/namespace/uid, metadata.labels['k'] / annotations['k'],
-  spec.nodeName, spec.serviceAccountName, status.hostIP/podIP);
+  spec.nodeName, spec.serviceAccountName, status.hostIP(s), status.podIP(s));
+- pulls images, at once, except from a registry host under `.invalid` (RFC 2606: never resolves):
+  that container stays waiting, ErrImagePull (containerd's "failed to pull and unpack image ...: no
+  such host") alternating with ImagePullBackOff ("Back-off pulling image ...") under a doubling
+  back-off (2 s up to 10 s here), the Pod Pending and not Ready, until it is deleted;
+- enforces resources.limits.memory: every 0.2 s it sums VmRSS over the container's process group,
+  and over the limit SIGKILLs the whole group and reports the container terminated with reason
+  OOMKilled, exit code 137, as a kubelet reports a cgroup OOM kill;
+- serves the kubelet API's GET /containerLogs/{namespace}/{pod}/{container} over HTTPS (a
+  self-signed certificate made with openssl at start, on a free 127.0.0.1 port), so `kubectl logs`
+  and pods/log work through the apiserver (support/cluster.py has it prefer InternalIP): the
+  container's output, with tailLines and limitBytes; follow streams until the process ends;
+  sinceSeconds / sinceTime / timestamps are ignored (the log has no time per line); a container
+  not started yet answers as a kubelet ("is waiting to start: ...");
 - reports the Pod's status through the pods/status subresource: Pending (container waiting,
   ContainerCreating) -> Running (Ready, container running) -> Succeeded or Failed with the container's
   `state.terminated` {exitCode, reason, message}; the message is the termination-message file, or
@@ -20,7 +37,7 @@ What it does, as a kubelet does:
   deleted with grace period 0 (what a kubelet does last, so the Job controller sees it gone).
 
 What differs because there is no container runtime here:
-- the image is ignored: the command runs from this venv (`bin_dirs` first on PATH: `mot-train`,
+- no image is unpacked (only a `.invalid` registry fails its pull): the command runs from this venv (`bin_dirs` first on PATH: `mot-train`,
   `python`, `torchrun`, `mot` are this checkout's), with the node's runtime defaults BASE_ENV
   (one thread per process: the machine has 2 cores) under the container's env;
 - emptyDir volumes are folders of the Pod's scratch folder; an env value (and workingDir) under a
@@ -29,9 +46,11 @@ What differs because there is no container runtime here:
   CreateContainerConfigError, as a kubelet reports a container it cannot configure;
 - the termination-message file is `<scratch>/termination-log`, passed in MOT_TERMINATION_LOG (what
   `mot-train` writes to when set): a container's terminationMessagePath cannot be bind-mounted;
-- every Pod would have its own network namespace; these processes share one, so a fixed port flag
-  (`--metrics-port N`, the trainer's) becomes `--metrics-port 0` (any free port), or parallel
-  branches would collide;
+- every Pod would have its own network namespace; these processes share one, so a server that
+  binds all interfaces (0.0.0.0) would collide with the same port of another Pod: the Pod's IP is
+  passed in MOT_METRICS_ADDRESS, which the trainer's metrics/progress server binds (ports are kept as
+  given: `--metrics-port 9090` stays 9090). No DNS: a Pod's hostname.subdomain does not resolve, so
+  multi-node branches (rendezvous at `<job>-0.<service>`) are not run here;
 - at most `max_parallel` processes run at once (2 cores); other Pods wait in ContainerCreating.
 - Pods it cannot run (restartPolicy other than Never, several containers, init containers) are
   rejected: phase Failed with a reason and message, as a kubelet rejects a Pod at admission.
@@ -48,12 +67,14 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import itertools
 import json
 import os
 import platform
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -62,7 +83,9 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 import requests
@@ -78,6 +101,8 @@ FALLBACK_LOG_LINES = 80           # FallbackToLogsOnError: the last 80 lines ...
 FALLBACK_LOG_BYTES = 2048         # ... or 2048 bytes, whichever is less
 LEASE_SECONDS = 40
 NODE_IP = "127.0.0.1"
+MEMORY_POLL_SECONDS = 0.2         # how often a memory-limited container's resident memory is read
+LOG_POLL_SECONDS = 0.2            # how often a followed log is read for more
 
 BASE_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false",
             "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "LANG": "C.UTF-8"}
@@ -86,6 +111,17 @@ BASE_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PA
 _FAIL_CODE = ("import os, sys\n"
               "open(os.environ['MOT_TERMINATION_LOG'], 'w').write(sys.argv[1])\n"
               "sys.exit(int(sys.argv[2]))\n")
+
+
+# Pod IPs: 127.1.x.y (Linux routes all of 127.0.0.0/8 to lo, so each is bindable without setup), one per
+# Pod, never reused and never 127.0.0.1 (the node's own address, where the control plane listens).
+# Module-wide so that several LocalNodes in one process never hand out the same address.
+_pod_numbers = itertools.count()
+
+
+def _next_pod_ip() -> str:
+    high, low = divmod(next(_pod_numbers) % (256 * 254), 254)
+    return f"127.1.{high}.{low + 1}"
 
 
 def _now() -> str:
@@ -138,6 +174,9 @@ class PodRun:
     injected: bool = False
     deleted: bool = False           # ended because the Pod was deleted
     log: Path | None = None
+    ip: str = ""                    # status.podIP
+    container: str = ""             # the container's name (GET /containerLogs)
+    waiting: str = ""               # the container's last waiting reason (ContainerCreating, ErrImagePull...)
 
 
 @dataclass
@@ -165,6 +204,11 @@ class LocalNode:
     max_parallel: int = 2
     kill_grace: float = 10.0
     heartbeat_seconds: float = 5.0
+    # Image pull back-off: ErrImagePull shown this long, then ImagePullBackOff for 2 s, 4 s ... at most
+    # image_pull_backoff_max (a kubelet: 10 s doubling to 300 s; short here so tests see it alternate).
+    err_image_pull_seconds: float = 1.0
+    image_pull_backoff: float = 2.0
+    image_pull_backoff_max: float = 10.0
     bin_dirs: list[str] = field(default_factory=lambda: [str(Path(sys.executable).parent)])
     extra_env: dict = field(default_factory=dict)
     # Benchmarks: every Pod (not held, no fault) succeeds at once, no process, with this message.
@@ -186,10 +230,13 @@ class LocalNode:
         self._session = self._new_session()
         self.errors: list[str] = []             # the kubelet's own failures (a test bug, not a Pod's)
         self.startup_seconds = 0.0              # registration until Ready and untainted
+        self._server: ThreadingHTTPServer | None = None
+        self.kubelet_port = 0                   # the HTTPS endpoint (containerLogs), once started
 
     # -- public --------------------------------------------------------------------------------
     def start(self, timeout: float = 60) -> LocalNode:
         began = time.monotonic()
+        self._serve_kubelet_api()
         self._register()
         for target, name in ((self._heartbeat_loop, "heartbeat"), (self._watch_loop, "pod-watch")):
             thread = threading.Thread(target=target, name=f"{self.name}-{name}", daemon=True)
@@ -223,6 +270,9 @@ class LocalNode:
             self._request("DELETE", f"/api/v1/nodes/{self.name}", ok=(404,))
         except requests.RequestException as error:
             print(f"test kubelet {self.name}: deleting the Node: {error!r}", file=sys.stderr)
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
         # The watch and heartbeat threads see _stop within their poll interval; they are daemons.
 
     def hold(self, match: Callable[[dict], bool]) -> threading.Event:
@@ -289,7 +339,7 @@ class LocalNode:
         self._node_status = {
             "capacity": resources, "allocatable": resources,
             "addresses": [{"type": "InternalIP", "address": NODE_IP}, {"type": "Hostname", "address": self.name}],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.kubelet_port}},
             "nodeInfo": {"machineID": boot, "systemUUID": boot, "bootID": boot,
                          "kernelVersion": platform.release(), "osImage": "mot test kubelet",
                          "containerRuntimeVersion": "local://0.1", "kubeletVersion": self.cluster.version,
@@ -332,6 +382,84 @@ class LocalNode:
             except requests.RequestException as error:
                 if not self._stop.is_set():
                     print(f"test kubelet {self.name}: heartbeat: {error!r}", file=sys.stderr)
+
+    # -- the kubelet's HTTPS endpoint ----------------------------------------------------------
+    def _serve_kubelet_api(self) -> None:
+        """Serve GET /containerLogs (what `kubectl logs` reaches through the apiserver) and /healthz on
+        a free 127.0.0.1 port with a self-signed certificate, as a kubelet's self-signed serving
+        certificate (the apiserver verifies it only when given --kubelet-certificate-authority)."""
+        pki = self.workdir / "pki"
+        pki.mkdir(exist_ok=True)
+        cert, key = pki / "kubelet.crt", pki / "kubelet.key"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-days", "2", "-subj", f"/CN={self.name}", "-keyout", str(key), "-out", str(cert),
+                        "-addext", f"subjectAltName=IP:{NODE_IP},DNS:{self.name}"], check=True, capture_output=True)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        server = ThreadingHTTPServer((NODE_IP, 0), _KubeletHandler)
+        server.daemon_threads = True
+        # The handshake is done in each request's thread (_KubeletHandler.setup), not in the accept loop.
+        server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+        server.node = self
+        self._server = server
+        self.kubelet_port = server.server_address[1]
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True,
+                                  name=f"{self.name}-kubelet-api")
+        thread.start()
+        self._threads.append(thread)
+
+    def _log_run(self, namespace: str, pod: str) -> PodRun | None:
+        with self._lock:
+            return next((run for run in reversed(self.runs) if (run.namespace, run.pod) == (namespace, pod)), None)
+
+    def container_logs(self, handler: BaseHTTPRequestHandler, namespace: str, pod: str, container: str,
+                       query: dict[str, str]) -> None:
+        """GET /containerLogs/{namespace}/{pod}/{container}: the container's output (stdout and stderr,
+        as they were written) with tailLines and limitBytes; follow streams until the process ends.
+        sinceSeconds, sinceTime and timestamps are ignored: the log keeps no time per line."""
+        run = self._log_run(namespace, pod)
+        if run is None:
+            return handler.send_text(404, f'pod "{pod}" does not exist')
+        if container != run.container:
+            return handler.send_text(404, f'container "{container}" not found in pod "{pod}"')
+        # The kubelet's own wording (validateContainerLogStatus), which `kubectl logs` prints.
+        if query.get("previous") == "true":
+            return handler.send_text(400, f'previous terminated container "{container}" in pod "{pod}" not found')
+        if not run.started:
+            if run.exit_code is not None:
+                return handler.send_text(400, f'container "{container}" in pod "{pod}" is terminated')
+            reason = run.waiting or "ContainerCreating"
+            if reason in ("ErrImagePull", "ImagePullBackOff"):
+                reason = "trying and failing to pull image"
+            return handler.send_text(400, f'container "{container}" in pod "{pod}" is waiting to start: {reason}')
+        try:
+            tail = int(query["tailLines"]) if "tailLines" in query else None
+            left = int(query["limitBytes"]) if "limitBytes" in query else None
+        except ValueError as error:
+            return handler.send_text(400, f"invalid query: {error}")
+        follow = query.get("follow") == "true"
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/plain")
+        handler.send_header("Connection", "close")  # no length: the body ends when the connection closes
+        handler.end_headers()
+        offset = _tail_offset(run.log, tail) if tail is not None else 0
+        while left is None or left > 0:
+            ended = run.exit_code is not None  # read before the file: what the process wrote last is read
+            try:
+                with open(run.log, "rb") as log:
+                    log.seek(offset)
+                    data = log.read(left if left is not None else -1)
+            except FileNotFoundError:
+                data = b""  # Running but its command not started yet (a held Pod): no output yet
+            if data:
+                handler.wfile.write(data)
+                handler.wfile.flush()
+                offset += len(data)
+                left = None if left is None else left - len(data)
+            elif not follow or ended or self._stop.is_set():
+                break
+            else:
+                time.sleep(LOG_POLL_SECONDS)
 
     # -- watching Pods -------------------------------------------------------------------------
     def _watch_loop(self) -> None:
@@ -427,7 +555,9 @@ class LocalNode:
                                          "conditions": [_condition("Ready", False, "PodFailed")]})
             return
         container = pod["spec"]["containers"][0]
-        base = {"hostIP": NODE_IP, "hostIPs": [{"ip": NODE_IP}], "podIP": NODE_IP, "podIPs": [{"ip": NODE_IP}],
+        run.container = container["name"]
+        run.ip = _next_pod_ip()
+        base = {"hostIP": NODE_IP, "hostIPs": [{"ip": NODE_IP}], "podIP": run.ip, "podIPs": [{"ip": run.ip}],
                 "startTime": _now()}
         if self.instant is not None and not self._faults_or_holds():
             # One status write: the container ran and exited 0 (the benchmark's trainer stand-in).
@@ -440,7 +570,9 @@ class LocalNode:
         self._report(entry, base, "Pending", waiting=("ContainerCreating", None))
         scratch = Path(tempfile.mkdtemp(prefix=f"{run.namespace}-{run.pod}-", dir=self.workdir))
         run.log = scratch / "container.log"
-        config = self._configure(entry, container, scratch, base)
+        # As a kubelet: the image is pulled first, then the container configured (env, mounts).
+        pulled = self._pull_image(entry, container.get("image", ""), base)
+        config = self._configure(entry, container, scratch, base) if pulled else None
         if config is None or not self._run_container(entry, container, config, base):
             # Deleted before its container was created: it never ran.
             run.finished = time.time()
@@ -461,6 +593,23 @@ class LocalNode:
 
     def _stopping(self, entry: _Pod) -> bool:
         return entry.deleting.is_set() or self._stop.is_set()
+
+    def _pull_image(self, entry: _Pod, image: str, base: dict) -> bool:
+        """Images are "pulled" at once, except from a registry that cannot resolve (a host under
+        `.invalid`, RFC 2606): then, as a kubelet, ErrImagePull and ImagePullBackOff alternate with a
+        doubling back-off until the Pod is deleted (False)."""
+        failure = _pull_failure(image)
+        if failure is None:
+            return True
+        backoff = self.image_pull_backoff
+        while not self._stopping(entry):
+            self._report(entry, base, "Pending", waiting=("ErrImagePull", failure))
+            if entry.deleting.wait(self.err_image_pull_seconds):
+                break
+            self._report(entry, base, "Pending", waiting=("ImagePullBackOff", f'Back-off pulling image "{image}"'))
+            entry.deleting.wait(backoff)
+            backoff = min(2 * backoff, self.image_pull_backoff_max)
+        return False
 
     def _configure(self, entry: _Pod, container: dict, scratch: Path, base: dict):
         """(argv, env, cwd), retried while it cannot be configured (a Secret not there yet...); None
@@ -536,8 +685,10 @@ class LocalNode:
             entry.process = process
             if entry.deleting.is_set():  # deleted while starting
                 self._signal(entry, signal.SIGTERM)
-            exit_code = self._wait(entry, process)
+            exit_code, oom_killed = self._wait(entry, process, _memory_limit(container))
         message = self._termination_message(container, termination_log, entry.run.log, exit_code)
+        if oom_killed:
+            return 137, "OOMKilled", message  # as a kubelet reports a cgroup OOM kill (SIGKILL)
         return exit_code, "Completed" if exit_code == 0 else "Error", message
 
     @staticmethod
@@ -555,6 +706,7 @@ class LocalNode:
         status = {"name": container["name"], "image": container.get("image", ""), "imageID": "",
                   "restartCount": 0, "ready": running is not None, "started": running is not None}
         if waiting:
+            entry.run.waiting = waiting[0]
             status["state"] = {"waiting": {"reason": waiting[0], **({"message": waiting[1]} if waiting[1] else {})}}
         elif running:
             status["state"] = {"running": {"startedAt": running}}
@@ -594,15 +746,21 @@ class LocalNode:
             except ProcessLookupError:
                 pass
 
-    def _wait(self, entry: _Pod, process: subprocess.Popen) -> int:
-        """Until the process exits; after a deletion, SIGKILL once the grace period is over."""
+    def _wait(self, entry: _Pod, process: subprocess.Popen, memory_limit: int | None = None) -> tuple[int, bool]:
+        """Until the process exits: (exit code, OOM-killed). After a deletion, SIGKILL once the grace
+        period is over; with a memory limit, SIGKILL to the whole group as soon as its resident memory
+        exceeds it (what a cgroup v2 OOM kill with memory.oom.group does to a container)."""
         kill_at = None
+        oom_killed = False
         while True:
             try:
-                code = process.wait(timeout=0.2)
+                code = process.wait(timeout=MEMORY_POLL_SECONDS)
                 break
             except subprocess.TimeoutExpired:
                 pass
+            if memory_limit is not None and not oom_killed and _group_rss(process.pid) > memory_limit:
+                oom_killed = True
+                self._signal(entry, signal.SIGKILL)
             if (entry.deleting.is_set() or self._stop.is_set()) and kill_at is None:
                 grace = entry.pod["metadata"].get("deletionGracePeriodSeconds")
                 grace = self.kill_grace if grace is None else min(float(grace), self.kill_grace)
@@ -610,7 +768,7 @@ class LocalNode:
                 self._signal(entry, signal.SIGTERM)
             if kill_at is not None and time.monotonic() >= kill_at:
                 self._signal(entry, signal.SIGKILL)
-        return 128 - code if code < 0 else code  # killed by a signal: 128 + its number, as a runtime says
+        return (128 - code if code < 0 else code), oom_killed  # by a signal: 128 + its number, as a runtime says
 
     @staticmethod
     def _termination_message(container: dict, path: Path, log: Path, exit_code: int) -> str:
@@ -652,25 +810,25 @@ class LocalNode:
             value = item.get("value", "")
             source = item.get("valueFrom")
             if source:
-                value = self._env_source(namespace, pod, source)
+                value = self._env_source(namespace, pod, source, entry.run.ip)
                 if value is None:
                     continue  # an optional key that is not there
             env[item["name"]] = local_path(value)
         env["MOT_TERMINATION_LOG"] = str(termination_log)
+        # The Pod's own address: a real Pod's servers bind all interfaces of its network namespace; here
+        # the namespace is shared, so the trainer binds its metrics/progress server to this address only.
+        env["MOT_METRICS_ADDRESS"] = entry.run.ip
 
         argv = [_expand(word, env) for word in list(container.get("command") or []) + list(container.get("args") or [])]
         if not argv:
             raise ContainerConfigError("no command: the test kubelet has no image entrypoint to run")
         argv[0] = shutil.which(argv[0], path=env["PATH"]) or argv[0]
-        # Each real Pod has its own network namespace; here processes share one, so a fixed port the
-        # container binds (the trainer's --metrics-port) becomes "any free port".
-        argv = [_free_port_arg(argv, i) for i in range(len(argv))]
         cwd = Path(local_path(container["workingDir"])) if container.get("workingDir") else scratch
         if not cwd.is_dir():
             raise ContainerConfigError(f"workingDir {container.get('workingDir')!r} is not a mounted emptyDir")
         return argv, env, cwd
 
-    def _env_source(self, namespace: str, pod: dict, source: dict) -> str | None:
+    def _env_source(self, namespace: str, pod: dict, source: dict, pod_ip: str) -> str | None:
         if "secretKeyRef" in source or "configMapKeyRef" in source:
             secret = "secretKeyRef" in source
             ref = source["secretKeyRef" if secret else "configMapKeyRef"]
@@ -686,8 +844,63 @@ class LocalNode:
                 raise ContainerConfigError(f'{what} "{ref["name"]}" not found')
             raise ContainerConfigError(f"couldn't find key {ref['key']} in {what.capitalize()} {namespace}/{ref['name']}")
         if "fieldRef" in source:
-            return _field_value(pod, source["fieldRef"]["fieldPath"])
+            return _field_value(pod, source["fieldRef"]["fieldPath"], pod_ip)
         raise ContainerConfigError(f"env source {sorted(source)} is not supported by the test kubelet")
+
+
+class _KubeletHandler(BaseHTTPRequestHandler):
+    """The kubelet API's part the apiserver uses here: /containerLogs (pods/log) and /healthz."""
+
+    server_version = "mot-test-kubelet"
+
+    def setup(self) -> None:
+        self.request.settimeout(30)
+        self.request.do_handshake()
+        super().setup()
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (OSError, ssl.SSLError):
+            pass  # the client went away (an interrupted `kubectl logs -f`) or never finished its handshake
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        url = urlsplit(self.path)
+        query = {key: values[-1] for key, values in parse_qs(url.query).items()}
+        parts = [unquote(part) for part in url.path.strip("/").split("/")]
+        if parts == ["healthz"]:
+            return self.send_text(200, "ok")
+        if len(parts) == 4 and parts[0] == "containerLogs":
+            self.request.settimeout(None)  # a followed log streams for as long as the container runs
+            return self.server.node.container_logs(self, *parts[1:], query)
+        return self.send_text(404, "404 page not found")
+
+    def send_text(self, code: int, text: str) -> None:
+        body = text.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - http.server's signature
+        pass  # the apiserver's requests are not the test's output
+
+
+def _tail_offset(path: Path, lines: int) -> int:
+    """Where the last `lines` lines of the file begin (a last line without newline counts as one)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return 0
+    if lines <= 0:
+        return len(data)
+    end = len(data) - 1 if data.endswith(b"\n") else len(data)
+    for _ in range(lines):
+        end = data.rfind(b"\n", 0, end)
+        if end < 0:
+            return 0
+    return end + 1
 
 
 def _expand(word: str, env: dict) -> str:
@@ -696,7 +909,7 @@ def _expand(word: str, env: dict) -> str:
                   lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), word)
 
 
-def _field_value(pod: dict, path: str) -> str:
+def _field_value(pod: dict, path: str, pod_ip: str) -> str:
     meta = pod["metadata"]
     match = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", path)
     if match:
@@ -704,18 +917,64 @@ def _field_value(pod: dict, path: str) -> str:
     values = {"metadata.name": meta["name"], "metadata.namespace": meta["namespace"], "metadata.uid": meta["uid"],
               "spec.nodeName": pod["spec"].get("nodeName", ""),
               "spec.serviceAccountName": pod["spec"].get("serviceAccountName", ""),
-              "status.hostIP": NODE_IP, "status.podIP": NODE_IP}
+              "status.hostIP": NODE_IP, "status.hostIPs": NODE_IP, "status.podIP": pod_ip, "status.podIPs": pod_ip}
     if path not in values:
         raise ContainerConfigError(f"fieldRef {path!r} is not supported by the test kubelet")
     return values[path]
 
 
-def _free_port_arg(argv: list[str], index: int) -> str:
-    if index > 0 and argv[index - 1] == "--metrics-port":
-        return "0"
-    if argv[index].startswith("--metrics-port="):
-        return "--metrics-port=0"
-    return argv[index]
+_QUANTITY_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+                      "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18, "m": 10**-3, "": 1}
+
+
+def _memory_limit(container: dict) -> int | None:
+    """resources.limits.memory in bytes (a Kubernetes quantity: 64Mi, 1G, 128974848, 1e9), or None."""
+    quantity = ((container.get("resources") or {}).get("limits") or {}).get("memory")
+    if quantity is None:
+        return None
+    match = re.fullmatch(r"([0-9.]+(?:[eE][-+]?[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m|)", str(quantity).strip())
+    if not match:
+        raise ContainerConfigError(f"resources.limits.memory {quantity!r} is not a quantity")
+    return int(float(match.group(1)) * _QUANTITY_SUFFIXES[match.group(2)])
+
+
+def _group_rss(pgid: int) -> int:
+    """The resident memory (VmRSS) of every process in process group `pgid`, in bytes."""
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry.name}/stat").read_text()
+            # After "(comm)": state, ppid, pgrp, ... (comm may itself hold spaces and parentheses).
+            if int(stat[stat.rindex(")") + 2:].split()[2]) != pgid:
+                continue
+            for line in Path(f"/proc/{entry.name}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024  # kB
+                    break
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
+    return total
+
+
+def _pull_failure(image: str) -> str | None:
+    """The pull error for an image whose registry cannot resolve (a host under `.invalid`), worded as
+    containerd's through the CRI; None for any other image (pulled at once)."""
+    first, _, rest = image.partition("/")
+    if not rest or not ("." in first or ":" in first or first == "localhost"):
+        return None  # a Docker Hub image (python:3.11, library/x)
+    host = first.rsplit(":", 1)[0] if first.count(":") == 1 else first
+    if not host.lower().rstrip(".").endswith(".invalid"):
+        return None
+    if "@" in rest:
+        repository, reference = rest.split("@", 1)
+    else:
+        repository, _, reference = rest.rpartition(":") if ":" in rest.rsplit("/", 1)[-1] else (rest, "", "latest")
+    ref = f"{first}/{repository}{'@' if '@' in rest else ':'}{reference}"
+    return (f'rpc error: code = Unknown desc = failed to pull and unpack image "{ref}": failed to resolve reference '
+            f'"{ref}": failed to do request: Head "https://{first}/v2/{repository}/manifests/{reference}": '
+            f"dial tcp: lookup {host}: no such host")
 
 
 @pytest.fixture(scope="session")

@@ -130,8 +130,9 @@ def test_three_teachers_two_rounds_succeed(mot_e2e):
     table = mot_e2e.kubectl("-n", ns, "get", "motrun", "tri").stdout.split()
     assert table[:5] == ["NAME", "PHASE", "ROUND", "TEACHERS", "AGE"] and table[6:9] == ["Succeeded", "2/2", "3"]
     wide = mot_e2e.kubectl("-n", ns, "get", "motruns", "-o", "wide").stdout.splitlines()
-    assert wide[0].split() == ["NAME", "PHASE", "ROUND", "TEACHERS", "AGE", "MESSAGE"], wide
+    assert wide[0].split() == ["NAME", "PHASE", "ROUND", "TEACHERS", "AGE", "REASON", "PROGRESS", "MESSAGE"], wide
     assert wide[1].split()[:4] == ["tri", "Succeeded", "2/2", "3"], wide
+    assert wide[1].split()[5:7] == ["Succeeded", "100%"], wide
     assert status["message"] and wide[1].rstrip().endswith(status["message"]), (wide, status["message"])
 
     # Deleting the run: the garbage collector deletes its Jobs (owner references), then their Pods;
