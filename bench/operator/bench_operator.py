@@ -246,7 +246,8 @@ def main() -> int:
     # Merge latency: per run and round, last branch Job complete -> merge Job exists.
     by_round: dict[tuple[str, str], dict] = collections.defaultdict(lambda: {"sft": [], "merge": []})
     for name, labels in clock.labels.items():
-        by_round[(labels["mot.dev/run"], labels["mot.dev/round"])][labels["mot.dev/stage"]].append(name)
+        if labels["mot.dev/stage"] in ("sft", "merge"):  # (the preflight, round 0, starts no merge)
+            by_round[(labels["mot.dev/run"], labels["mot.dev/round"])][labels["mot.dev/stage"]].append(name)
     latencies, slowest = [], None
     for (run, _round), group in by_round.items():
         if not group["merge"] or len(group["sft"]) < args.teachers or not all(
