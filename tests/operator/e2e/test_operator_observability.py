@@ -9,7 +9,11 @@ stage whose Pods never run. (Waiting for Kueue admission: test_operator_kueue.py
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from support.processes import wait_until
@@ -81,6 +85,13 @@ def test_branch_progress_moves_in_status_while_it_trains(mot_e2e):
     assert 0 < status["progress"]["fraction"] < 1 and status["reason"] == "BranchesRunning"
     assert wide_row(mot_e2e, ns, "progress")["PROGRESS"].endswith("%") or "ETA" in \
         wide_row(mot_e2e, ns, "progress")["PROGRESS"]
+    # The kubectl plugin shows the same, from the live MoTRun.
+    shown = subprocess.run([str(Path(sys.executable).parent / "kubectl-mot"), "status", "progress", "-n", ns],
+                           capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, KUBECONFIG=str(mot_e2e.cluster.kubeconfig)))
+    assert shown.returncode == 0, shown.stderr
+    [row] = [line for line in shown.stdout.splitlines() if line.split()[:3] == ["1", "branch", "a"]]
+    assert f"/{steps}" in row and "Running" in row, shown.stdout
     done = mot_e2e.wait_phase(ns, "progress", ("Succeeded", "Failed"), timeout=240)["status"]
     assert done["phase"] == "Succeeded", done.get("message")
     assert done["rounds"][0]["branches"]["a"]["progress"]["step"] == steps
