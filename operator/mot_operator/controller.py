@@ -349,15 +349,6 @@ def merge_patch(old, new):
 # One reconciliation
 
 
-def _snapshot(value):
-    """A plain copy of a Kopf body/index value (they are read-only mappings)."""
-    if hasattr(value, "items"):
-        return {k: _snapshot(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_snapshot(v) for v in value]
-    return value
-
-
 def _finished(job: dict) -> bool:
     conditions = (job.get("status") or {}).get("conditions") or []
     return any(c.get("status") == "True" and c.get("type") in ("Complete", "SuccessCriteriaMet", "Failed",
@@ -542,7 +533,7 @@ async def job_index(namespace, name, labels, body, **_):
     return {(namespace, labels[naming.LABEL_RUN]): {
         "metadata": {"name": name, "uid": body.get("metadata", {}).get("uid"), "labels": dict(labels)},
         "spec": {"suspend": bool((body.get("spec") or {}).get("suspend"))},
-        "status": _snapshot(body.get("status") or {}),
+        "status": podstate.plain(body.get("status") or {}),
     }}
 
 
@@ -677,7 +668,7 @@ def _run_body(body) -> dict:
     meta = body.get("metadata") or {}
     keep = ("name", "namespace", "uid", "generation", "deletionTimestamp")
     return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
-            "metadata": {k: meta[k] for k in keep if k in meta}, "spec": _snapshot(body.get("spec") or {})}
+            "metadata": {k: meta[k] for k in keep if k in meta}, "spec": podstate.plain(body.get("spec") or {})}
 
 
 async def _wait_stopped(stopped, seconds: float) -> None:
@@ -711,7 +702,7 @@ async def run_daemon(stopped, namespace, name, body, job_index, pod_index, logge
     wake = STATE.waker(namespace, name)
     # This daemon is the only writer of the run's status: what it last wrote is newer than a body
     # the watch has not delivered yet.
-    status = _snapshot(body.get("status") or {})
+    status = podstate.plain(body.get("status") or {})
     done = status.get("phase") in TERMINAL
     try:
         while not stopped and not body.get("metadata", {}).get("deletionTimestamp"):
@@ -730,7 +721,7 @@ async def run_daemon(stopped, namespace, name, body, job_index, pod_index, logge
             except Exception as error:  # noqa: BLE001 - keep the loop alive, count and retry
                 metrics.RECONCILE_ERRORS.inc()
                 logger.exception(f"reconcile of {namespace}/{name} failed: {error}")
-                status = _snapshot(body.get("status") or {})  # our view may be off: re-read
+                status = podstate.plain(body.get("status") or {})  # our view may be off: re-read
                 delay = ERROR_RETRY_SECONDS
             await _sleep(wake, stopped, delay)
     finally:

@@ -34,16 +34,17 @@ def snapshot(body: dict) -> dict:
                                  "ports": [dict(p) for p in container.get("ports") or []],
                                  "resources": {"limits": dict((container.get("resources") or {}).get("limits") or {})}}]
                  if container else []},
-        "status": {key: _plain(status[key]) for key in ("phase", "reason", "message", "podIP", "conditions",
+        "status": {key: plain(status[key]) for key in ("phase", "reason", "message", "podIP", "conditions",
                                                         "containerStatuses") if key in status},
     }
 
 
-def _plain(value):
+def plain(value):
+    """A plain copy of a Kopf body or index value (those are read-only mappings)."""
     if hasattr(value, "items"):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 
