@@ -34,7 +34,8 @@ CONTRACT_RULES = {
     ("mot.dev", "motruns"): {"get", "list", "watch", "patch"},
     ("mot.dev", "motruns/status"): {"get", "patch", "update"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "pods"): {"get", "list"},
+    ("", "pods"): {"get", "list", "watch"},  # watched: termination messages, why a stage waits, Pod IPs
+    ("kueue.x-k8s.io", "workloads"): {"get", "list"},  # why Kueue has not admitted a queued Job
     ("", "services"): {"get", "create", "delete"},
     ("", "events"): {"create", "patch"},
 }
