@@ -1,9 +1,10 @@
-"""Shared test setup. Fixtures live in tests/support/<name>.py; each module lists the fixtures it
-exports in FIXTURES and they are made available to every test here."""
+"""Shared test setup: the environment every test process runs under.
 
-import importlib
+Fixtures live in tests/support/<name>.py (each module lists the ones it exports in FIXTURES); the
+conftest.py of each test folder imports those its tests use (and those fixtures depend on), so a
+folder's tests load only the support they need (the planner's tests need none of the e2e stack)."""
+
 import os
-from pathlib import Path
 
 # Two cores: torch threads in concurrent processes fight; keep every process to its share.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -11,9 +12,3 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-for _path in sorted((Path(__file__).parent / "support").glob("*.py")):
-    if _path.stem.startswith("_"):
-        continue
-    _module = importlib.import_module(f"support.{_path.stem}")
-    globals().update({name: getattr(_module, name) for name in getattr(_module, "FIXTURES", ())})

@@ -9,9 +9,12 @@ the CRD's openAPIV3Schema (checked with jsonschema), its CEL rules and list keys
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import os
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,75 +42,81 @@ class SpecError(ValueError):
         self.message = message
 
 
+# The typed spec. Its defaults are the CRD's (applied by `validated`, as the API server applies
+# them); `_from_spec` builds each class from the defaulted spec, field `snake_case` from key
+# `camelCase`, so the classes hold types only.
+
+
 @dataclass(frozen=True)
 class Teacher:
     name: str
     dataset: str
-    weight: float = 1.0
+    weight: float
 
 
 @dataclass(frozen=True)
 class Training:
-    steps: int = 50
-    learning_rate: float = 1e-5
-    lr_schedule: str = "cosine"
-    warmup_ratio: float = 0.05
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    weight_decay: float = 1e-4
-    micro_batch_size: int = 1
-    grad_accum: int = 16
-    max_seq_length: int = 4096
-    precision: str = "auto"
-    gradient_checkpointing: bool = False
-    packing: bool = False
-    seed: int = 0
-    threads: int | None = None
+    steps: int
+    learning_rate: float
+    lr_schedule: str
+    warmup_ratio: float
+    adam_beta1: float
+    adam_beta2: float
+    weight_decay: float
+    micro_batch_size: int
+    grad_accum: int
+    max_seq_length: int
+    precision: str
+    gradient_checkpointing: bool
+    packing: bool
+    seed: int
+    threads: int | None
 
 
 @dataclass(frozen=True)
 class MergeParameters:
-    scale: float = 1.0
-    density: float = 0.5
-    seed: int = 0
-    shard_size: str = "2GB"
+    scale: float
+    density: float
+    seed: int
+    shard_size: str
 
 
 @dataclass(frozen=True)
 class Merge:
-    method: str = "average"
-    parameters: MergeParameters = field(default_factory=MergeParameters)
+    method: str
+    parameters: MergeParameters
 
 
 @dataclass(frozen=True)
 class Evaluation:
     dataset: str
-    samples: int = 1
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    threads: int | None = None
+    samples: int
+    max_new_tokens: int
+    temperature: float
+    threads: int | None
 
 
 @dataclass(frozen=True)
 class Preflight:
-    enabled: bool = True
-    max_truncated_fraction: float = 0.05
-    cpu: str = "1"
-    memory: str = "4Gi"
+    enabled: bool
+    max_truncated_fraction: float
+    cpu: str
+    memory: str
 
 
 @dataclass(frozen=True)
 class Storage:
-    uri: str | None = None
-    endpoint: str | None = None
-    credentials_secret: str | None = None
-    path_style: bool = True
-    cleanup: bool = False
+    uri: str | None
+    endpoint: str | None
+    credentials_secret: str | None
+    path_style: bool
+    cleanup: bool
 
 
 @dataclass(frozen=True)
 class RoleResources:
-    """Compute for one kind of Job (branch, merge or eval)."""
+    """Compute for one kind of Job (branch, merge or eval). The defaults serve the small Pods the
+    operator makes up itself (preflight, cleanup); a spec's roles get the CRD's."""
 
     gpus: int = 0
     cpu: str | None = None
@@ -120,31 +129,31 @@ class RoleResources:
 
 @dataclass(frozen=True)
 class Resources:
-    branch: RoleResources = field(default_factory=RoleResources)
-    merge: RoleResources = field(default_factory=RoleResources)
-    eval: RoleResources = field(default_factory=RoleResources)
+    branch: RoleResources
+    merge: RoleResources
+    eval: RoleResources
 
 
 @dataclass(frozen=True)
 class MoTRunSpec:
     student: str
     teachers: tuple[Teacher, ...]
-    rounds: int = 5
-    training: Training = field(default_factory=Training)
-    merge: Merge = field(default_factory=Merge)
-    evaluation: Evaluation | None = None
-    preflight: Preflight = field(default_factory=Preflight)
-    storage: Storage = field(default_factory=Storage)
-    resources: Resources = field(default_factory=Resources)
-    image: str | None = None
-    service_account_name: str | None = None
-    max_retries: int = 2
-    retry_backoff_seconds: int = 10
-    active_deadline_seconds: int | None = None
-    pending_timeout_seconds: int = 0  # 0: a stage may wait for its Pods forever
-    suspend: bool = False
-    queue_name: str | None = None
-    ttl_seconds_after_finished: int | None = None
+    rounds: int
+    training: Training
+    merge: Merge
+    evaluation: Evaluation | None
+    preflight: Preflight
+    storage: Storage
+    resources: Resources
+    image: str | None
+    service_account_name: str | None
+    max_retries: int
+    retry_backoff_seconds: int
+    active_deadline_seconds: int | None
+    pending_timeout_seconds: int  # 0: a stage may wait for its Pods forever
+    suspend: bool
+    queue_name: str | None
+    ttl_seconds_after_finished: int | None
 
     def teacher(self, name: str) -> Teacher | None:
         return next((t for t in self.teachers if t.name == name), None)
@@ -268,7 +277,7 @@ def _schema_error(error: jsonschema.ValidationError) -> SpecError:
 
 def parse_spec(spec: dict) -> MoTRunSpec:
     """Apply the CRD's defaults, check its schema and rules, and return the typed spec."""
-    return _build(validated(spec))
+    return _from_spec(MoTRunSpec, validated(spec), openapi_schema()["properties"]["spec"])
 
 
 def validated(spec: dict) -> dict:
@@ -300,83 +309,38 @@ def _error_rank(error: jsonschema.ValidationError):
     return (-len(error.absolute_path), *jsonschema.exceptions.relevance(error))
 
 
-def _quantity(value) -> str | None:
-    return None if value is None else str(value)
+def _camel(name: str) -> str:
+    first, *rest = name.split("_")
+    return first + "".join(part.title() for part in rest)
 
 
-def _role(data: dict) -> RoleResources:
-    return RoleResources(
-        gpus=data["gpus"],
-        cpu=_quantity(data.get("cpu")),
-        memory=_quantity(data.get("memory")),
-        nodes=data["nodes"],
-        node_selector=dict(data.get("nodeSelector") or {}),
-        tolerations=tuple(copy.deepcopy(data.get("tolerations") or [])),
-        priority_class_name=data.get("priorityClassName"),
-    )
+@functools.cache
+def _field_types(cls: type) -> tuple[tuple[str, Any], ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
 
 
-def _build(d: dict) -> MoTRunSpec:
-    t = d["training"]
-    m = d["merge"]
-    p = m["parameters"]
-    e = d.get("evaluation")
-    s = d.get("storage") or {}
-    r = d["resources"]
-    pf = d["preflight"]
-    return MoTRunSpec(
-        student=d["student"],
-        teachers=tuple(Teacher(x["name"], x["dataset"], float(x["weight"])) for x in d["teachers"]),
-        rounds=d["rounds"],
-        training=Training(
-            steps=t["steps"],
-            learning_rate=float(t["learningRate"]),
-            lr_schedule=t["lrSchedule"],
-            warmup_ratio=float(t["warmupRatio"]),
-            adam_beta1=float(t["adamBeta1"]),
-            adam_beta2=float(t["adamBeta2"]),
-            weight_decay=float(t["weightDecay"]),
-            micro_batch_size=t["microBatchSize"],
-            grad_accum=t["gradAccum"],
-            max_seq_length=t["maxSeqLength"],
-            precision=t["precision"],
-            gradient_checkpointing=t["gradientCheckpointing"],
-            packing=t["packing"],
-            seed=t["seed"],
-            threads=t.get("threads"),
-        ),
-        merge=Merge(
-            method=m["method"],
-            parameters=MergeParameters(
-                scale=float(p["scale"]), density=float(p["density"]), seed=p["seed"], shard_size=p["shardSize"]
-            ),
-        ),
-        evaluation=None
-        if e is None
-        else Evaluation(
-            dataset=e["dataset"],
-            samples=e["samples"],
-            max_new_tokens=e["maxNewTokens"],
-            temperature=float(e["temperature"]),
-            threads=e.get("threads"),
-        ),
-        preflight=Preflight(enabled=pf["enabled"], max_truncated_fraction=float(pf["maxTruncatedFraction"]),
-                            cpu=str(pf["cpu"]), memory=str(pf["memory"])),
-        storage=Storage(
-            uri=s.get("uri"),
-            endpoint=s.get("endpoint"),
-            credentials_secret=s.get("credentialsSecret"),
-            path_style=s.get("pathStyle", True),
-            cleanup=s.get("cleanup", False),
-        ),
-        resources=Resources(branch=_role(r["branch"]), merge=_role(r["merge"]), eval=_role(r["eval"])),
-        image=d.get("image"),
-        service_account_name=d.get("serviceAccountName"),
-        max_retries=d["maxRetries"],
-        retry_backoff_seconds=d["retryBackoffSeconds"],
-        active_deadline_seconds=d.get("activeDeadlineSeconds"),
-        pending_timeout_seconds=d.get("pendingTimeoutSeconds", 0),
-        suspend=d["suspend"],
-        queue_name=d.get("queueName"),
-        ttl_seconds_after_finished=d.get("ttlSecondsAfterFinished"),
-    )
+def _from_spec(cls: type, data: dict, schema: dict):
+    """An instance of dataclass `cls` from `data`, a CRD-defaulted object whose schema is `schema`."""
+    props = schema.get("properties", {})
+    return cls(**{name: _convert(kind, data.get(_camel(name)), props.get(_camel(name), {}))
+                  for name, kind in _field_types(cls)})
+
+
+def _convert(kind: Any, value: Any, schema: dict) -> Any:
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (types.UnionType, typing.Union):  # `X | None`: None when absent
+        (kind,) = [a for a in args if a is not type(None)]
+        return None if value is None else _convert(kind, value, schema)
+    if dataclasses.is_dataclass(kind):  # left out (spec.storage): the object with its own defaults
+        return _from_spec(kind, apply_defaults({}, schema) if value is None else value, schema)
+    if typing.get_origin(kind) is tuple:
+        items = value or []
+        if dataclasses.is_dataclass(args[0]):
+            return tuple(_from_spec(args[0], item, schema.get("items", {})) for item in items)
+        return tuple(copy.deepcopy(items))
+    if typing.get_origin(kind) is dict:
+        return dict(value or {})
+    if kind in (float, str):  # numbers may be written as integers; quantities as int-or-string
+        return kind(value)
+    return value
