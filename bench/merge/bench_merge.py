@@ -180,7 +180,7 @@ def compare_outputs(a: Path, b: Path) -> dict:
     """Tensor-by-tensor byte comparison of two merged folders."""
     import torch
 
-    from mot_trainer.merge.io import Checkpoint, ReadBuffer
+    from mot_trainer.merge.reader import Checkpoint, ReadBuffer
 
     left, right = Checkpoint(a), Checkpoint(b)
     same = differ = 0

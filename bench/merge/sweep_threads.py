@@ -15,8 +15,8 @@ import shutil
 import time
 from pathlib import Path
 
-import mot_trainer.merge as merge_pkg
 from mot_trainer import cli
+from mot_trainer.merge import merger
 
 UNITS = {"Ki": 1 << 10, "Mi": 1 << 20}
 
@@ -45,7 +45,7 @@ def main() -> None:
     for _ in range(args.repeat):
         for slice_text in args.slices.split(","):
             for threads in map(int, args.threads.split(",")):
-                merge_pkg.PARALLEL_SLICE_ELEMENTS = elements(slice_text)
+                merger.PARALLEL_SLICE_ELEMENTS = elements(slice_text)
                 shutil.rmtree(out, ignore_errors=True)
                 start = time.perf_counter()
                 code = cli.main(["merge", "--threads", str(threads), "--inputs", *inputs, "--out", str(out)])

@@ -27,12 +27,12 @@ import kopf
 
 from . import jobs as jobrender
 from . import metrics, naming, podstate
+from .contract import EXIT_INVALID_INPUT, EXIT_OK, parse_timestamp, read_result
 from .planner import (
     TERMINAL,
     ObservedJob,
     Plan,
     RunRef,
-    parse_timestamp,
     plan,
     plan_invalid,
 )
@@ -275,7 +275,7 @@ def observe_job(job: dict, pods: list[dict] = ()) -> ObservedJob | None:
     status = job.get("status") or {}
     true = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
     terms = [t for t in (podstate.termination(p) for p in pods) if t]
-    failed_terms = [t for t in terms if t["exit_code"] not in (0, None)]
+    failed_terms = [t for t in terms if t["exit_code"] not in (EXIT_OK, None)]
     started = status.get("startTime")
     finished = None
     permanent = False
@@ -288,20 +288,16 @@ def observe_job(job: dict, pods: list[dict] = ()) -> ObservedJob | None:
         finished = status.get("completionTime") or true.get("Complete", true.get("SuccessCriteriaMet")).get(
             "lastTransitionTime")
         for term in terms:
-            try:
-                # Whole: a summary (the preflight's grows with the teachers) may pass MESSAGE_LIMIT.
-                parsed = json.loads(_last_line(term["message"], limit=None) or "null")
-            except ValueError:
-                continue
-            if isinstance(parsed, dict):
-                metrics_ = parsed
+            # Whole: a summary (the preflight's grows with the teachers) may pass MESSAGE_LIMIT.
+            metrics_ = read_result(term["message"])
+            if metrics_ is not None:
                 break
     elif "Failed" in true or "FailureTarget" in true:
         state = "Failed"
         cond = true.get("Failed") or true.get("FailureTarget")
         finished = cond.get("lastTransitionTime")
         permanent = cond.get("reason") == "PodFailurePolicy" or any(
-            t["exit_code"] == jobrender.EXIT_INVALID_INPUT for t in failed_terms)
+            t["exit_code"] == EXIT_INVALID_INPUT for t in failed_terms)
         found = podstate.failure_cause(pods)
         source = failed_terms or terms
         message = _last_line(source[0]["message"]) if source else ""

@@ -6,13 +6,12 @@ import copy
 from dataclasses import dataclass
 
 from . import naming
+from .contract import EXIT_INVALID_INPUT, TRAINER_METRICS_PORT
 from .planner import JobRequest, RunRef
 from .spec import API_VERSION, KIND, MoTRunSpec, RoleResources
 
 CONTAINER = "trainer"
-EXIT_INVALID_INPUT = 2
 RENDEZVOUS_PORT = 29500
-TRAINER_METRICS_PORT = 9090  # the chart's PodMonitor scrapes the port named "metrics"
 UID = 65532  # the trainer image's user (Dockerfile)
 ANNOTATION_OUTPUT = "mot.dev/output"
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
@@ -149,8 +148,8 @@ def render_job(request: JobRequest, spec: MoTRunSpec, run: RunRef, config: Opera
     }
     ports = []
     if request.stage == "sft":
-        # Live mot_trainer_* metrics for the chart's PodMonitor (port name "metrics").
-        container["args"] += ["--metrics-port", str(TRAINER_METRICS_PORT)]
+        # Live mot_trainer_* metrics for the chart's PodMonitor (port name "metrics"); the planner put
+        # `--metrics-port` in the branch's arguments (contract.sft_args).
         ports.append({"name": "metrics", "containerPort": TRAINER_METRICS_PORT})
     if multinode:
         ports.append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT})

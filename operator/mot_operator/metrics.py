@@ -13,7 +13,9 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .planner import PHASES, Plan, parse_timestamp
+from . import contract
+from .contract import parse_timestamp
+from .planner import PHASES, Plan
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -55,10 +57,6 @@ STAGE_DISRUPTIONS = Counter("mot_stage_disruptions_total",
 RECONCILE_ERRORS = Counter("mot_reconcile_errors_total", "Reconciliations that raised an error.",
                            registry=REGISTRY)
 
-_STAGE_OF_RETRY = {"PreflightRetried": "preflight", "BranchRetried": "sft", "MergeRetried": "merge",
-                   "EvalRetried": "eval"}
-_STAGE_OF_FAILURE = {"PreflightFailed": "preflight", "BranchFailed": "sft", "MergeFailed": "merge",
-                     "EvalFailed": "eval"}
 _lock = threading.Lock()
 _phases: dict[tuple[str, str], str] = {}
 _teachers: dict[tuple[str, str], set[str]] = {}
@@ -70,7 +68,7 @@ ACTIVE_STATES = frozenset({"Pending", "Running", "Suspended", "Retrying"})
 
 for _phase in PHASES:  # every phase is present, at 0, from the start
     RUNS.labels(phase=_phase).set(0)
-for _stage in _STAGE_OF_RETRY.values():  # from 0, so increase() sees a stage's first disruption too
+for _stage in contract.STAGES:  # from 0, so increase() sees a stage's first disruption too
     for _reason in DISRUPTION_REASONS:
         STAGE_DISRUPTIONS.labels(stage=_stage, reason=_reason)
 
@@ -110,10 +108,12 @@ def record_transitions(old: dict, new: dict) -> None:
 
 def record_plan(plan: Plan) -> None:
     for event in plan.events:
-        if event.reason in _STAGE_OF_FAILURE:
-            JOBS_FINISHED.labels(stage=_STAGE_OF_FAILURE[event.reason], result="failed").inc()
-        if event.reason in _STAGE_OF_RETRY:
-            JOB_RETRIES.labels(stage=_STAGE_OF_RETRY[event.reason]).inc()
+        failed = contract.stage_of_reason(event.reason, "Failed")
+        if failed:
+            JOBS_FINISHED.labels(stage=failed, result="failed").inc()
+        retried = contract.stage_of_reason(event.reason, "Retried")
+        if retried:
+            JOB_RETRIES.labels(stage=retried).inc()
 
 
 IDLE_PHASES = frozenset({"Succeeded", "Failed", "Suspended"})

@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import re
 
+from . import contract
+
 MAX_NAME = 63
 # Indexed Job Pods get the hostname "<job>-<index>", which must also fit in 63 characters.
 MAX_INDEXED_JOB_NAME = 56
 HASH_LEN = 8
-STAGES = ("preflight", "sft", "merge", "eval")
+STAGES = tuple(contract.STAGES)
 
 LABEL_RUN = "mot.dev/run"
 LABEL_ROUND = "mot.dev/round"
@@ -88,7 +90,7 @@ def job_labels(run: str, round_: int, stage: str, attempt: int, teacher: str | N
         LABEL_ROUND: str(round_),
         LABEL_STAGE: stage,
         LABEL_ATTEMPT: str(attempt),
-        "app.kubernetes.io/component": "branch" if stage == "sft" else stage,
+        "app.kubernetes.io/component": contract.component(stage),
     })
     if teacher:
         labels[LABEL_TEACHER] = teacher

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
-from . import naming
+from . import contract, naming
+from .contract import TRAINER_METRICS_PORT, parse_timestamp, timestamp
 from .spec import MoTRunSpec, RoleResources, SpecError
 
 PHASES = ("Pending", "Running", "Merging", "Evaluating", "Succeeded", "Failed", "Suspended")
@@ -21,7 +22,6 @@ JOB_STATES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
 ACTIVE_JOB_STATES = ("Pending", "Running", "Suspended")
 CONDITION_TYPES = ("Ready", "Progressing", "Succeeded", "Failed", "Suspended")
 MAX_BACKOFF_SECONDS = 600.0
-_STAGE_NOUN = {"preflight": "Preflight", "sft": "Branch", "merge": "Merge", "eval": "Eval"}
 # Waiting reasons that mean a stage is stuck (told in an Event, the run's reason and message);
 # ContainerCreating and PodPending are the normal way to start.
 STUCK_REASONS = ("Unschedulable", "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
@@ -90,25 +90,18 @@ class Plan:
     requeue_after: float | None = None
 
 
-def timestamp(moment: datetime) -> str:
-    """RFC 3339 in UTC with a Z, as Kubernetes writes times."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_timestamp(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
 def backoff_seconds(spec: MoTRunSpec, failed_attempt: int) -> float:
     """Wait before attempt n+1 after attempt n failed: base, doubling, capped."""
     return min(spec.retry_backoff_seconds * 2.0 ** (failed_attempt - 1), MAX_BACKOFF_SECONDS)
 
 
-def plan(run: RunRef, spec: MoTRunSpec, status: dict, jobs: list[ObservedJob], now: datetime) -> Plan:
-    """Decide the run's next status and actions. Pure: no I/O, no clock."""
-    return _Planner(run, spec, status, jobs, now).run()
+def plan(run: RunRef, spec: MoTRunSpec, status: dict, jobs: list[ObservedJob], now: datetime, *,
+         metrics_port: int | None = TRAINER_METRICS_PORT, threads: int | None = None) -> Plan:
+    """Decide the run's next status and actions. Pure: no I/O, no clock.
+
+    `metrics_port` and `threads` are the executor's part of the trainer's command lines (JobRequest.args):
+    the port branch Jobs serve metrics on (None: none), and --threads for sft and eval over the spec's."""
+    return _Planner(run, spec, status, jobs, now, metrics_port=metrics_port, threads=threads).run()
 
 
 def plan_invalid(run: RunRef, status: dict, error: SpecError, now: datetime) -> Plan:
@@ -124,58 +117,6 @@ def plan_invalid(run: RunRef, status: dict, error: SpecError, now: datetime) -> 
     return Plan(status=status, events=[Event("Warning", "Failed", status["message"])])
 
 
-# ---------------------------------------------------------------------------------------------
-# Argument vectors (argv after `mot-train`), per the trainer CLI contract
-
-
-def _num(value: float) -> str:
-    return repr(float(value))
-
-
-def sft_args(spec: MoTRunSpec, round_: int, teacher: str, init: str, out: str) -> list[str]:
-    t = spec.training
-    data = spec.teacher(teacher).dataset
-    args = ["sft", "--init", init, "--data", data, "--out", out,
-            "--steps", str(t.steps), "--learning-rate", _num(t.learning_rate),
-            "--lr-schedule", t.lr_schedule, "--warmup-ratio", _num(t.warmup_ratio),
-            "--adam-beta1", _num(t.adam_beta1), "--adam-beta2", _num(t.adam_beta2),
-            "--weight-decay", _num(t.weight_decay), "--micro-batch-size", str(t.micro_batch_size),
-            "--grad-accum", str(t.grad_accum), "--max-seq-length", str(t.max_seq_length),
-            "--seed", str(t.seed + round_ - 1), "--precision", t.precision]
-    if t.gradient_checkpointing:
-        args.append("--gradient-checkpointing")
-    if t.packing:
-        args.append("--packing")
-    if t.threads:
-        args += ["--threads", str(t.threads)]
-    return args
-
-
-def merge_args(spec: MoTRunSpec, inputs: list[str], weights: list[float], base: str, out: str) -> list[str]:
-    m = spec.merge
-    args = ["merge", "--inputs", *inputs, "--out", out, "--weights", *map(_num, weights),
-            "--method", m.method, "--shard-size", m.parameters.shard_size]
-    if m.method != "average":
-        args += ["--base", base, "--scale", _num(m.parameters.scale)]
-    if m.method in ("ties", "dare"):
-        args += ["--density", _num(m.parameters.density)]
-    if m.method == "dare":
-        args += ["--seed", str(m.parameters.seed)]
-    return args
-
-
-def preflight_args(spec: MoTRunSpec, run_root: str, out: str) -> list[str]:
-    """Check every input of the run; the storage probe goes under the run's own folder."""
-    args = ["preflight", "--student", spec.student,
-            "--teachers", *(f"{t.name}={t.dataset}" for t in spec.teachers),
-            "--max-seq-length", str(spec.training.max_seq_length),
-            "--max-truncated-fraction", _num(spec.preflight.max_truncated_fraction),
-            "--storage", run_root, "--out", out]
-    if spec.evaluation is not None:
-        args += ["--eval", spec.evaluation.dataset]
-    return args
-
-
 def preflight_resources(spec: MoTRunSpec) -> RoleResources:
     """The preflight Pod's own small request: no GPU and no node selector or priority class (those
     pin the roles to GPU nodes); the merge role's tolerations, which only widen where it may run."""
@@ -183,22 +124,15 @@ def preflight_resources(spec: MoTRunSpec) -> RoleResources:
                          tolerations=spec.resources.merge.tolerations)
 
 
-def eval_args(spec: MoTRunSpec, model: str, out: str) -> list[str]:
-    e = spec.evaluation
-    args = ["eval", "--model", model, "--data", e.dataset, "--out", out,
-            "--samples", str(e.samples), "--max-new-tokens", str(e.max_new_tokens),
-            "--temperature", _num(e.temperature), "--seed", str(spec.training.seed)]
-    if e.threads:
-        args += ["--threads", str(e.threads)]
-    return args
-
-
 # ---------------------------------------------------------------------------------------------
 
 
 class _Planner:
-    def __init__(self, run: RunRef, spec: MoTRunSpec, status: dict, jobs: list[ObservedJob], now: datetime):
+    def __init__(self, run: RunRef, spec: MoTRunSpec, status: dict, jobs: list[ObservedJob], now: datetime, *,
+                 metrics_port: int | None = TRAINER_METRICS_PORT, threads: int | None = None):
         self.run_ref = run
+        self.metrics_port = metrics_port
+        self.threads = threads
         self.spec = spec
         self.status = copy.deepcopy(status or {})
         self.jobs = {j.name: j for j in jobs}
@@ -377,7 +311,7 @@ class _Planner:
             if self.may_start:
                 previous = entry["attempt"]
                 container[key] = self.start(rec, stage, teacher, attempt=previous + 1)
-                self.event(f"{_STAGE_NOUN[stage]}Retried",
+                self.event(contract.event_reason(stage, "Retried"),
                            f"{self.describe(stage, teacher, round_)}: attempt {previous + 1} of "
                            f"{self.spec.max_retries + 1} started ({container[key]['job']})")
             return "waiting"
@@ -433,7 +367,7 @@ class _Planner:
                 {"pod": found.get("pod", ""), "reason": found.get("reason", "Disrupted"),
                  "message": found.get("message", ""), "time": timestamp(self.now)})
             entry["disruptions"] = entry["disruptions"][-MAX_DISRUPTIONS:]
-            self.event(f"{_STAGE_NOUN[stage]}Disrupted",
+            self.event(contract.event_reason(stage, "Disrupted"),
                        f"{self.describe(stage, teacher, round_)}: Pod {found.get('pod')} "
                        f"{DISRUPTION_VERB.get(found.get('reason'), 'was disrupted')}: {found.get('message', '')}; "
                        "its Job replaces it (not counted as a failed attempt)", warning=True)
@@ -496,11 +430,12 @@ class _Planner:
         if job.reason:
             entry["failureReason"] = job.reason
         what = self.describe(stage, teacher, round_)
-        noun = _STAGE_NOUN[stage]
+        failed = contract.event_reason(stage, "Failed")
         if job.permanent or attempt > self.spec.max_retries:
             entry["state"] = "Failed"
-            why = "invalid input (exit code 2), not retried" if job.permanent else "no retries left"
-            self.event(f"{noun}Failed", f"{what}: attempt {attempt} failed ({why}): {entry['message']}",
+            why = (f"invalid input (exit code {contract.EXIT_INVALID_INPUT}), not retried" if job.permanent
+                   else "no retries left")
+            self.event(failed, f"{what}: attempt {attempt} failed ({why}): {entry['message']}",
                        warning=True)
             self.fail(stage, teacher, attempt, entry["message"], round_=round_, permanent=job.permanent,
                       code=job.reason)
@@ -508,7 +443,7 @@ class _Planner:
         wait = backoff_seconds(self.spec, attempt)
         entry["state"] = "Retrying"
         entry["retryAt"] = timestamp(self.now + timedelta(seconds=wait))
-        self.event(f"{noun}Failed", f"{what}: attempt {attempt} of {self.spec.max_retries + 1} failed: "
+        self.event(failed, f"{what}: attempt {attempt} of {self.spec.max_retries + 1} failed: "
                    f"{entry['message']}; retrying in {wait:g}s", warning=True)
         if wait <= 0:
             return self.advance_stage(rec, stage, teacher)
@@ -521,10 +456,11 @@ class _Planner:
         self.out.create.append(request)
         if attempt == 1:
             what = self.describe(stage, teacher, _round_of(rec, stage))
+            started = contract.event_reason(stage, "Started")
             if stage == "sft":
-                self.event("BranchStarted", f"{what} started from {rec['init']} ({request.name})")
+                self.event(started, f"{what} started from {rec['init']} ({request.name})")
             else:
-                self.event(f"{_STAGE_NOUN[stage]}Started", f"{what} started ({request.name})")
+                self.event(started, f"{what} started ({request.name})")
         return {"job": request.name, "attempt": attempt, "state": "Pending", "checkpoint": request.output_uri}
 
     def request(self, rec: dict, stage: str, teacher: str | None, attempt: int) -> JobRequest:
@@ -536,18 +472,19 @@ class _Planner:
         out = self.uri(stage, round_, teacher)
         if stage == "preflight":
             root = naming.run_uri(self.spec.storage.uri, self.run_ref.namespace, self.run_ref.name)
-            args = preflight_args(self.spec, root, out)
+            args = contract.preflight_args(self.spec, root, out)
             resources = preflight_resources(self.spec)
         elif stage == "sft":
-            args = sft_args(self.spec, round_, teacher, rec["init"], out)
+            args = contract.sft_args(self.spec, round_, self.spec.teacher(teacher).dataset, rec["init"], out,
+                                     metrics_port=self.metrics_port, threads=self.threads)
             resources = self.spec.resources.branch
         elif stage == "merge":
             teachers = self.spec.teachers
             inputs = [rec["branches"][t.name]["checkpoint"] for t in teachers]
-            args = merge_args(self.spec, inputs, [t.weight for t in teachers], rec["init"], out)
+            args = contract.merge_args(self.spec, inputs, [t.weight for t in teachers], rec["init"], out)
             resources = self.spec.resources.merge
         else:
-            args = eval_args(self.spec, rec["merge"]["checkpoint"], out)
+            args = contract.eval_args(self.spec, rec["merge"]["checkpoint"], out, threads=self.threads)
             resources = self.spec.resources.eval
         return JobRequest(name=name, stage=stage, round=round_, teacher=teacher, attempt=attempt,
                           args=args, output_uri=out, resources=resources)
@@ -565,7 +502,7 @@ class _Planner:
              permanent: bool = False, code: str | None = None) -> None:
         """The run is Failed: say which stage, after how many attempts, and the trainer's reason."""
         s = self.status
-        if stage in _STAGE_NOUN:
+        if stage in contract.STAGES:
             tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
             extra = ", invalid input: not retried" if permanent else ""
             # The trainer's own message starts with "invalid input: " too: say it once.
@@ -579,7 +516,8 @@ class _Planner:
             s["failure"]["round"] = round_
         if teacher:
             s["failure"]["teacher"] = teacher
-        self.failure_reason = code or f"{_STAGE_NOUN.get(stage, 'Run')}Failed"
+        self.failure_reason = code or (contract.event_reason(stage, "Failed") if stage in contract.STAGES
+                                       else "RunFailed")
         self.out.create = []
         self.out.suspend = []
         self.out.resume = []

@@ -214,13 +214,13 @@ def test_helm_install_then_the_deployed_operator_runs_a_motrun(cluster, node, s3
             assert len(node.runs_of(job["metadata"]["name"], RUN_NAMESPACE)) == 1, job["metadata"]["name"]
 
         # The final merged model is in the default bucket, complete (manifest written last).
-        from mot_trainer import manifest
+        from mot_trainer import storage
 
         final_model = f"{bucket}/{RUN_NAMESPACE}/first-run/round-2/merged"
         with pytest.MonkeyPatch.context() as patch:
             for key, value in s3_server.env.items():
                 patch.setenv(key, value)
-            assert manifest.read_checkpoint_manifest(final_model)["kind"] == "merge"
+            assert storage.read_checkpoint_manifest(final_model)["kind"] == "merge"
 
         # What the chart's ServiceMonitor, dashboard and alerts read is on the metrics port.
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for family in

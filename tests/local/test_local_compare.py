@@ -2,7 +2,7 @@
 
 import json
 
-from mot_trainer.manifest import read_checkpoint_manifest
+from mot_trainer.storage import read_checkpoint_manifest
 
 
 def test_compare_reports_mot_best_std_and_mtd(compare_run):

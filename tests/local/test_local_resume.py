@@ -13,7 +13,7 @@ import pytest
 import yaml
 from support.local_run import mot_command, mot_env, write_manifest
 
-from mot_trainer.manifest import read_checkpoint_manifest
+from mot_trainer.storage import read_checkpoint_manifest
 
 
 def _start(manifest: Path, workdir: Path) -> subprocess.Popen:

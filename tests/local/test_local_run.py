@@ -6,7 +6,7 @@ import subprocess
 import yaml
 from support.local_run import mot_command, mot_env, write_manifest
 
-from mot_trainer.manifest import read_checkpoint_manifest
+from mot_trainer.storage import read_checkpoint_manifest
 
 
 def test_run_finishes_with_report_plot_and_checkpoints(compare_run):

@@ -18,7 +18,7 @@ from mot_operator import naming
 from mot_operator.jobs import OperatorConfig, render, render_cleanup_job, render_job, with_defaults
 from mot_operator.planner import ObservedJob, RunRef, plan
 from mot_operator.spec import parse_spec
-from mot_trainer.manifest import read_checkpoint_manifest
+from mot_trainer.storage import read_checkpoint_manifest
 
 K8S_VERSION = "1.30.0"
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -146,7 +146,8 @@ def test_job_arguments_follow_the_trainer_contract():
     assert sft.args[:7] == ["sft", "--init", "s3://models/student", "--data", "s3://d/a", "--out",
                             "s3://ckpt/ns/demo/round-1/branch-a"]
     assert sft.args[sft.args.index("--steps") + 1] == "7"
-    assert "--packing" in sft.args and sft.args[-2:] == ["--threads", "1"]
+    # The branch serves its metrics (contract.sft_args, no longer appended by jobs.py): last, as before.
+    assert "--packing" in sft.args and sft.args[-4:] == ["--threads", "1", "--metrics-port", "9090"]
     assert sft.output_uri == "s3://ckpt/ns/demo/round-1/branch-a"
     cluster.finish_active()
     merge = cluster.step().create[0]

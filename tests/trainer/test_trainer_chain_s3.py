@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from mot_trainer import storage
-from mot_trainer.manifest import read_checkpoint_manifest
+from mot_trainer.storage import read_checkpoint_manifest
 from mot_trainer.tiny import arithmetic_records
 
 # Numerically sensitive: `make test` runs these again under the other CPU kernel families.

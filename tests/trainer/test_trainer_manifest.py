@@ -8,11 +8,11 @@ from mot_trainer.errors import InvalidInput
 from mot_trainer.manifest import (
     FORMAT,
     MANIFEST_NAME,
-    read_checkpoint_manifest,
     sha256_file,
     verify_folder,
     write_manifest,
 )
+from mot_trainer.storage import read_checkpoint_manifest
 
 
 @pytest.fixture

@@ -304,7 +304,7 @@ def test_merge_over_s3(tmp_path, s3_server, monkeypatch):
 
 
 def test_reads_by_offset_and_buffer_growth_keeps_earlier_views(tmp_path):
-    from mot_trainer.merge.io import Checkpoint, ReadBuffer
+    from mot_trainer.merge.reader import Checkpoint, ReadBuffer
 
     tensors = {"small": torch.arange(3, dtype=torch.float32), "big": torch.arange(1000, dtype=torch.bfloat16)}
     ckpt = Checkpoint(write_checkpoint(tmp_path / "c", tensors))
@@ -328,17 +328,16 @@ def test_ties_on_tied_model_whose_base_has_no_head(tmp_path):
 @pytest.mark.parametrize("threads", ["1", "3"])
 def test_a_failed_write_leaves_no_manifest(tmp_path, termination_log, monkeypatch, threads):
     """The background writer's error reaches the CLI (retryable exit, not 2) and nothing is published."""
-    from mot_trainer import merge as merge_pkg
-    from mot_trainer.merge import io as merge_io
+    from mot_trainer.merge import merger, writer
 
-    monkeypatch.setattr(merge_pkg, "SLICE_ELEMENTS", 4)  # many slices in flight on the merging threads
-    monkeypatch.setattr(merge_pkg, "PARALLEL_SLICE_ELEMENTS", 4)
+    monkeypatch.setattr(merger, "SLICE_ELEMENTS", 4)  # many slices in flight on the merging threads
+    monkeypatch.setattr(merger, "PARALLEL_SLICE_ELEMENTS", 4)
     inputs = [write_checkpoint(tmp_path / f"in{i}", random_tensors(i)) for i in range(2)]
 
     def disk_full(fd, data):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(merge_io, "_write_all", disk_full)
+    monkeypatch.setattr(writer, "_write_all", disk_full)
     code = merge("--inputs", *inputs, "--out", tmp_path / "out", "--threads", threads)
     assert code not in (0, 2)
     assert "No space left on device" in termination_log.read_text()
@@ -361,10 +360,10 @@ def test_output_hashes_computed_while_writing_match_the_files(tmp_path):
 @pytest.mark.parametrize("method", ["average", "task-arithmetic", "ties"])
 def test_merging_on_several_threads_gives_the_same_bytes(tmp_path, monkeypatch, method):
     """Slices merged concurrently are written in order and computed exactly as on one thread."""
-    from mot_trainer import merge as merge_pkg
+    from mot_trainer.merge import merger
 
-    monkeypatch.setattr(merge_pkg, "SLICE_ELEMENTS", 3)  # every tensor spans several slices
-    monkeypatch.setattr(merge_pkg, "PARALLEL_SLICE_ELEMENTS", 5)
+    monkeypatch.setattr(merger, "SLICE_ELEMENTS", 3)  # every tensor spans several slices
+    monkeypatch.setattr(merger, "PARALLEL_SLICE_ELEMENTS", 5)
     base, _, paths, base_path = with_base(tmp_path, k=4)
     options = ["--method", method, "--weights", "1", "0.5", "2", "1"]
     if method != "average":
@@ -378,18 +377,18 @@ def test_merging_on_several_threads_gives_the_same_bytes(tmp_path, monkeypatch, 
 
 
 def test_default_threads_follow_the_cpu_quota(tmp_path, monkeypatch):
-    from mot_trainer import merge as merge_pkg
+    from mot_trainer.merge import cpus
 
-    monkeypatch.setattr(merge_pkg.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: set(range(16)))
     quota = tmp_path / "cpu.max"
-    monkeypatch.setattr(merge_pkg, "CGROUP_CPU_MAX", quota)
-    assert merge_pkg.default_threads() == merge_pkg.MAX_THREADS  # no cgroup file: the affinity mask
+    monkeypatch.setattr(cpus, "CGROUP_CPU_MAX", quota)
+    assert cpus.default_threads() == cpus.MAX_THREADS  # no cgroup file: the affinity mask
     quota.write_text("max 100000\n")
-    assert merge_pkg.default_threads() == merge_pkg.MAX_THREADS
+    assert cpus.default_threads() == cpus.MAX_THREADS
     quota.write_text("250000 100000\n")  # a pod limited to 2.5 CPUs: 2, one of them for the writer
-    assert merge_pkg.default_threads() == 1
+    assert cpus.default_threads() == 1
     quota.write_text("50000 100000\n")
-    assert merge_pkg.default_threads() == 1
+    assert cpus.default_threads() == 1
 
 
 @pytest.mark.parametrize("size", ["5i", "lots", "0", "2XB", "1.5.0MB"])
@@ -405,7 +404,7 @@ def test_bad_shard_size_is_an_argparse_error(tmp_path, termination_log, size):
                                         ("2GB", 2_000_000_000), ("1GiB", 1 << 30), ("3 T", 3 * 10**12),
                                         ("7B", 7)])
 def test_shard_sizes_parse(text, size):
-    from mot_trainer.merge import shard_size
+    from mot_trainer.merge.cli import shard_size
 
     assert shard_size(text) == size
 

@@ -14,7 +14,8 @@ import pytest
 from support.s3 import FlakyProxy
 
 from mot_trainer import storage
-from mot_trainer.manifest import MANIFEST_NAME, read_checkpoint_manifest, write_manifest
+from mot_trainer.manifest import MANIFEST_NAME, write_manifest
+from mot_trainer.storage import read_checkpoint_manifest
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ from support.s3 import FlakyProxy, remove_credentials
 
 from mot_trainer import cli, storage
 from mot_trainer.errors import InvalidInput
-from mot_trainer.manifest import MANIFEST_NAME, read_checkpoint_manifest, write_manifest
+from mot_trainer.manifest import MANIFEST_NAME, write_manifest
+from mot_trainer.storage import read_checkpoint_manifest
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """`mot-train`: the only command a MoT Job runs. Dispatches to sft, merge, eval and preflight.
 
-Exit codes are the contract with the operator: 0 only after the output is complete, 2 for invalid
-input (the operator never retries it), anything else is retryable.
+Exit codes are the contract with the operator (mot_operator.contract): 0 only after the output is
+complete, 2 for invalid input (the operator never retries it), anything else is retryable.
 """
 
 from __future__ import annotations
@@ -12,16 +12,17 @@ import logging
 import os
 import sys
 
+from mot_operator.contract import EXIT_FAILED, EXIT_INVALID_INPUT, EXIT_OK
 from mot_trainer.errors import InvalidInput
 
 COMMANDS = {
     "sft": ("mot_trainer.sft", "fine-tune a model on one teacher's chain-of-thought data"),
-    "merge": ("mot_trainer.merge", "merge checkpoints in weight space, streaming tensor by tensor"),
+    "merge": ("mot_trainer.merge.cli", "merge checkpoints in weight space, streaming tensor by tensor"),
     "eval": ("mot_trainer.eval", "exact-match accuracy and held-out loss on problems with answers"),
     "preflight": ("mot_trainer.preflight", "check a run's student, teacher data, eval set and storage before training"),
 }
 
-EXIT_OK, EXIT_RETRYABLE, EXIT_INVALID = 0, 1, 2
+EXIT_INVALID = EXIT_INVALID_INPUT  # the name callers of main() compare with
 _DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 log = logging.getLogger("mot_trainer")
 
@@ -49,7 +50,7 @@ class UsageError(SystemExit):
     """argparse's refusal of the command line (exit code 2), carrying argparse's own message."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(EXIT_INVALID)
+        super().__init__(EXIT_INVALID_INPUT)
         self.message = message
 
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: bad options are invalid input; --help exits 0
         if exc.code not in (0, None):
             write_termination_message(getattr(exc, "message", None) or "invalid arguments")
-            return EXIT_INVALID
+            return EXIT_INVALID_INPUT
         return EXIT_OK
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
@@ -96,14 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidInput as exc:
         log.error("invalid input: %s", exc)
         write_termination_message(f"invalid input: {exc}")
-        return EXIT_INVALID
+        return EXIT_INVALID_INPUT
     except KeyboardInterrupt:
         write_termination_message("interrupted")
         return 130
     except Exception as exc:  # noqa: BLE001 - everything else may succeed on retry
         log.exception("failed")
         write_termination_message(f"{type(exc).__name__}: {exc}")
-        return EXIT_RETRYABLE
+        return EXIT_FAILED
     if isinstance(summary, dict):
         import json
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mot_trainer import answers, data, storage
 from mot_trainer.errors import InvalidInput
+from mot_trainer.models import fetch_model
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def eos_ids(model, tokenizer) -> list[int]:
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
              top_p: float, batch_size: int) -> list[Generation]:
     """Generate for tokenized prompts in left-padded batches; stop each sequence at its EOS."""
-    import torch
+    import torch  # not at import time: the CLI and preflight import this module without torch
 
     stop = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
@@ -99,7 +100,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
 
 def heldout_loss(model, tokenizer, records: list[data.Record], max_length: int) -> float | None:
     """Mean per-token loss on the reference responses (None when no record has one)."""
-    import torch
+    import torch  # not at import time: the CLI and preflight import this module without torch
 
     total, count = 0.0, 0
     for r in records:
@@ -153,14 +154,12 @@ def score(records: list[data.Record], samples: list[list[Generation]]) -> dict:
 
 
 def run(args) -> dict:
-    import torch
+    import torch  # torch and transformers only when eval runs: the CLI and preflight import this module
 
     validate(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from mot_trainer.sft import fetch_model
 
     records = load_problems(args.data)
     workdir = Path(tempfile.mkdtemp(prefix="mot-eval-"))

@@ -194,16 +194,3 @@ def verify_file(path, expected_sha256: str) -> None:
     actual = sha256_file(path)
     if actual != expected_sha256:
         raise InvalidInput(f"{path}: sha256 {actual} does not match {MANIFEST_NAME} ({expected_sha256})")
-
-
-def read_checkpoint_manifest(uri: str) -> dict | None:
-    """The manifest at a local or s3:// checkpoint URI (structure checked), or None when there is none
-    yet. Does not hash the files: use storage.download_dir / verify_folder before using them."""
-    from mot_trainer import storage  # storage imports this module
-
-    location = storage.join(uri, MANIFEST_NAME)
-    try:
-        data = storage.read_bytes(location)
-    except FileNotFoundError:
-        return None
-    return parse_manifest(data, location)

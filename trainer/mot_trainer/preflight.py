@@ -147,7 +147,7 @@ def _fetch_small_files(uri: str, workdir: Path) -> tuple[Path, set[str]]:
 
 
 def _is_hub_id(uri: str) -> bool:
-    """What sft treats as a hub id: neither s3:// nor a path (sft.fetch_model's rule)."""
+    """What sft treats as a hub id: neither s3:// nor a path (models.fetch_model's rule)."""
     path = Path(uri).expanduser()
     return not storage.is_s3(uri) and not path.is_dir() and not uri.startswith(("/", ".", "~")) and not path.exists()
 

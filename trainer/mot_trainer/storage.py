@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -99,7 +98,7 @@ def s3_client():
 
 @functools.lru_cache(maxsize=8)
 def _client_for(settings: tuple):
-    import boto3
+    import boto3  # boto3 on first S3 use only (here and below): importing storage stays light
     from botocore.config import Config
 
     endpoint, region, key, secret, token, path_style, attempts = settings
@@ -344,6 +343,17 @@ def download_dir(uri, local_dir, verify: bool = True) -> Path:
     return local
 
 
+def read_checkpoint_manifest(uri: str) -> dict | None:
+    """The manifest at a local or s3:// checkpoint URI (structure checked), or None when there is none
+    yet. Does not hash the files: use download_dir / verify_folder before using them."""
+    location = join(uri, MANIFEST_NAME)
+    try:
+        data = read_bytes(location)
+    except FileNotFoundError:
+        return None
+    return parse_manifest(data, location)
+
+
 def _completion_record(local: Path) -> Path:
     """Written last beside a folder downloaded without a manifest: the keys it holds, all complete.
     Beside, not inside: the folder holds exactly the model's files (a merge hashes them all)."""
@@ -425,9 +435,3 @@ def _parallel(fn, items) -> None:
     with ThreadPoolExecutor(max_workers=min(_PARALLEL_FILES, len(items))) as pool:
         for future in [pool.submit(fn, item) for item in items]:
             future.result()
-
-
-def local_copy(uri, workdir, verify: bool = True) -> Path:
-    """download_dir into a fresh folder under `workdir` (a convenience for commands)."""
-    return download_dir(uri, tempfile.mkdtemp(prefix="ckpt-", dir=workdir), verify=verify)
-

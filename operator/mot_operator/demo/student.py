@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mot_operator.demo import tasks
-from mot_trainer import manifest as mot_manifest
+from mot_trainer import storage
 
 GENERATOR_VERSION = 2  # bump when tasks.py changes what it writes
 
@@ -73,7 +73,7 @@ def build_initial(cfg: StudentConfig, out: Path) -> Path:
 def pretrain(cfg: StudentConfig, cache: Path, threads: int, log=print) -> Path:
     """The cached pre-trained student folder (a Hugging Face folder with a mot-manifest)."""
     student = cache / f"student-{cfg.key()}"
-    if mot_manifest.read_checkpoint_manifest(str(student)) is not None:
+    if storage.read_checkpoint_manifest(str(student)) is not None:
         log(f"student: cached at {student}")
         return student
     init = build_initial(cfg, cache / f"init-{cfg.key()}")

@@ -39,12 +39,11 @@ def union_dataset(data_uris: list[str], out_uri: str, seed: int = 0) -> str:
     return out_uri
 
 
-def baseline_sft_args(spec, data_uri: str, out: str) -> list[str]:
-    from mot_operator.local.runner import set_flag
-    from mot_operator.planner import sft_args
+def baseline_sft_args(spec, data_uri: str, out: str, threads: int | None = None) -> list[str]:
+    """A branch's round-1 arguments from the student, on `data_uri`, for the MoT run's total steps."""
+    from mot_operator.contract import sft_args
 
-    args = sft_args(spec, 1, spec.teachers[0].name, spec.student, out)
-    return set_flag(set_flag(args, "--data", data_uri), "--steps", total_steps(spec))
+    return sft_args(spec, 1, data_uri, spec.student, out, steps=total_steps(spec), threads=threads)
 
 
 def schedule_baselines(runner) -> None:
@@ -62,7 +61,7 @@ def schedule_baselines(runner) -> None:
                 union_dataset([t.dataset for t in spec.teachers], data_uri)
             out = storage.join(base, label)
             runner.add_job(LocalJob(name=name, stage="sft", round=0, teacher=None, attempt=1,
-                                    args=baseline_sft_args(spec, data_uri, out), output_uri=out, role="baseline",
+                                    args=baseline_sft_args(spec, data_uri, out, runner.opt.threads), output_uri=out, role="baseline",
                                     label=f"baseline {label.upper() if label == 'mtd' else label} "
                                           f"({total_steps(spec)} steps)"))
         trained = runner.jobs[name]

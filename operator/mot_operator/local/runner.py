@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from mot_operator.contract import EXIT_INVALID_INPUT, EXIT_OK, parse_timestamp, read_result, timestamp
 from mot_operator.local.progress import Progress
 from mot_operator.spec import check_update
-from mot_trainer import manifest as mot_manifest
 from mot_trainer import storage
 from mot_trainer.progress import PROGRESS_FILE_ENV, read_records
 
@@ -89,12 +89,9 @@ def now_utc() -> datetime:
     return datetime.now(UTC)
 
 
-def _iso(dt: datetime) -> str:
-    return dt.isoformat().replace("+00:00", "Z")
-
-
-def _parse_iso(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+def _parse_time(value: str | None) -> datetime | None:
+    """A time of status.json (contract.timestamp; older files have microseconds, read the same)."""
+    return parse_timestamp(value) if value else None
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -124,16 +121,6 @@ def split_threads(parallel: int | None, threads: int | None, gpus: int, cores: i
     parallel = parallel or (gpus or 1)
     threads = threads or max(1, cores // parallel)
     return parallel, threads
-
-
-def set_flag(args: list[str], flag: str, value) -> list[str]:
-    """Replace `flag VALUE` in argv, or append it."""
-    out = list(args)
-    if flag in out:
-        out[out.index(flag) + 1] = str(value)
-    else:
-        out += [flag, str(value)]
-    return out
 
 
 def get_flag(args: list[str], flag: str) -> str | None:
@@ -194,7 +181,7 @@ class LocalRunner:
     def save(self) -> None:
         atomic_write_json(self.state_path, {
             "run": {"namespace": self.run_ref.namespace, "name": self.run_ref.name},
-            "updated": _iso(now_utc()),
+            "updated": timestamp(now_utc()),
             "spec": self.spec_dict,
             "status": self.status,
             "jobs": [asdict(j) for j in sorted(self.jobs.values(), key=lambda j: j.order)],
@@ -220,21 +207,38 @@ class LocalRunner:
         try:
             if job.stage in ("eval", "preflight"):  # a JSON written whole at the end
                 return storage.exists(job.output_uri)
-            return mot_manifest.read_checkpoint_manifest(job.output_uri) is not None
+            return storage.read_checkpoint_manifest(job.output_uri) is not None
         except Exception:  # noqa: BLE001 - unreadable output is incomplete output
             return False
 
-    def _read_metrics(self, job: LocalJob) -> dict | None:
+    def _read_result(self, job: LocalJob) -> dict | None:
+        """A finished job's result: the trainer's JSON summary from its termination message (as the
+        controller reads it, contract.read_result), except an eval's, read whole from its JSON in
+        storage (the report and results.json use what the summary lacks: problems, samples, each
+        problem's answers). Storage too when the message has none: a job found complete after a
+        restart (its process stopped before writing it) or a summary cut at the message's size limit."""
+        if job.stage != "eval":
+            found = read_result(self._termination_message(job))
+            if found is not None:
+                return found
         if job.stage in ("eval", "preflight"):
             return storage.read_json(job.output_uri)
-        found = mot_manifest.read_checkpoint_manifest(job.output_uri)
+        found = storage.read_checkpoint_manifest(job.output_uri)
         return (found or {}).get("metrics")
+
+    def _termination_message(self, job: LocalJob) -> str:
+        """What the job's last process left in its termination file (MOT_TERMINATION_LOG), if any."""
+        path = self.logs / f"{job.name}.termination"
+        try:
+            return path.read_text().strip()
+        except OSError:
+            return ""
 
     def _mark_succeeded(self, job: LocalJob, message: str = "") -> None:
         job.state, job.permanent, job.pid = "Succeeded", False, None
-        job.metrics = self._read_metrics(job)
+        job.metrics = self._read_result(job)
         job.message = message or job.message
-        job.finished_at = job.finished_at or _iso(now_utc())
+        job.finished_at = job.finished_at or timestamp(now_utc())
 
     def _reap(self) -> None:
         for name, proc in list(self.procs.items()):
@@ -244,9 +248,9 @@ class LocalRunner:
                 continue
             del self.procs[name]
             job = self.jobs[name]
-            job.finished_at = _iso(now_utc())
+            job.finished_at = timestamp(now_utc())
             message = proc.term_path.read_text().strip() if proc.term_path.exists() else ""
-            if rc == 0 and self._output_complete(job):
+            if rc == EXIT_OK and self._output_complete(job):
                 self._mark_succeeded(job, message)
                 self.progress.finish(name, "done")
                 if job.stage == "preflight" and job.metrics:
@@ -255,7 +259,7 @@ class LocalRunner:
                     self.progress.message(table(job.metrics))
             else:
                 job.state, job.pid = "Failed", None
-                job.permanent = rc == 2
+                job.permanent = rc == EXIT_INVALID_INPUT
                 job.message = message or f"exit code {rc} without a complete output: {_last_line(proc.log_path)}"
                 self.progress.finish(name, f"FAILED (exit {rc}): {job.message[:160]}")
 
@@ -273,7 +277,7 @@ class LocalRunner:
             ObservedJob(
                 name=j.name, stage=j.stage, round=j.round, teacher=j.teacher, attempt=j.attempt,
                 state=j.state, permanent=j.permanent, message=j.message, metrics=j.metrics,
-                started_at=_parse_iso(j.started_at), finished_at=_parse_iso(j.finished_at),
+                started_at=_parse_time(j.started_at), finished_at=_parse_time(j.finished_at),
                 progress=j.progress,
             )
             for j in self.jobs.values() if j.role == "mot"
@@ -285,8 +289,6 @@ class LocalRunner:
             return
         job.order = self._order
         self._order += 1
-        if job.stage in ("sft", "eval"):
-            job.args = set_flag(job.args, "--threads", self.opt.threads)
         self.jobs[job.name] = job
 
     def apply(self, plan) -> None:
@@ -338,13 +340,13 @@ class LocalRunner:
         if self.opt.gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(slot % self.opt.gpus)
         with open(log_path, "ab") as log_file:
-            log_file.write(f"=== {_iso(now_utc())} mot-train {' '.join(job.args)}\n".encode())
+            log_file.write(f"=== {timestamp(now_utc())} mot-train {' '.join(job.args)}\n".encode())
             log_file.flush()
             popen = subprocess.Popen([*self.opt.trainer_cmd, *job.args], stdout=log_file, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=env, start_new_session=True,
                                      preexec_fn=_die_with_parent)
         self.procs[job.name] = _Proc(popen, log_path, term_path, progress_path, slot)
-        job.state, job.pid, job.started_at, job.finished_at = "Running", popen.pid, _iso(now_utc()), None
+        job.state, job.pid, job.started_at, job.finished_at = "Running", popen.pid, timestamp(now_utc()), None
         job.progress = None  # a new process starts over at step 0: an earlier one's record is stale
         self.progress.start(job.name, job.label or job.name)
 
@@ -353,7 +355,10 @@ class LocalRunner:
         from mot_operator.planner import plan as make_plan
 
         self._reap()
-        plan = make_plan(self.run_ref, self.spec, self.status, self.observed(), now_utc())
+        # No metrics port (parallel trainers would share it); --threads is this runner's (the split of
+        # the machine's cores), over the spec's.
+        plan = make_plan(self.run_ref, self.spec, self.status, self.observed(), now_utc(),
+                         metrics_port=None, threads=self.opt.threads)
         self.status = plan.status
         self.save()  # status first, then children: as the controller does
         self.apply(plan)
@@ -442,12 +447,13 @@ class LocalRunner:
                           f"r{job.round} eval branch {job.teacher}")
 
     def add_eval(self, name, model: str, out: str, rnd: int, teacher, label, role: str = "report") -> None:
-        from mot_operator.planner import eval_args
+        from mot_operator.contract import eval_args
 
         if name in self.jobs:
             return
         job = LocalJob(name=name, stage="eval", round=rnd, teacher=teacher, attempt=1,
-                       args=eval_args(self.spec, model, out), output_uri=out, role=role, label=label)
+                       args=eval_args(self.spec, model, out, threads=self.opt.threads), output_uri=out, role=role,
+                       label=label)
         self.add_job(job)
 
     def add_job(self, job: LocalJob) -> None:
