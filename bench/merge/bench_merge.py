@@ -117,7 +117,7 @@ def raw_io(inputs: list[str], out: str, chunk: int = 64 << 20, preallocate: bool
     out_dir.mkdir(parents=True, exist_ok=True)
     for k, folder in enumerate(inputs):
         for path in sorted(Path(folder).glob("*.safetensors")):
-            dest = open(out_dir / path.name, "wb") if k == 0 else None  # noqa: SIM115
+            dest = open(out_dir / path.name, "wb") if k == 0 else None
             if dest and preallocate:
                 os.posix_fallocate(dest.fileno(), 0, path.stat().st_size)
             with open(path, "rb", buffering=0) as f:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_sft  # noqa: E402
+import bench_sft
 
 
 def main() -> None:

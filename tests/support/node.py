@@ -537,7 +537,7 @@ class LocalNode:
         run = entry.run
         try:
             self._run_pod_inner(entry)
-        except Exception as error:  # noqa: BLE001 - a kubelet bug must be visible, not silent
+        except Exception as error:
             message = f"test kubelet {self.name}: pod {run.namespace}/{run.pod}: {error!r}"
             self.errors.append(message)
             print(message, file=sys.stderr)
@@ -864,7 +864,7 @@ class _KubeletHandler(BaseHTTPRequestHandler):
         except (OSError, ssl.SSLError):
             pass  # the client went away (an interrupted `kubectl logs -f`) or never finished its handshake
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         url = urlsplit(self.path)
         query = {key: values[-1] for key, values in parse_qs(url.query).items()}
         parts = [unquote(part) for part in url.path.strip("/").split("/")]
@@ -883,7 +883,7 @@ class _KubeletHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - http.server's signature
+    def log_message(self, format: str, *args) -> None:
         pass  # the apiserver's requests are not the test's output
 
 

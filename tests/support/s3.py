@@ -120,7 +120,7 @@ def _wait_ready(server: S3Server, proc: subprocess.Popen, log_path: Path) -> Non
             client.create_bucket(Bucket="mot-ready-probe")
             client.put_object(Bucket="mot-ready-probe", Key="probe", Body=b"ok")
             return
-        except Exception as exc:  # noqa: BLE001 - not up yet
+        except Exception as exc:
             last_error = exc
             time.sleep(0.3)
     pytest.fail(f"SeaweedFS not ready in {_READY_TIMEOUT_S}s: {last_error}; log: {log_path.read_text()[-3000:]}")

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         write_termination_message("interrupted")
         return 130
-    except Exception as exc:  # noqa: BLE001 - everything else may succeed on retry
+    except Exception as exc:
         log.exception("failed")
         write_termination_message(f"{type(exc).__name__}: {exc}")
         return EXIT_FAILED

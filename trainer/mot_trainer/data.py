@@ -73,7 +73,7 @@ def read_raw(uri, raw: bytes | None = None) -> list[tuple[str, object]]:
 
         try:
             rows = pq.read_table(io.BytesIO(data)).to_pylist()
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for bad files
+        except Exception as exc:
             raise InvalidInput(f"{uri}: not a readable Parquet file ({exc})") from None
         return [(f"{uri} row {i}", row) for i, row in enumerate(rows, 1)]
     out = []

@@ -55,7 +55,7 @@ class _Server(ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002 - a scrape every 15 s would flood the log
+    def log_message(self, format, *args):
         pass
 
 

@@ -163,7 +163,7 @@ class _BackgroundWriter:
                     if self._error is None:
                         os.replace(path, job[1])
                     self._results.put(digest.hexdigest())
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            except BaseException as exc:
                 self._error = self._error or exc
                 if job[0] == "data" and job[2] is not None:
                     self._free.put(job[2])
