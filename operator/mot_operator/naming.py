@@ -7,7 +7,6 @@ recomputes the same name and a create answering AlreadyExists means the Job is a
 from __future__ import annotations
 
 import hashlib
-import re
 
 from . import contract
 
@@ -26,8 +25,6 @@ LABEL_JOB_NAME = "batch.kubernetes.io/job-name"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 APP_NAME = "mot-operator"
 
-_INVALID = re.compile(r"[^a-z0-9-]+")
-
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:HASH_LEN]
@@ -39,14 +36,6 @@ def shorten(name: str, limit: int = MAX_NAME) -> str:
         return name
     head = name[: limit - HASH_LEN - 1].rstrip("-.")
     return f"{head}-{_digest(name)}"
-
-
-def dns_label(text: str, limit: int = MAX_NAME) -> str:
-    """A DNS-1123 label from arbitrary text (lowercase, '-' for anything else, hashed when long)."""
-    clean = _INVALID.sub("-", text.lower()).strip("-") or "x"
-    if clean != text:  # keep different inputs apart after cleaning
-        clean = f"{clean}-{_digest(text)}"
-    return shorten(clean, limit)
 
 
 def job_name(run: str, round_: int, stage: str, attempt: int, teacher: str | None = None,

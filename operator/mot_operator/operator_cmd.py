@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     import kopf
 
     from . import controller
+    from .kube_api import KubeApi
     from .metrics import REGISTRY
 
     configure_logging(args.log_level, args.log_format)
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         progress_interval_seconds=max(args.progress_interval, 1.0),
     )
     load_kube_client_config()
-    controller.STATE.api = controller.KubeApi()
+    controller.STATE.api = KubeApi()
 
     health = Health()
     server = make_server(args.metrics_host, args.metrics_port, health, REGISTRY)

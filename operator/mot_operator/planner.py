@@ -18,7 +18,6 @@ from .spec import MoTRunSpec, RoleResources, SpecError
 
 PHASES = ("Pending", "Running", "Merging", "Evaluating", "Succeeded", "Failed", "Suspended")
 TERMINAL = ("Succeeded", "Failed")
-JOB_STATES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
 ACTIVE_JOB_STATES = ("Pending", "Running", "Suspended")
 CONDITION_TYPES = ("Ready", "Progressing", "Succeeded", "Failed", "Suspended")
 MAX_BACKOFF_SECONDS = 600.0

@@ -8,7 +8,7 @@ import asyncio
 import json
 from datetime import UTC, datetime
 
-from mot_operator import controller
+from mot_operator import controller, kube_executor, observe
 from mot_operator.jobs import OperatorConfig
 from mot_operator.planner import Event
 
@@ -67,42 +67,42 @@ def compact(summary):
 
 
 def test_observe_pending_running_suspended():
-    assert controller.observe_job(job_body()).state == "Pending"
+    assert observe.observe_job(job_body()).state == "Pending"
     # Active Pods that do not run yet are Pending; Running needs a ready (running) Pod.
-    assert controller.observe_job(job_body(status={"active": 1, "startTime": NOW})).state == "Pending"
-    assert controller.observe_job(job_body(status={"active": 1, "ready": 1, "startTime": NOW})).state == "Running"
-    assert controller.observe_job(job_body(status={"active": 1, "startTime": NOW}),
+    assert observe.observe_job(job_body(status={"active": 1, "startTime": NOW})).state == "Pending"
+    assert observe.observe_job(job_body(status={"active": 1, "ready": 1, "startTime": NOW})).state == "Running"
+    assert observe.observe_job(job_body(status={"active": 1, "startTime": NOW}),
                                   [live_pod(phase="Running")]).state == "Running"
-    assert controller.observe_job(job_body(suspend=True)).state == "Suspended"
-    obs = controller.observe_job(job_body(status={"active": 1, "ready": 1, "startTime": NOW}))
+    assert observe.observe_job(job_body(suspend=True)).state == "Suspended"
+    obs = observe.observe_job(job_body(status={"active": 1, "ready": 1, "startTime": NOW}))
     assert (obs.stage, obs.round, obs.teacher, obs.attempt) == ("sft", 1, "a", 1)
     assert obs.started_at == datetime(2026, 1, 1, 0, 0, 10, tzinfo=UTC)
-    assert controller.observe_job({"metadata": {"name": "x", "labels": {}}}) is None
+    assert observe.observe_job({"metadata": {"name": "x", "labels": {}}}) is None
 
 
 def test_observe_success_reads_metrics_from_the_termination_message():
     summary = json.dumps({"final_loss": 0.75, "tokens_per_second": 900})
-    obs = controller.observe_job(job_body(status={"conditions": [cond("Complete")], "completionTime": NOW}),
+    obs = observe.observe_job(job_body(status={"conditions": [cond("Complete")], "completionTime": NOW}),
                                  [pod_body(0, summary)])
     assert obs.state == "Succeeded" and obs.metrics["final_loss"] == 0.75 and obs.finished_at is not None
 
 
 def test_observe_failure_reasons_and_permanence():
     failed = job_body(status={"conditions": [cond("Failed", "BackoffLimitExceeded", "Job has reached the limit")]})
-    obs = controller.observe_job(failed, [pod_body(1, "Traceback...\nRetryableError: S3 timed out\n")])
+    obs = observe.observe_job(failed, [pod_body(1, "Traceback...\nRetryableError: S3 timed out\n")])
     assert obs.state == "Failed" and not obs.permanent and obs.message == "RetryableError: S3 timed out"
     policy = job_body(status={"conditions": [cond("Failed", "PodFailurePolicy", "exit code 2")]})
-    obs = controller.observe_job(policy, [pod_body(2, "data.jsonl line 3: not JSON")])
+    obs = observe.observe_job(policy, [pod_body(2, "data.jsonl line 3: not JSON")])
     assert obs.permanent and obs.message == "data.jsonl line 3: not JSON"
     deadline = job_body(status={"conditions": [cond("Failed", "DeadlineExceeded", "active too long")]})
-    obs = controller.observe_job(deadline, [])
+    obs = observe.observe_job(deadline, [])
     assert obs.state == "Failed" and not obs.permanent and "DeadlineExceeded" in obs.message
 
 
 def test_merge_patch_deletes_removed_keys_and_replaces_lists():
     old = {"phase": "Running", "failure": {"stage": "sft"}, "rounds": [{"round": 1}], "x": {"a": 1, "b": 2}}
     new = {"phase": "Failed", "rounds": [{"round": 1}, {"round": 2}], "x": {"a": 1}}
-    assert controller.merge_patch(old, new) == {
+    assert observe.merge_patch(old, new) == {
         "phase": "Failed", "failure": None, "rounds": [{"round": 1}, {"round": 2}], "x": {"b": None}}
 
 
@@ -171,7 +171,7 @@ def new_state(api, **config):
 def reconcile(body, api, jobs=(), state=None):
     state = state or new_state(api)
     index = {("ns", "demo"): list(jobs)}
-    return asyncio.run(controller.reconcile(body, body["status"], index, state, pod_index=api.pod_index()))
+    return asyncio.run(kube_executor.reconcile(body, body["status"], index, state, pod_index=api.pod_index()))
 
 
 def test_reconcile_writes_status_before_creating_jobs_and_posts_events():
@@ -227,7 +227,7 @@ def test_the_operator_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, mot_operator.operator_cmd, mot_operator.controller, mot_operator.cli; "
+    code = ("import sys, mot_operator.operator_cmd, mot_operator.controller, mot_operator.kube_api, mot_operator.cli; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
@@ -302,9 +302,9 @@ def test_a_deleted_run_leaves_nothing_behind(monkeypatch):
     async def life():
         state.waker("ns", "demo")  # the daemon starts
         await controller.run_changed(type="ADDED", namespace="ns", name="demo", meta=meta)
-        await controller.reconcile(motrun(), {}, {}, state)
+        await kube_executor.reconcile(motrun(), {}, {}, state)
         assert state.created  # its Jobs, until the watch shows them: it never will, once they are old
-        state.created = {job: at - controller.RECENT_CREATE_SECONDS for job, at in state.created.items()}
+        state.created = {job: at - kube_executor.RECENT_CREATE_SECONDS for job, at in state.created.items()}
         await controller.run_changed(type="MODIFIED", namespace="ns", name="demo",
                                      meta={**meta, "deletionTimestamp": NOW})
         state.drop_waker("ns", "demo")  # the daemon exits
@@ -432,11 +432,11 @@ def test_a_branch_finishing_before_the_others_is_recorded_in_one_status_write():
 
 def test_observe_a_preflight_job_reads_its_report_from_the_termination_message():
     done = {"conditions": [cond("Complete")], "completionTime": NOW, "startTime": "2026-01-01T00:00:02Z"}
-    obs = controller.observe_job(preflight_body(status=done), [pod_body(0, compact(PREFLIGHT_REPORT), job=PREFLIGHT)])
+    obs = observe.observe_job(preflight_body(status=done), [pod_body(0, compact(PREFLIGHT_REPORT), job=PREFLIGHT)])
     assert (obs.name, obs.stage, obs.round, obs.teacher, obs.attempt) == (PREFLIGHT, "preflight", 0, None, 1)
     assert obs.state == "Succeeded" and obs.metrics == PREFLIGHT_REPORT
     assert obs.finished_at == datetime(2026, 1, 1, 0, 0, 10, tzinfo=UTC)
-    running = controller.observe_job(preflight_body(status={"active": 1, "ready": 1, "startTime": NOW}))
+    running = observe.observe_job(preflight_body(status={"active": 1, "ready": 1, "startTime": NOW}))
     assert (running.state, running.metrics) == ("Running", None)
 
 
@@ -447,9 +447,9 @@ def test_a_preflight_report_of_many_teachers_is_read_whole():
     report = {**PREFLIGHT_REPORT, "teachers": {
         n: {"records": 12000, "p50": 1830, "p95": 3900, "max": 16120, "truncated": 0.0125} for n in names}}
     line = compact(report)
-    assert controller.MESSAGE_LIMIT < len(line) <= 4000
+    assert observe.MESSAGE_LIMIT < len(line) <= 4000
     done = {"conditions": [cond("Complete")], "completionTime": NOW}
-    obs = controller.observe_job(preflight_body(status=done), [pod_body(0, line, job=PREFLIGHT)])
+    obs = observe.observe_job(preflight_body(status=done), [pod_body(0, line, job=PREFLIGHT)])
     assert obs.metrics == report
 
 
@@ -527,28 +527,28 @@ def test_a_pod_the_scheduler_cannot_place_is_the_runs_reason_and_an_event():
 
 def test_container_waiting_reasons_are_read_as_the_kubelet_reports_them():
     pull = {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "x.invalid/t:1"'}
-    obs = controller.observe_job(job_body(status=STARTED), [live_pod(conditions=[SCHEDULED], waiting=pull)])
+    obs = observe.observe_job(job_body(status=STARTED), [live_pod(conditions=[SCHEDULED], waiting=pull)])
     assert obs.state == "Pending" and obs.waiting == pull
     creating = {"reason": "ContainerCreating"}
-    obs = controller.observe_job(job_body(status=STARTED), [live_pod(conditions=[SCHEDULED], waiting=creating)])
+    obs = observe.observe_job(job_body(status=STARTED), [live_pod(conditions=[SCHEDULED], waiting=creating)])
     assert obs.waiting == {"reason": "ContainerCreating", "message": ""}
     # A stuck Pod is told over a starting one (an Indexed Job's ranks).
-    obs = controller.observe_job(job_body(status=STARTED), [
+    obs = observe.observe_job(job_body(status=STARTED), [
         live_pod(conditions=[SCHEDULED], waiting=creating), live_pod(conditions=[SCHEDULED], waiting=pull)])
     assert obs.waiting["reason"] == "ImagePullBackOff"
-    assert controller.observe_job(job_body(status={}), [live_pod(conditions=[UNSCHEDULABLE])]).waiting is None
+    assert observe.observe_job(job_body(status={}), [live_pod(conditions=[UNSCHEDULABLE])]).waiting is None
 
 
 def test_an_oom_killed_pod_names_the_cause_and_the_memory_limit():
     failed = job_body(status={"conditions": [cond("Failed", "BackoffLimitExceeded", "Job has reached the limit")]})
     pod = pod_body(137, "", reason="OOMKilled")
     pod["spec"] = {"containers": [{"name": "trainer", "resources": {"limits": {"memory": "8Gi"}}}]}
-    obs = controller.observe_job(failed, [pod])
+    obs = observe.observe_job(failed, [pod])
     assert obs.reason == "OOMKilled" and not obs.permanent
     assert obs.message == ("OOMKilled: the trainer container of Pod demo-r1-sft-a-a1-x used more than its memory "
                            "limit (8Gi) and was killed (exit code 137)")
     deadline = job_body(status={"conditions": [cond("Failed", "DeadlineExceeded", "active too long")]})
-    assert controller.observe_job(deadline, []).reason == "DeadlineExceeded"
+    assert observe.observe_job(deadline, []).reason == "DeadlineExceeded"
 
 
 def test_a_disrupted_pod_is_remembered_from_its_event_and_told_once(monkeypatch):

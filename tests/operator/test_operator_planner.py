@@ -3,12 +3,14 @@ merge/eval failures, suspend/resume, rounds edited, terminal states, restart wit
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from mot_operator.planner import ObservedJob, RunRef, plan, plan_invalid
+from mot_operator import executor
+from mot_operator.planner import ObservedJob, Plan, RunRef, plan, plan_invalid
 from mot_operator.spec import SpecError, parse_spec
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -36,7 +38,8 @@ def make_spec(**overrides):
 
 
 class Cluster:
-    """Plays the executor: keeps observed Jobs, applies plans, advances a fake clock."""
+    """Plays the executor under the real `executor.step`: observes its Jobs, stores the status,
+    applies a plan's creates/suspends/resumes/deletes and records its Events; a fake clock."""
 
     def __init__(self, spec, status=None):
         self.spec = spec
@@ -47,12 +50,13 @@ class Cluster:
         self.created: list[str] = []
         self.last = None
 
-    def step(self, seconds: float = 1.0):
-        self.now += timedelta(seconds=seconds)
-        before = copy.deepcopy(self.status)
-        result = plan(RUN, self.spec, self.status, list(self.jobs.values()), self.now)
-        assert self.status == before, "plan must not mutate its input"
-        self.status = result.status
+    async def observe(self) -> list[ObservedJob]:
+        return list(self.jobs.values())
+
+    async def persist(self, old: dict, new: dict) -> None:
+        self.status = new
+
+    async def act(self, result: Plan) -> None:
         self.events += [(e.reason, e.message) for e in result.events]
         for req in result.create:
             self.created.append(req.name)
@@ -64,6 +68,12 @@ class Cluster:
             self.jobs[name].state = "Running"
         for name in result.delete:
             del self.jobs[name]
+
+    def step(self, seconds: float = 1.0):
+        self.now += timedelta(seconds=seconds)
+        status, before = self.status, copy.deepcopy(self.status)
+        result = asyncio.run(executor.step(status, self, executor.planner_for(RUN, self.spec), self.now))
+        assert status == before, "plan must not mutate its input"
         self.last = result
         return result
 

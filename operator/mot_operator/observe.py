@@ -1,0 +1,101 @@
+"""What a run's Jobs say, read from their bodies and their Pods' (pure functions): an ObservedJob per
+Job for the planner, whether a Job has ended, and the merge patch that writes a new status."""
+
+from __future__ import annotations
+
+from . import naming, podstate
+from .contract import EXIT_INVALID_INPUT, EXIT_OK, parse_timestamp, read_result
+from .planner import ObservedJob
+from .podstate import MESSAGE_LIMIT
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return (lines[-1] if lines else "")[:MESSAGE_LIMIT]
+
+
+def observe_job(job: dict, pods: list[dict] = ()) -> ObservedJob | None:
+    """An ObservedJob from a Job body (labels + status) and its Pods (podstate snapshots or bodies):
+    the trainer's termination message, what Kubernetes says ended them, why none runs yet."""
+    meta = job.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    try:
+        stage = labels[naming.LABEL_STAGE]
+        round_ = int(labels[naming.LABEL_ROUND])
+        attempt = int(labels[naming.LABEL_ATTEMPT])
+    except (KeyError, ValueError):
+        return None  # not one of ours, or labels edited by hand
+    status = job.get("status") or {}
+    true = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+    terms = [t for t in (podstate.termination(p) for p in pods) if t]
+    failed_terms = [t for t in terms if t["exit_code"] not in (EXIT_OK, None)]
+    started = status.get("startTime")
+    finished = None
+    permanent = False
+    metrics_ = None
+    message = ""
+    cause = None
+    waiting = None
+    if "Complete" in true or "SuccessCriteriaMet" in true:
+        state = "Succeeded"
+        finished = status.get("completionTime") or true.get("Complete", true.get("SuccessCriteriaMet")).get(
+            "lastTransitionTime")
+        for term in terms:
+            # Whole: a summary (the preflight's grows with the teachers) may pass MESSAGE_LIMIT.
+            metrics_ = read_result(term["message"])
+            if metrics_ is not None:
+                break
+    elif "Failed" in true or "FailureTarget" in true:
+        state = "Failed"
+        cond = true.get("Failed") or true.get("FailureTarget")
+        finished = cond.get("lastTransitionTime")
+        permanent = cond.get("reason") == "PodFailurePolicy" or any(
+            t["exit_code"] == EXIT_INVALID_INPUT for t in failed_terms)
+        found = podstate.failure_cause(pods)
+        source = failed_terms or terms
+        message = _last_line(source[0]["message"]) if source else ""
+        if found:
+            cause = found[0]
+            message = message or found[1][:MESSAGE_LIMIT]
+        elif cond.get("reason") == "DeadlineExceeded":  # spec.activeDeadlineSeconds
+            cause = "DeadlineExceeded"
+        if not message:
+            message = f"{cond.get('reason') or 'Failed'}: {cond.get('message') or 'the Job failed'}"[:MESSAGE_LIMIT]
+    elif (job.get("spec") or {}).get("suspend"):
+        state = "Suspended"
+    elif status.get("ready") or any(podstate.running(p) for p in pods):
+        state = "Running"
+    else:
+        # Started (or not yet) but no Pod runs: say why when the Pods do.
+        state = "Pending"
+        if started:
+            waiting = podstate.waiting([p for p in pods if podstate.job_of(p) in (None, meta.get("name"))])
+    return ObservedJob(
+        name=meta.get("name", ""), stage=stage, round=round_, teacher=labels.get(naming.LABEL_TEACHER),
+        attempt=attempt, state=state, permanent=permanent, message=message, metrics=metrics_,
+        started_at=parse_timestamp(started) if started else None,
+        finished_at=parse_timestamp(finished) if finished else None,
+        waiting=waiting, reason=cause,
+    )
+
+
+def merge_patch(old, new):
+    """RFC 7386 merge patch turning `old` into `new` (None deletes a key; lists are replaced)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return new
+    patch = {}
+    for key in old.keys() - new.keys():
+        patch[key] = None
+    for key, value in new.items():
+        if key not in old:
+            patch[key] = value
+        elif old[key] != value:
+            patch[key] = merge_patch(old[key], value)
+    return patch
+
+
+def job_finished(job: dict) -> bool:
+    """The Job has a condition that ends it (Complete/SuccessCriteriaMet, Failed/FailureTarget)."""
+    conditions = (job.get("status") or {}).get("conditions") or []
+    return any(c.get("status") == "True" and c.get("type") in ("Complete", "SuccessCriteriaMet", "Failed",
+                                                                "FailureTarget") for c in conditions)
