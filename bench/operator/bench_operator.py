@@ -183,7 +183,7 @@ def main() -> int:
         "--audit-log-mode=batch", "--audit-log-maxsize=0"))
     node = None
     operator = None
-    log = open(workdir / "operator.log", "wb")  # noqa: SIM115 - closed at the end
+    log = open(workdir / "operator.log", "wb")
     try:
         kubeconfig = install_operator_access(cluster)
         cluster.kubectl("create", "namespace", NAMESPACE)
