@@ -9,7 +9,7 @@ import sys
 
 from rich.console import Console
 
-from mot_operator.local.progress import Progress
+from mot_operator.local.progress import LiveView
 
 RECORD = {"step": 12, "totalSteps": 50, "loss": 0.5321, "learningRate": 0.001, "tokens": 12345,
           "tokensPerSecond": 987.1, "etaSeconds": 40.2, "elapsedSeconds": 10.3, "time": "2026-11-29T18:00:00Z"}
@@ -29,7 +29,7 @@ def record(step: int, **extra) -> dict:
 
 def test_plain_lines_without_escape_codes_throttled_per_process():
     out, clock = io.StringIO(), Clock()
-    view = Progress(stream=out, tty=False, plain_interval=10, clock=clock)
+    view = LiveView(stream=out, tty=False, plain_interval=10, clock=clock)
     view.set_header("MoTRun local/x: Running, round 1/2")
     view.set_header("MoTRun local/x: Running, round 1/2")  # unchanged: not printed again
     view.start("a", "r1 sft alpha")
@@ -61,7 +61,7 @@ def test_plain_lines_without_escape_codes_throttled_per_process():
 
 def test_terminal_block_shows_step_loss_speed_and_eta():
     out, clock = io.StringIO(), Clock()
-    view = Progress(console=Console(file=out, force_terminal=True, width=140), clock=clock)
+    view = LiveView(console=Console(file=out, force_terminal=True, width=140), clock=clock)
     assert view.tty
     view.set_header("MoTRun local/x: Running, round 1/2")
     view.start("a", "r1 sft alpha")
@@ -91,7 +91,7 @@ def test_terminal_block_shows_step_loss_speed_and_eta():
 
 def test_quiet_prints_nothing(capsys):
     with open(os.devnull, "w") as devnull:  # what `mot run --quiet` passes
-        view = Progress(stream=devnull)
+        view = LiveView(stream=devnull)
         view.set_header("h")
         view.start("a", "r1 sft alpha")
         view.feed("a", RECORD)
@@ -125,7 +125,7 @@ def test_runner_reads_progress_records_into_the_job_and_observed_job(tmp_path):
     def runner():
         return LocalRunner(RunRef("local", "x"), parse_spec(spec), spec, workdir, Options(
             trainer_cmd=[sys.executable, "-c", FAKE_TRAINER],
-            progress=Progress(stream=out, tty=False, plain_interval=0)))
+            progress=LiveView(stream=out, tty=False, plain_interval=0)))
 
     first = runner()
     (first.logs / "x-r1-a.progress.jsonl").write_text(json.dumps({"step": 99, "totalSteps": 99}) + "\n")

@@ -13,6 +13,8 @@ import io
 import json
 import random
 
+from mot_operator.contract import sft_args
+from mot_operator.local.state import LocalJob
 from mot_trainer import storage
 
 
@@ -20,10 +22,11 @@ def total_steps(spec) -> int:
     return spec.training.steps * spec.rounds
 
 
-def read_records(uri: str) -> list[dict]:
+def read_dataset_records(uri: str) -> list[dict]:
+    """A teacher's dataset (JSONL, or Parquet) as dicts, as stored: no checks, no tokenizing."""
     data = storage.read_bytes(uri)
     if uri.endswith(".parquet"):
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # here: pyarrow (large) only for Parquet data
 
         return pq.read_table(io.BytesIO(data)).to_pylist()
     return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
@@ -33,7 +36,7 @@ def union_dataset(data_uris: list[str], out_uri: str, seed: int = 0) -> str:
     """All teachers' records, shuffled with a fixed seed, as one JSONL object (written once)."""
     if storage.exists(out_uri):
         return out_uri
-    rows = [row for uri in data_uris for row in read_records(uri)]
+    rows = [row for uri in data_uris for row in read_dataset_records(uri)]
     random.Random(seed).shuffle(rows)
     storage.write_bytes(out_uri, "".join(json.dumps(r, default=str) + "\n" for r in rows).encode())
     return out_uri
@@ -41,15 +44,11 @@ def union_dataset(data_uris: list[str], out_uri: str, seed: int = 0) -> str:
 
 def baseline_sft_args(spec, data_uri: str, out: str, threads: int | None = None) -> list[str]:
     """A branch's round-1 arguments from the student, on `data_uri`, for the MoT run's total steps."""
-    from mot_operator.contract import sft_args
-
     return sft_args(spec, 1, data_uri, spec.student, out, steps=total_steps(spec), threads=threads)
 
 
 def schedule_baselines(runner) -> None:
-    """Adds the baseline SFT jobs, and each one's eval once it is trained."""
-    from mot_operator.local.runner import LocalJob
-
+    """Adds the baseline SFT jobs to `runner` (a LocalRunner), and each one's eval once it is trained."""
     spec = runner.spec
     base = storage.join(runner.run_uri(), "baselines")
     targets = {f"std-{t.name}": t.dataset for t in spec.teachers}
@@ -68,20 +67,3 @@ def schedule_baselines(runner) -> None:
         if trained.state == "Succeeded" and spec.evaluation is not None:
             runner.add_eval(f"baseline-eval-{label}", trained.output_uri, storage.join(base, f"eval-{label}.json"),
                             0, None, f"eval baseline {label}", role="baseline")
-
-
-def baseline_results(runner) -> dict:
-    """{label: {kind, steps, loss, eval}} from the finished baseline jobs."""
-    out = {}
-    for job in runner.jobs.values():
-        if job.role != "baseline" or job.stage != "sft":
-            continue
-        label = job.name.removeprefix("baseline-")
-        ev = runner.jobs.get(f"baseline-eval-{label}")
-        out["MTD" if label == "mtd" else label] = {
-            "kind": "MTD" if label == "mtd" else "STD",
-            "steps": total_steps(runner.spec),
-            "loss": (job.metrics or {}).get("final_loss") if job.state == "Succeeded" else None,
-            "eval": ev.metrics if ev and ev.state == "Succeeded" else None,
-        }
-    return out

@@ -102,7 +102,7 @@ def _raise_interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: stop childr
 def read_run(path: Path, workdir: Path | None = None):
     """The manifest at `path` read as `mot run` reads it: (manifest, workdir, localized spec dict,
     parsed spec). ManifestError (its text the whole message after "error: ") when it is invalid."""
-    from mot_operator.spec import SpecError, parse_spec
+    from mot_operator.spec import SpecError, parse_spec  # here: jsonschema and CEL load slowly (see run_spec)
 
     try:
         manifest = load_manifest(path)
@@ -130,10 +130,14 @@ def run(args: argparse.Namespace) -> int:
 
 def run_spec(meta: dict, spec, spec_dict: dict, workdir: Path, *, parallel=None, threads=None,
              compare=False, quiet=False, eval_branches=True) -> int:
+    # Here, not at the top: every `mot` command imports this module for its arguments (mot_operator.cli),
+    # `mot operator` too, whose image has no rich or matplotlib (the `local` extra).
     from mot_operator import status_table
     from mot_operator.local import report
-    from mot_operator.local.progress import Progress
-    from mot_operator.local.runner import LocalRunner, Options, collect_results, detect_gpus, split_threads
+    from mot_operator.local.processes import detect_gpus, split_threads
+    from mot_operator.local.progress import LiveView
+    from mot_operator.local.results import collect_results
+    from mot_operator.local.runner import LocalRunner, Options
     from mot_operator.planner import RunRef
     from mot_operator.spec import SpecError
 
@@ -141,12 +145,12 @@ def run_spec(meta: dict, spec, spec_dict: dict, workdir: Path, *, parallel=None,
     storage_env(spec_dict)
     gpus = detect_gpus()
     parallel, threads = split_threads(parallel, threads, gpus, os.cpu_count() or 1)
-    progress = Progress(stream=open(os.devnull, "w") if quiet else sys.stdout)  # noqa: SIM115
+    view = LiveView(stream=open(os.devnull, "w") if quiet else sys.stdout)
     ref = RunRef(namespace=meta.get("namespace") or "local", name=meta["name"])
     try:
         runner = LocalRunner(ref, spec, spec_dict, workdir, Options(
             parallel=parallel, threads=threads, compare=compare, eval_branches=eval_branches, gpus=gpus,
-            progress=progress))
+            progress=view))
     except SpecError as exc:
         print(f"error: cannot resume {workdir} with this manifest: {exc} (the run there started with "
               f"another spec; use another --workdir to start afresh)", file=sys.stderr)

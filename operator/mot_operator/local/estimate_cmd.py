@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigUnavailable, est_mod.ConfigError, ValueError) as exc:
         print(f"error: {path}: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    except Exception as exc:  # noqa: BLE001 - storage unreachable and the like: may pass on a retry
+    except Exception as exc:  # storage unreachable and the like: may pass on a retry
         print(f"error: {path}: {type(exc).__name__}: {exc} (a transient failure: try again)", file=sys.stderr)
         return EXIT_FAILED
     print(table(est, manifest["metadata"]["name"]))

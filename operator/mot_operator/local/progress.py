@@ -80,7 +80,7 @@ class TaskLine:
         return [Text(self.label, style="bold"), bar, *(Text(p) for p in self.fields())]
 
 
-class Progress:
+class LiveView:
     """The view the runner drives: set_header, start, feed (a progress record), finish, message,
     redraw, close."""
 

@@ -1,7 +1,7 @@
 """The end-of-run report: per round, each branch's loss and eval score and the merged model's, plus
 the baselines when `--compare` ran. A terminal table, `report.md` and a PNG plot.
 
-Input is the results dict the runner collects (`runner.collect_results`):
+Input is the results dict the runner collects (`results.collect_results`):
     {"run": str, "total_steps": int, "start": {"eval": E} | None,
      "rounds": [{"round": r, "branches": {teacher: {"loss": float, "eval": E}}, "merged": {"eval": E}}],
      "baselines": {label: {"kind": "STD"|"MTD", "steps": int, "loss": float, "eval": E}}}

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     except InvalidInput as exc:
         print(f"error: {path}: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    except Exception as exc:  # noqa: BLE001 - storage unreachable and the like: may pass on a retry
+    except Exception as exc:  # storage unreachable and the like: may pass on a retry
         print(f"error: {path}: {type(exc).__name__}: {exc} (a transient failure: try again)", file=sys.stderr)
         return EXIT_FAILED
     print(f"MoTRun {name}: {len(spec.teachers)} teachers, student {spec.student}")

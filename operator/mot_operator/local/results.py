@@ -1,0 +1,92 @@
+"""What finished jobs produced: whether a job's output is complete in storage, its result, and the
+report's input (`collect_results`, see report.py) from all of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mot_operator.contract import read_result
+from mot_operator.local.baselines import total_steps
+from mot_operator.local.processes import termination_message
+from mot_operator.local.state import LocalJob
+from mot_trainer import storage
+
+
+def output_complete(job: LocalJob) -> bool:
+    """The job's output is whole in storage: a valid checkpoint manifest, or a preflight's or eval's JSON."""
+    try:
+        if job.stage in ("eval", "preflight"):  # a JSON written whole at the end
+            return storage.exists(job.output_uri)
+        return storage.read_checkpoint_manifest(job.output_uri) is not None
+    except Exception:  # unreadable output is incomplete output
+        return False
+
+
+def job_result(job: LocalJob, logs: Path) -> dict | None:
+    """A finished job's result: the trainer's JSON summary from its termination message (as the
+    controller reads it, contract.read_result), except an eval's, read whole from its JSON in
+    storage (the report and results.json use what the summary lacks: problems, samples, each
+    problem's answers). Storage too when the message has none: a job found complete after a
+    restart (its process stopped before writing it) or a summary cut at the message's size limit."""
+    if job.stage != "eval":
+        found = read_result(termination_message(logs, job.name))
+        if found is not None:
+            return found
+    if job.stage in ("eval", "preflight"):
+        return storage.read_json(job.output_uri)
+    found = storage.read_checkpoint_manifest(job.output_uri)
+    return (found or {}).get("metrics")
+
+
+def collect_results(runner) -> dict:
+    """The report's input (see report.py) from the runner's finished jobs."""
+
+    def done(name: str) -> dict | None:
+        job = runner.jobs.get(name)
+        return job.metrics if job and job.state == "Succeeded" else None
+
+    rounds: dict[int, dict] = {}
+    for job in sorted(runner.jobs.values(), key=lambda j: j.order):
+        if job.role != "mot" or job.state != "Succeeded" or job.stage == "preflight":
+            continue
+        entry = rounds.setdefault(job.round, {"round": job.round, "branches": {}, "merged": {}})
+        if job.stage == "sft":
+            entry["branches"][job.teacher] = {
+                "loss": (job.metrics or {}).get("final_loss"),
+                "eval": done(f"eval-r{job.round}-{job.teacher}"),
+                "checkpoint": job.output_uri,
+            }
+        elif job.stage == "merge":
+            entry["merged"]["checkpoint"] = job.output_uri
+        elif job.stage == "eval":
+            entry["merged"]["eval"] = job.metrics
+    total = total_steps(runner.spec)
+    start = done("eval-start")
+    return {
+        "run": f"{runner.run_ref.namespace}/{runner.run_ref.name}",
+        "phase": runner.status.get("phase"),
+        "total_steps": total,
+        "start": {"eval": start} if start else None,
+        "preflight": next((j.metrics for j in runner.jobs.values()
+                           if j.stage == "preflight" and j.role == "mot" and j.state == "Succeeded"), None),
+        "rounds": [rounds[r] for r in sorted(rounds)],
+        "baselines": baseline_results(runner),
+    }
+
+
+def baseline_results(runner) -> dict:
+    """{label: {kind, steps, loss, eval}} from the finished baseline jobs."""
+    out = {}
+    for job in runner.jobs.values():
+        if job.role != "baseline" or job.stage != "sft":
+            continue
+        label = job.name.removeprefix("baseline-")
+        ev = runner.jobs.get(f"baseline-eval-{label}")
+        out["MTD" if label == "mtd" else label] = {
+            "kind": "MTD" if label == "mtd" else "STD",
+            "steps": total_steps(runner.spec),
+            "loss": (job.metrics or {}).get("final_loss") if job.state == "Succeeded" else None,
+            "eval": ev.metrics if ev and ev.state == "Succeeded" else None,
+        }
+    return out
