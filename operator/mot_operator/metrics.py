@@ -74,9 +74,12 @@ for _stage in contract.STAGES:  # from 0, so increase() sees a stage's first dis
 
 
 def _entries(status: dict):
-    """(round, stage, teacher, entry) of every stage record in a status (the preflight's round is 0)."""
+    """(round, stage, teacher, entry) of every stage record in a status (the preflight's and the
+    student's eval's round is 0)."""
     if status.get("preflight"):
         yield 0, "preflight", None, status["preflight"]
+    if (status.get("student") or {}).get("eval"):  # round 0: the student's own eval
+        yield 0, "eval", None, status["student"]["eval"]
     for rec in status.get("rounds") or []:
         for teacher, entry in (rec.get("branches") or {}).items():
             yield rec.get("round"), "sft", teacher, entry

@@ -203,15 +203,34 @@ class _Planner:
                                    f"{'s' if count != 1 else ''}' data{', the eval set' if self.spec.evaluation else ''}"
                                    " and storage")
                 return self.finish()
+        student = self.advance_student_eval()
+        if student == "failed":
+            return self.finish()
         while True:
             outcome = self.advance_round(s["round"])
             if outcome != "done":
                 break
             if s["round"] >= self.spec.rounds:
-                self.succeed()
+                if student == "done":
+                    self.succeed()
+                else:  # every round is done; the student's own score is still to come
+                    self.set_phase("Evaluating", "evaluating the student (round 0) to compare the rounds with")
                 break
             s["round"] += 1
         return self.finish()
+
+    def advance_student_eval(self) -> str:
+        """Round 0: the student's own eval, beside round 1, so every run shows where it started (SFT
+        can lower a strong student). Only with spec.evaluation, and not for a run that had rounds
+        before this stage existed."""
+        s = self.status
+        if self.spec.evaluation is None or ("student" not in s and s.get("rounds")):
+            return "done"
+        rec = s.setdefault("student", {"model": self.spec.student})
+        outcome = self.advance_stage(rec, "eval")
+        if outcome == "done" and rec["eval"].get("score") is not None:
+            rec["evalScore"] = rec["eval"]["score"]
+        return outcome
 
     def handle_suspension(self) -> None:
         s = self.status
@@ -482,8 +501,9 @@ class _Planner:
             inputs = [rec["branches"][t.name]["checkpoint"] for t in teachers]
             args = contract.merge_args(self.spec, inputs, [t.weight for t in teachers], rec["init"], out)
             resources = self.spec.resources.merge
-        else:
-            args = contract.eval_args(self.spec, rec["merge"]["checkpoint"], out, threads=self.threads)
+        else:  # a round's merged model, or in round 0 the student
+            model = rec["merge"]["checkpoint"] if round_ else rec["model"]
+            args = contract.eval_args(self.spec, model, out, threads=self.threads)
             resources = self.spec.resources.eval
         return JobRequest(name=name, stage=stage, round=round_, teacher=teacher, attempt=attempt,
                           args=args, output_uri=out, resources=resources)
@@ -493,6 +513,8 @@ class _Planner:
             return "preflight"
         if stage == "sft":
             return f"branch {teacher!r} of round {round_}"
+        if not round_:
+            return "evaluation of the student (round 0)"
         return f"{'merge' if stage == 'merge' else 'evaluation'} of round {round_}"
 
     # -- terminal transitions -----------------------------------------------------------------
@@ -541,8 +563,8 @@ class _Planner:
         self.status["message"] = message
 
     def started_any(self) -> bool:
-        for rec in self.status.get("rounds", []):
-            entries = list(rec.get("branches", {}).values()) + [rec.get("merge"), rec.get("eval")]
+        for rec in [self.status.get("student") or {}, *self.status.get("rounds", [])]:
+            entries = list((rec.get("branches") or {}).values()) + [rec.get("merge"), rec.get("eval")]
             # Suspended (e.g. queued by Kueue) has not started either.
             if any(e and e.get("state") not in ("Pending", "Suspended") for e in entries):
                 return True
@@ -637,9 +659,12 @@ def duration(seconds: float) -> str:
 
 
 def _stage_entries(status: dict):
-    """Every stage entry of a status: the preflight's, then each round's branches, merge and eval."""
+    """Every stage entry of a status: the preflight's, the student's eval, then each round's branches,
+    merge and eval."""
     if status.get("preflight"):
         yield status["preflight"]
+    if (status.get("student") or {}).get("eval"):
+        yield status["student"]["eval"]
     for rec in status.get("rounds", []):
         yield from rec.get("branches", {}).values()
         for stage in ("merge", "eval"):
@@ -661,7 +686,8 @@ def preflight_pending(spec: MoTRunSpec, status: dict) -> bool:
 
 
 def _round_of(rec: dict, stage: str) -> int:
-    return 0 if stage == "preflight" else rec["round"]
+    """The preflight and the student's eval (`status.student`, no round number) are round 0."""
+    return 0 if stage == "preflight" else rec.get("round", 0)
 
 
 def preflight_summary(entry: dict) -> str:

@@ -112,7 +112,8 @@ def teacher_names(spec: dict | None) -> list[str]:
 
 
 def rows(status: dict | None, spec: dict | None = None) -> list[list[str]]:
-    """The table's rows: the preflight (when it ran), then per round its branches and its merge."""
+    """The table's rows: the preflight (when it ran), the student's eval (round 0), then per round its
+    branches and its merge."""
     status, spec = status or {}, spec or {}
     total_steps = ((spec.get("training") or {}).get("steps"))
     out = []
@@ -120,6 +121,12 @@ def rows(status: dict | None, spec: dict | None = None) -> list[list[str]]:
     if preflight:
         out.append(["-", "preflight", _state(preflight), _attempt(preflight), "-", "-", "-",
                     short_checkpoint(preflight.get("checkpoint"))])
+    student = status.get("student")
+    if student:  # round 0: where the run started
+        evaluation = student.get("eval")
+        score = student.get("evalScore", (evaluation or {}).get("score"))
+        out.append(["0", "student", _state(evaluation), _attempt(evaluation), "-", "-", _num(score),
+                    short_checkpoint(student.get("model"))])
     teachers = teacher_names(spec)
     for rec in status.get("rounds") or []:
         round_ = str(rec.get("round", "?"))

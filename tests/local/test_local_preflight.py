@@ -179,8 +179,8 @@ def test_passing_preflight_prints_its_table_before_any_branch_starts(compare_run
     ({}, {"preflight": {"state": "Succeeded"}, "phase": "Failed"}, False),
 ])
 def test_report_and_baseline_work_waits_for_the_preflight(tmp_path, preflight, status, scheduled):
-    """The start eval and the --compare baselines (sft processes) are scheduled only once the
-    preflight passed (or is off), never beside it or after a failure."""
+    """The --compare baselines (sft processes) are scheduled only once the preflight passed (or is
+    off), never beside it or after a failure. (The student's eval is the planner's round 0.)"""
     from mot_operator.local.runner import LocalRunner, Options
     from mot_operator.planner import RunRef
     from mot_operator.spec import parse_spec
@@ -191,5 +191,5 @@ def test_report_and_baseline_work_waits_for_the_preflight(tmp_path, preflight, s
     runner = LocalRunner(RunRef("local", "x"), parse_spec(spec), spec, tmp_path / "work", Options(compare=True))
     runner.status = status
     runner.schedule_extras()
-    expected = {"eval-start", "baseline-std-a", "baseline-mtd"} if scheduled else set()
+    expected = {"baseline-std-a", "baseline-mtd"} if scheduled else set()
     assert set(runner.jobs) == expected

@@ -246,7 +246,7 @@ def test_every_job_of_a_full_run_validates():
             rendered += render(req, spec, RUN, CONFIG)
             jobs.append(ObservedJob(req.name, req.stage, req.round, req.teacher, req.attempt, "Succeeded"))
     assert [o["metadata"]["labels"]["mot.dev/stage"] for o in rendered] == [
-        "preflight", "sft", "sft", "merge", "eval"]
+        "preflight", "eval", "sft", "sft", "merge", "eval"]  # the first eval: round 0, the student
     for obj in rendered:
         validate(obj)
         assert len(obj["metadata"]["name"]) <= 63 and DNS_LABEL.match(obj["metadata"]["name"])

@@ -98,7 +98,9 @@ class Cluster:
         if [r.stage for r in result.create] == ["preflight"]:
             self.finish(result.create[0].name, metrics=PREFLIGHT_REPORT)
             result = self.step()
-        assert {r.stage for r in result.create} == {"sft"}, [r.name for r in result.create]
+        # (with spec.evaluation, round 0's eval of the student starts beside them)
+        assert {r.stage for r in result.create if r.round} == {"sft"}, [r.name for r in result.create]
+        assert {(r.stage, r.round) for r in result.create if not r.round} <= {("eval", 0)}
         return result
 
     def reasons(self):
@@ -119,6 +121,7 @@ def test_happy_path_rounds_branches_merge_eval():
     run_to_end(cluster)
     assert cluster.created == [
         "demo-preflight-a1",
+        "demo-r0-eval-a1",  # the student's own score, beside round 1
         "demo-r1-sft-a-a1", "demo-r1-sft-b-a1", "demo-r1-merge-a1", "demo-r1-eval-a1",
         "demo-r2-sft-a-a1", "demo-r2-sft-b-a1", "demo-r2-merge-a1", "demo-r2-eval-a1",
     ]
@@ -139,8 +142,9 @@ def test_happy_path_rounds_branches_merge_eval():
     conditions = {c["type"]: c for c in s["conditions"]}
     assert conditions["Succeeded"]["status"] == "True" and conditions["Ready"]["status"] == "True"
     assert conditions["Progressing"]["status"] == "False" and conditions["Failed"]["status"] == "False"
+    assert s["student"]["evalScore"] == 0.5 and s["student"]["eval"]["checkpoint"] == "s3://ckpt/ns/demo/round-0/eval.json"
     assert cluster.reasons() == [
-        "PreflightStarted", "PreflightPassed",
+        "PreflightStarted", "PreflightPassed", "EvalStarted",
         "BranchStarted", "BranchStarted", "MergeStarted", "EvalStarted", "RoundCompleted",
         "BranchStarted", "BranchStarted", "MergeStarted", "EvalStarted", "RoundCompleted", "Succeeded",
     ]
@@ -152,7 +156,7 @@ def test_job_arguments_follow_the_trainer_contract():
                                {"name": "b", "dataset": "s3://d/b", "weight": 3}],
                      evaluation={"dataset": "s3://d/eval", "samples": 2, "threads": 1})
     cluster = Cluster(spec)
-    sft = cluster.start().create[0]
+    sft = next(r for r in cluster.start().create if r.stage == "sft")
     assert sft.args[:7] == ["sft", "--init", "s3://models/student", "--data", "s3://d/a", "--out",
                             "s3://ckpt/ns/demo/round-1/branch-a"]
     assert sft.args[sft.args.index("--steps") + 1] == "7"
@@ -477,8 +481,8 @@ def test_preflight_runs_first_and_its_findings_are_recorded_before_branches_star
     assert cluster.events[1] == ("PreflightPassed",
                                  "preflight passed: a 1200 records, p95 3900 tokens, 1.5% truncated; "
                                  "b 800 records, p95 2100 tokens, 0.0% truncated; eval set 100 problems")
-    # The branches start in the same pass, from the student.
-    assert [r.name for r in result.create] == ["demo-r1-sft-a-a1", "demo-r1-sft-b-a1"]
+    # The branches start in the same pass, from the student (and the student's own eval, round 0).
+    assert [r.name for r in result.create] == ["demo-r0-eval-a1", "demo-r1-sft-a-a1", "demo-r1-sft-b-a1"]
     assert cluster.status["rounds"][0]["init"] == "s3://models/student"
     assert conditions_of(cluster.status)["Progressing"]["reason"] == "Pending"
     cluster.step()
@@ -790,3 +794,40 @@ def test_an_oom_killed_attempt_names_the_cause_while_retrying_and_when_failed():
     cluster.step()
     assert cluster.status["phase"] == "Failed" and cluster.status["reason"] == "OOMKilled"
     assert "memory limit (8Gi)" in cluster.status["message"]
+
+
+def test_round_0_evaluates_the_student_beside_round_1_and_the_run_waits_for_it():
+    cluster = Cluster(make_spec(rounds=1, evaluation={"dataset": "s3://d/eval"}))
+    result = cluster.start()
+    assert [r.name for r in result.create] == ["demo-r0-eval-a1", "demo-r1-sft-a-a1", "demo-r1-sft-b-a1"]
+    student = next(r for r in result.create if r.round == 0)
+    assert student.args[student.args.index("--model") + 1] == "s3://models/student"
+    assert dict(cluster.events)["EvalStarted"] == "evaluation of the student (round 0) started (demo-r0-eval-a1)"
+    # Round 1 finishes first: the run waits for the student's score before it succeeds.
+    cluster.jobs["demo-r0-eval-a1"].state = "Running"
+    for _ in range(4):
+        for job in list(cluster.jobs.values()):
+            if job.round == 1 and job.state in ("Pending", "Running"):
+                cluster.finish(job.name, metrics={"final_loss": 1.0, "accuracy": 0.25})
+        cluster.step()
+    assert cluster.status["phase"] == "Evaluating"
+    assert cluster.status["message"] == "evaluating the student (round 0) to compare the rounds with"
+    cluster.finish("demo-r0-eval-a1", metrics={"accuracy": 0.75})
+    cluster.step()
+    s = cluster.status
+    assert s["phase"] == "Succeeded" and s["student"] == {
+        "model": "s3://models/student", "evalScore": 0.75, "eval": s["student"]["eval"]}
+    assert s["student"]["eval"]["score"] == 0.75 and s["rounds"][0]["evalScore"] == 0.25
+
+
+def test_a_run_without_evaluation_or_started_before_round_0_existed_has_none():
+    plain = Cluster(make_spec(rounds=1))
+    plain.start()
+    assert "student" not in plain.status and not [n for n in plain.created if "-r0-" in n]
+    spec = make_spec(rounds=2, evaluation={"dataset": "s3://d/eval"}, preflight={"enabled": False})
+    old = Cluster(spec, status={"phase": "Running", "round": 2, "startTime": "2026-01-01T00:00:00Z",
+                                "rounds": [{"round": 1, "init": "s3://models/student", "branches": {},
+                                            "mergedCheckpoint": "s3://ckpt/ns/demo/round-1/merged",
+                                            "completionTime": "2026-01-01T00:00:00Z"}]})
+    old.step()
+    assert "student" not in old.status and not [n for n in old.created if "-r0-" in n]

@@ -175,3 +175,14 @@ def test_short_checkpoint():
     assert short_checkpoint(f"{ROOT}/round-2/merged/") == "round-2/merged"
     assert short_checkpoint(None) == "-"
     assert short_checkpoint("local") == "local"
+
+
+def test_round_0_shows_the_students_own_score():
+    from mot_operator import status_table
+
+    status = {"phase": "Running", "round": 1, "student": {
+        "model": "s3://b/models/qwen3-8b", "evalScore": 0.715,
+        "eval": {"job": "r-r0-eval-a1", "attempt": 1, "state": "Succeeded", "score": 0.715}},
+        "rounds": [{"round": 1, "branches": {}}]}
+    [row] = [r for r in status_table.rows(status, {"teachers": []}) if r[0] == "0"]
+    assert row[:3] == ["0", "student", "Succeeded"] and row[6] == status_table._num(0.715)

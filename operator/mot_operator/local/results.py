@@ -47,8 +47,12 @@ def collect_results(runner) -> dict:
         return job.metrics if job and job.state == "Succeeded" else None
 
     rounds: dict[int, dict] = {}
+    start = None
     for job in sorted(runner.jobs.values(), key=lambda j: j.order):
         if job.role != "mot" or job.state != "Succeeded" or job.stage == "preflight":
+            continue
+        if job.round == 0:  # the planner's round 0: the student's own eval
+            start = job.metrics
             continue
         entry = rounds.setdefault(job.round, {"round": job.round, "branches": {}, "merged": {}})
         if job.stage == "sft":
@@ -62,7 +66,6 @@ def collect_results(runner) -> dict:
         elif job.stage == "eval":
             entry["merged"]["eval"] = job.metrics
     total = total_steps(runner.spec)
-    start = done("eval-start")
     return {
         "run": f"{runner.run_ref.namespace}/{runner.run_ref.name}",
         "phase": runner.status.get("phase"),

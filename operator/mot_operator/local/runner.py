@@ -260,7 +260,7 @@ class LocalRunner:
         return naming.run_uri(self.spec.storage.uri, self.run_ref.namespace, self.run_ref.name)
 
     def schedule_extras(self) -> None:
-        """Report-only evals (the student, then every finished branch) and, with --compare, baselines.
+        """Report-only evals (every finished branch) and, with --compare, baselines.
         Without `spec.evaluation` there is nothing to score: the report shows losses only. None of it
         before the preflight passed: a run with bad inputs starts no trainer besides the preflight."""
         if self.status.get("phase") == "Failed" or preflight_pending(self.spec, self.status):
@@ -270,8 +270,7 @@ class LocalRunner:
         if self.spec.evaluation is None:
             return
         base = self.run_uri()
-        self.add_eval("eval-start", self.spec.student, storage.join(base, "report", "eval-start.json"), 0, None,
-                      "eval start (student)")
+        # (The student's own eval is the planner's round 0, as in a cluster.)
         for job in self.mot_jobs("sft") if self.opt.eval_branches else []:
             out = storage.join(base, "report", f"eval-round-{job.round}-branch-{job.teacher}.json")
             self.add_eval(f"eval-r{job.round}-{job.teacher}", job.output_uri, out, job.round, job.teacher,
