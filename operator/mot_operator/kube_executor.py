@@ -14,21 +14,16 @@ import json
 import logging
 import time
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from . import jobs as jobrender
 from . import metrics, naming, podstate
+from .controller_state import RECENT_CREATE_SECONDS, ControllerState
 from .executor import planner_for, step
 from .observe import job_finished, merge_patch, observe_job
 from .planner import TERMINAL, ObservedJob, Plan, RunRef
 from .podstate import MESSAGE_LIMIT
 from .spec import MoTRunSpec, SpecError, parse_spec
 
-if TYPE_CHECKING:
-    from .controller import ControllerState
-
-# A Job this process created recently is not created again while the watch catches up with it.
-RECENT_CREATE_SECONDS = 30.0
 log = logging.getLogger(__name__)
 
 
