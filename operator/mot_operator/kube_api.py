@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import kopf
 
 from . import naming
-from .podstate import MESSAGE_LIMIT
+from .planner import MESSAGE_LIMIT
 from .spec import GROUP, PLURAL, VERSION
 
 # The official client blocks: calls run in this many threads (over as many pooled connections), so

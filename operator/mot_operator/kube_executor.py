@@ -20,8 +20,7 @@ from . import metrics, naming, podstate
 from .controller_state import RECENT_CREATE_SECONDS, ControllerState
 from .executor import planner_for, step
 from .observe import job_finished, merge_patch, observe_job
-from .planner import TERMINAL, ObservedJob, Plan, RunRef
-from .podstate import MESSAGE_LIMIT
+from .planner import MESSAGE_LIMIT, TERMINAL, ObservedJob, Plan, RunRef
 from .spec import MoTRunSpec, SpecError, parse_spec
 
 log = logging.getLogger(__name__)

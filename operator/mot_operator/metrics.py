@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from . import contract
 from .contract import parse_timestamp
-from .planner import PHASES, Plan
+from .planner import PHASES, Plan, stage_entries
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -73,27 +73,12 @@ for _stage in contract.STAGES:  # from 0, so increase() sees a stage's first dis
         STAGE_DISRUPTIONS.labels(stage=_stage, reason=_reason)
 
 
-def _entries(status: dict):
-    """(round, stage, teacher, entry) of every stage record in a status (the preflight's and the
-    student's eval's round is 0)."""
-    if status.get("preflight"):
-        yield 0, "preflight", None, status["preflight"]
-    if (status.get("student") or {}).get("eval"):  # round 0: the student's own eval
-        yield 0, "eval", None, status["student"]["eval"]
-    for rec in status.get("rounds") or []:
-        for teacher, entry in (rec.get("branches") or {}).items():
-            yield rec.get("round"), "sft", teacher, entry
-        for stage in ("merge", "eval"):
-            if rec.get(stage):
-                yield rec.get("round"), stage, None, rec[stage]
-
-
 def record_transitions(old: dict, new: dict) -> None:
     """Count Jobs that succeeded and Pods disrupted between two statuses, with Job durations."""
-    before = {(r, s, t): (e.get("attempt"), e.get("state")) for r, s, t, e in _entries(old or {})}
+    before = {(r, s, t): (e.get("attempt"), e.get("state")) for r, s, t, e in stage_entries(old or {})}
     disrupted_before = {(r, s, t): {d.get("pod") for d in e.get("disruptions") or []}
-                        for r, s, t, e in _entries(old or {})}
-    for round_, stage, teacher, entry in _entries(new):
+                        for r, s, t, e in stage_entries(old or {})}
+    for round_, stage, teacher, entry in stage_entries(new):
         # A Pod is named once in a stage's list (the planner dedupes by name), so a name the old
         # status lacks is a new disruption.
         known = disrupted_before.get((round_, stage, teacher), set())
@@ -212,7 +197,7 @@ def _observe_waiting(namespace: str, name: str, status: dict) -> None:
     """One series per waiting stage, valued at its `since`; gone once it runs, ends or the run stops."""
     waiting: dict[tuple[str, str, str], float] = {}
     if status.get("phase") not in IDLE_PHASES:  # a stopped run's stages wait for nothing
-        for _round, stage, teacher, entry in _entries(status):
+        for _round, stage, teacher, entry in stage_entries(status):
             info = entry.get("waiting") or {}
             if entry.get("state") in ACTIVE_STATES and info.get("since"):
                 labels = (stage, teacher or "", info.get("reason") or "PodPending")
@@ -232,7 +217,7 @@ def last_progress(status: dict) -> float | None:
     stamps += [c.get("lastTransitionTime") for c in status.get("conditions") or []]
     for rec in status.get("rounds") or []:
         stamps += [rec.get("startTime"), rec.get("completionTime")]
-    for _round, _stage, _teacher, entry in _entries(status):
+    for _round, _stage, _teacher, entry in stage_entries(status):
         stamps += [entry.get("startTime"), entry.get("completionTime")]
     times = [parse_timestamp(s).timestamp() for s in stamps if s]
     return max(times) if times else None

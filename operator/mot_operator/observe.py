@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from . import naming, podstate
 from .contract import EXIT_INVALID_INPUT, EXIT_OK, parse_timestamp, read_result
-from .planner import ObservedJob
-from .podstate import MESSAGE_LIMIT
+from .planner import MESSAGE_LIMIT, ObservedJob
 
 
 def _last_line(text: str) -> str:

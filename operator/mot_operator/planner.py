@@ -508,14 +508,9 @@ class _Planner:
         return JobRequest(name=name, stage=stage, round=round_, teacher=teacher, attempt=attempt,
                           args=args, output_uri=out, resources=resources)
 
-    def describe(self, stage: str, teacher: str | None, round_: int) -> str:
-        if stage == "preflight":
-            return "preflight"
-        if stage == "sft":
-            return f"branch {teacher!r} of round {round_}"
-        if not round_:
-            return "evaluation of the student (round 0)"
-        return f"{'merge' if stage == 'merge' else 'evaluation'} of round {round_}"
+    @staticmethod
+    def describe(stage: str, teacher: str | None, round_: int) -> str:
+        return describe_stage(stage, round_, teacher)
 
     # -- terminal transitions -----------------------------------------------------------------
 
@@ -579,7 +574,7 @@ class _Planner:
         s["teacherCount"] = len(self.spec.teachers)
         s["observedGeneration"] = self.run_ref.generation
         phase = s["phase"]
-        retrying = [e for e in _stage_entries(s) if e.get("state") == "Retrying"]
+        retrying = [e for _r, _s, _t, e in stage_entries(s) if e.get("state") == "Retrying"]
         if phase == "Failed":
             reason = self.failure_reason or "Failed"
         elif phase == "Succeeded":
@@ -648,6 +643,18 @@ class _Planner:
         s["progressDisplay"] = display
 
 
+def describe_stage(stage: str, round_: int | None = None, teacher: str | None = None) -> str:
+    """How messages name a stage: "preflight", "branch 'a' of round 2", "merge of round 2",
+    "evaluation of round 2", "evaluation of the student (round 0)"."""
+    if stage == "preflight":
+        return "preflight"
+    if stage == "sft":
+        return f"branch {teacher!r} of round {round_}"
+    if not round_:
+        return "evaluation of the student (round 0)"
+    return f"{'merge' if stage == 'merge' else 'evaluation'} of round {round_}"
+
+
 def duration(seconds: float) -> str:
     """1h05m, 4m10s, 12s: a time left, as people read it."""
     seconds = int(round(max(seconds, 0)))
@@ -658,18 +665,20 @@ def duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def _stage_entries(status: dict):
-    """Every stage entry of a status: the preflight's, the student's eval, then each round's branches,
-    merge and eval."""
+def stage_entries(status: dict | None):
+    """(round, stage, teacher, entry) of every stage entry of a status: the preflight's and the
+    student's eval (round 0), then each round's branches, merge and eval."""
+    status = status or {}
     if status.get("preflight"):
-        yield status["preflight"]
+        yield 0, "preflight", None, status["preflight"]
     if (status.get("student") or {}).get("eval"):
-        yield status["student"]["eval"]
-    for rec in status.get("rounds", []):
-        yield from rec.get("branches", {}).values()
+        yield 0, "eval", None, status["student"]["eval"]
+    for rec in status.get("rounds") or []:
+        for teacher, entry in (rec.get("branches") or {}).items():
+            yield rec.get("round"), "sft", teacher, entry or {}
         for stage in ("merge", "eval"):
             if rec.get(stage):
-                yield rec[stage]
+                yield rec.get("round"), stage, None, rec[stage]
 
 
 def preflight_applies(spec: MoTRunSpec, status: dict) -> bool:

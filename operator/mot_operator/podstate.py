@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from . import jobs as jobrender
 from . import naming
+from .planner import MESSAGE_LIMIT
 
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 # A container waiting for one of these will not start by itself (as the kubelet names them).
@@ -17,7 +18,6 @@ STUCK_CONTAINER_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName
 DISRUPTION_REASONS = {"PreemptionByScheduler": "Preempted", "EvictionByEvictionAPI": "Evicted",
                       "TerminationByKubelet": "Evicted", "DeletionByTaintManager": "Evicted",
                       "DeletionByPodGC": "Evicted"}
-MESSAGE_LIMIT = 1024
 
 
 def snapshot(body: dict) -> dict:

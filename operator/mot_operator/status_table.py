@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import datetime as dt
 
+from .planner import describe_stage as describe
+from .planner import stage_entries
+
 HEADER = ["ROUND", "MODEL", "STATE", "ATTEMPT", "STEP", "LOSS", "EVAL", "CHECKPOINT"]
 DISRUPTIONS_SHOWN = 3  # per stage; the status keeps the last 10
 
@@ -59,15 +62,6 @@ def short_checkpoint(uri: str | None) -> str:
         return "-"
     parts = [p for p in uri.rstrip("/").split("/") if p]
     return "/".join(parts[-2:]) if len(parts) >= 2 else uri
-
-
-def describe(stage: str, round_: int | None = None, teacher: str | None = None) -> str:
-    """How messages name a stage: "branch 'a' of round 2", "merge of round 2", "preflight"."""
-    if stage == "preflight":
-        return "preflight"
-    if stage == "sft":
-        return f"branch '{teacher}' of round {round_}"
-    return f"{stage} of round {round_}"
 
 
 def _num(value, pattern: str = "{:.4f}") -> str:
@@ -157,20 +151,6 @@ def format_table(header: list[str], body: list[list[str]]) -> str:
                      for line in [header, *body])
 
 
-def stage_entries(status: dict | None):
-    """(stage, round, teacher, entry) for every stage entry in the status."""
-    status = status or {}
-    if status.get("preflight"):
-        yield "preflight", None, None, status["preflight"]
-    for rec in status.get("rounds") or []:
-        round_ = rec.get("round")
-        for teacher, entry in sorted((rec.get("branches") or {}).items()):
-            yield "sft", round_, teacher, entry or {}
-        for stage in ("merge", "eval"):
-            if rec.get(stage):
-                yield stage, round_, None, rec[stage]
-
-
 def header_lines(status: dict | None, spec: dict | None = None, *, now: dt.datetime | None = None) -> list[str]:
     status, spec = status or {}, spec or {}
     now = now or dt.datetime.now(dt.UTC)
@@ -197,7 +177,7 @@ def header_lines(status: dict | None, spec: dict | None = None, *, now: dt.datet
         attempts = failure.get("attempts")
         after = f" after {attempts} attempt{'s' if attempts != 1 else ''}" if attempts else ""
         lines.append(f"failed:    {where}{after}: {failure.get('reason') or 'no reason given'}")
-    for stage, round_, teacher, entry in stage_entries(status):
+    for round_, stage, teacher, entry in stage_entries(status):
         waiting = entry.get("waiting")
         if waiting:
             since = parse_time(waiting.get("since"))
@@ -205,7 +185,7 @@ def header_lines(status: dict | None, spec: dict | None = None, *, now: dt.datet
             age = f" (for {human_duration(seconds)})" if seconds >= 0 else ""  # none under clock skew
             lines.append(f"waiting:   {describe(stage, round_, teacher)} {waiting.get('reason') or '?'}: "
                          f"{waiting.get('message') or '-'}{age}")
-    for stage, round_, teacher, entry in stage_entries(status):
+    for round_, stage, teacher, entry in stage_entries(status):
         disruptions = entry.get("disruptions") or []
         if not disruptions:
             continue

@@ -129,7 +129,7 @@ class Progress:
         if step % self.log_every == 0 or step == self.total_steps:
             log.info(
                 "step %d/%d loss %.4f lr %.3g tokens/s %.0f eta %s",
-                step, self.total_steps, loss, learning_rate, self.tokens_per_second, _duration(eta),
+                step, self.total_steps, loss, learning_rate, self.tokens_per_second, duration(eta),
             )
             self.emit(self.record(step, loss, learning_rate))
 
@@ -182,7 +182,8 @@ def read_records(path, offset: int = 0) -> tuple[list[dict], int]:
     return records, offset + end
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """4m10s, 1h05m02s: the trainer's log line and `mot run`'s live view."""
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)

@@ -19,6 +19,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from mot_trainer.progress import duration as _duration
+
 
 @dataclass
 class TaskLine:
@@ -160,10 +162,3 @@ class LiveView:
         else:  # not through rich: no escape codes, no wrapping of long lines in logs
             self.stream.write(text + "\n")
             self.stream.flush()
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
