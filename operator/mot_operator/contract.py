@@ -141,16 +141,30 @@ def sft_args(spec: MoTRunSpec, round_: int, data: str, init: str, out: str, *, s
     return args
 
 
-def merge_args(spec: MoTRunSpec, inputs: list[str], weights: list[float], base: str, out: str) -> list[str]:
+def merge_args(spec: MoTRunSpec, inputs: list[str], weights: list[float], base: str, out: str, *,
+               outer_state_in: str | None = None, outer_state_out: str | None = None) -> list[str]:
+    """A round's merge of `inputs` from `base` (the round's starting model). With an outer step
+    (spec.merge.outer other than the identity), `outer_state_out` is this round's velocity and
+    `outer_state_in` the previous round's (None in round 1); used only with momentum > 0."""
     m = spec.merge
     args = ["merge", "--inputs", *inputs, "--out", out, "--weights", *map(_num, weights),
             "--method", m.method, "--shard-size", m.parameters.shard_size]
+    if m.method != "average" or not m.outer.identity:
+        args += ["--base", base]
     if m.method != "average":
-        args += ["--base", base, "--scale", _num(m.parameters.scale)]
+        args += ["--scale", _num(m.parameters.scale)]
     if m.method in ("ties", "dare"):
         args += ["--density", _num(m.parameters.density)]
     if m.method == "dare":
         args += ["--seed", str(m.parameters.seed)]
+    if not m.outer.identity:
+        args += ["--outer-learning-rate", _num(m.outer.learning_rate), "--outer-momentum", _num(m.outer.momentum)]
+        if m.outer.nesterov:
+            args.append("--outer-nesterov")
+        if m.outer.momentum > 0:
+            args += ["--outer-state-out", outer_state_out]
+            if outer_state_in:
+                args += ["--outer-state-in", outer_state_in]
     return args
 
 

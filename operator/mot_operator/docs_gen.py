@@ -34,6 +34,8 @@ def _constraints(node: dict) -> str:
     for key, word in (("minimum", "≥"), ("maximum", "≤"), ("minLength", "length ≥"), ("maxLength", "length ≤"),
                       ("minItems", "items ≥"), ("maxItems", "items ≤")):
         if key in node:
+            if node.get({"minimum": "exclusiveMinimum", "maximum": "exclusiveMaximum"}.get(key, "")):
+                word = word.replace("≥", ">").replace("≤", "<")  # (OpenAPI v3.0: a boolean beside the bound)
             parts.append(f"{word} {node[key]}")
     if "pattern" in node:
         parts.append(f"pattern `{node['pattern']}`")

@@ -88,7 +88,8 @@ def job_labels(run: str, round_: int, stage: str, attempt: int, teacher: str | N
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoint layout: <uri>/<namespace>/<run>/preflight.json (the preflight's report), then
-# <uri>/<namespace>/<run>/round-<r>/{branch-<teacher>/, merged/, eval.json}
+# <uri>/<namespace>/<run>/round-<r>/{branch-<teacher>/, merged/, outer-state/, eval.json}
+# (outer-state/: the merge's outer-optimizer velocity, only with spec.merge.outer.momentum > 0)
 
 
 def _join(base: str, *parts: str) -> str:
@@ -109,6 +110,10 @@ def branch_uri(storage_uri: str, namespace: str, run: str, round_: int, teacher:
 
 def merged_uri(storage_uri: str, namespace: str, run: str, round_: int) -> str:
     return _join(round_uri(storage_uri, namespace, run, round_), "merged")
+
+
+def outer_state_uri(storage_uri: str, namespace: str, run: str, round_: int) -> str:
+    return _join(round_uri(storage_uri, namespace, run, round_), "outer-state")
 
 
 def eval_uri(storage_uri: str, namespace: str, run: str, round_: int) -> str:

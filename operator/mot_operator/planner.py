@@ -499,7 +499,11 @@ class _Planner:
         elif stage == "merge":
             teachers = self.spec.teachers
             inputs = [rec["branches"][t.name]["checkpoint"] for t in teachers]
-            args = contract.merge_args(self.spec, inputs, [t.weight for t in teachers], rec["init"], out)
+            base, ns, run = self.spec.storage.uri, self.run_ref.namespace, self.run_ref.name
+            args = contract.merge_args(
+                self.spec, inputs, [t.weight for t in teachers], rec["init"], out,
+                outer_state_in=naming.outer_state_uri(base, ns, run, round_ - 1) if round_ > 1 else None,
+                outer_state_out=naming.outer_state_uri(base, ns, run, round_))
             resources = self.spec.resources.merge
         else:  # a round's merged model, or in round 0 the student
             model = rec["merge"]["checkpoint"] if round_ else rec["model"]
@@ -543,11 +547,41 @@ class _Planner:
     def succeed(self) -> None:
         s = self.status
         last = self.record(s["round"])
-        s.update(phase="Succeeded", completionTime=timestamp(self.now), finalModel=last["mergedCheckpoint"],
-                 message=f"succeeded after {s['round']} rounds: final model {last['mergedCheckpoint']}")
+        final, why = last["mergedCheckpoint"], ""
+        selected = self.select_best()
+        if selected is not None:
+            s["selected"] = selected
+            final = selected["checkpoint"]
+            which = "the student (round 0)" if selected["round"] == 0 else f"round {selected['round']}"
+            why = f" ({which}: {selected['reason']})"
+            self.event("ModelSelected", f"final model: {which}, {final}: {selected['reason']}")
+        s.update(phase="Succeeded", completionTime=timestamp(self.now), finalModel=final,
+                 message=f"succeeded after {s['round']} rounds: final model {final}{why}")
         s.pop("failure", None)
         self.out.create = []
         self.event("Succeeded", s["message"])
+
+    def select_best(self) -> dict | None:
+        """With spec.evaluation.selectBest: the best-scoring model of round 0 (the student) and every
+        merged round; ties go to the later round. None without selectBest or without any score."""
+        if self.spec.evaluation is None or not self.spec.evaluation.select_best:
+            return None
+        s = self.status
+        candidates = []
+        if (s.get("student") or {}).get("evalScore") is not None:
+            candidates.append((0, s["student"]["model"], s["student"]["evalScore"]))
+        for rec in sorted(s.get("rounds", []), key=lambda r: r["round"]):
+            if rec.get("evalScore") is not None and rec.get("mergedCheckpoint"):
+                candidates.append((rec["round"], rec["mergedCheckpoint"], rec["evalScore"]))
+        if not candidates:
+            return None
+        round_, checkpoint, score = max(candidates, key=lambda c: (c[2], c[0]))
+        last_round, _, last_score = candidates[-1]
+        rounds = f"rounds {candidates[0][0]}-{last_round}" if len(candidates) > 1 else f"round {round_}"
+        reason = f"best eval score {score:.4g} of {rounds} (spec.evaluation.selectBest)"
+        if round_ != last_round:
+            reason += f"; the last round scored {last_score:.4g}"
+        return {"round": round_, "checkpoint": checkpoint, "evalScore": score, "reason": reason}
 
     def set_phase(self, phase: str, message: str) -> None:
         if self.spec.suspend:

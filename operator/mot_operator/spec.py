@@ -82,9 +82,22 @@ class MergeParameters:
 
 
 @dataclass(frozen=True)
+class Outer:
+    learning_rate: float
+    momentum: float
+    nesterov: bool
+
+    @property
+    def identity(self) -> bool:
+        """The plain merge: the outer step changes nothing (and keeps no state)."""
+        return self.learning_rate == 1.0 and self.momentum == 0.0
+
+
+@dataclass(frozen=True)
 class Merge:
     method: str
     parameters: MergeParameters
+    outer: Outer
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,7 @@ class Evaluation:
     max_new_tokens: int
     temperature: float
     threads: int | None
+    select_best: bool
 
 
 @dataclass(frozen=True)

@@ -115,11 +115,14 @@ def rows(status: dict | None, spec: dict | None = None) -> list[list[str]]:
     if preflight:
         out.append(["-", "preflight", _state(preflight), _attempt(preflight), "-", "-", "-",
                     short_checkpoint(preflight.get("checkpoint"))])
+    # With spec.evaluation.selectBest, the final model's row says so.
+    selected = (status.get("selected") or {}).get("round")
+    final = lambda name, round_: f"{name} (final)" if selected == round_ else name  # noqa: E731
     student = status.get("student")
     if student:  # round 0: where the run started
         evaluation = student.get("eval")
         score = student.get("evalScore", (evaluation or {}).get("score"))
-        out.append(["0", "student", _state(evaluation), _attempt(evaluation), "-", "-", _num(score),
+        out.append(["0", final("student", 0), _state(evaluation), _attempt(evaluation), "-", "-", _num(score),
                     short_checkpoint(student.get("model"))])
     teachers = teacher_names(spec)
     for rec in status.get("rounds") or []:
@@ -141,7 +144,8 @@ def rows(status: dict | None, spec: dict | None = None) -> list[list[str]]:
         if score is None:
             score = (evaluation or {}).get("score")
         checkpoint = rec.get("mergedCheckpoint") or ((merge or {}).get("checkpoint") if merge else None)
-        out.append([round_, "merged", state, attempt, "-", "-", _num(score), short_checkpoint(checkpoint)])
+        out.append([round_, final("merged", rec.get("round")), state, attempt, "-", "-", _num(score),
+                    short_checkpoint(checkpoint)])
     return out
 
 
@@ -165,6 +169,8 @@ def header_lines(status: dict | None, spec: dict | None = None, *, now: dt.datet
         lines.append(f"round:     {current or '-'}/{total or '?'}")
     if status.get("message"):
         lines.append(f"message:   {status['message']}")
+    if status.get("finalModel"):
+        lines.append(f"final:     {status['finalModel']}")
     progress = status.get("progress") or {}
     if isinstance(progress.get("fraction"), (int, float)):
         text = f"{progress['fraction']:.0%}"

@@ -170,6 +170,7 @@ RULE_PATHS = {
     "multi-node branches need gpus >= 1 per node": "spec.resources.branch.nodes",
     "merge Jobs run on one node": "spec.resources.merge.nodes",
     "eval Jobs run on one node": "spec.resources.eval.nodes",
+    "nesterov needs momentum > 0": "spec.merge.outer.nesterov",
 }
 # A spec breaking each rule that is checked on create.
 BREAKS = {
@@ -177,6 +178,7 @@ BREAKS = {
     "multi-node branches need gpus >= 1 per node": with_change("spec.resources", {"branch": {"nodes": 2}}),
     "merge Jobs run on one node": with_change("spec.resources", {"merge": {"nodes": 2}}),
     "eval Jobs run on one node": with_change("spec.resources", {"eval": {"nodes": 3}}),
+    "nesterov needs momentum > 0": with_change("spec.merge", {"outer": {"nesterov": True}}),
 }
 FIELD_ERROR_REASONS = {"FieldValueInvalid", "FieldValueForbidden", "FieldValueRequired", "FieldValueDuplicate"}
 

@@ -831,3 +831,84 @@ def test_a_run_without_evaluation_or_started_before_round_0_existed_has_none():
                                             "completionTime": "2026-01-01T00:00:00Z"}]})
     old.step()
     assert "student" not in old.status and not [n for n in old.created if "-r0-" in n]
+
+
+def _run_with_scores(spec, student: float, rounds: list[float]):
+    """Run to the end with the student's eval scoring `student` and round r's merged eval rounds[r-1]."""
+    cluster = Cluster(spec)
+    for _ in range(60):
+        cluster.step()
+        if cluster.status["phase"] in ("Succeeded", "Failed"):
+            return cluster
+        for job in list(cluster.jobs.values()):
+            if job.state in ("Pending", "Running"):
+                score = student if job.round == 0 else rounds[job.round - 1]
+                metrics = PREFLIGHT_REPORT if job.stage == "preflight" else {"final_loss": 1.0, "accuracy": score}
+                cluster.finish(job.name, metrics=metrics)
+    raise AssertionError("run did not finish")
+
+
+def test_select_best_makes_the_best_scoring_round_final_and_says_why():
+    spec = make_spec(rounds=3, evaluation={"dataset": "s3://d/eval", "selectBest": True})
+    cluster = _run_with_scores(spec, student=0.5, rounds=[0.4, 0.75, 0.6])
+    s = cluster.status
+    assert s["phase"] == "Succeeded" and s["finalModel"] == "s3://ckpt/ns/demo/round-2/merged"
+    assert s["selected"] == {"round": 2, "checkpoint": "s3://ckpt/ns/demo/round-2/merged", "evalScore": 0.75,
+                             "reason": "best eval score 0.75 of rounds 0-3 (spec.evaluation.selectBest); "
+                                       "the last round scored 0.6"}
+    assert "final model s3://ckpt/ns/demo/round-2/merged (round 2: best eval score 0.75" in s["message"]
+    assert dict(cluster.events)["ModelSelected"].startswith("final model: round 2, s3://ckpt/ns/demo/round-2/merged")
+
+
+def test_select_best_keeps_the_student_when_no_round_beats_it_and_ties_go_to_the_later_round():
+    spec = make_spec(rounds=2, evaluation={"dataset": "s3://d/eval", "selectBest": True})
+    kept = _run_with_scores(spec, student=0.9, rounds=[0.5, 0.8]).status
+    assert kept["finalModel"] == "s3://models/student" and kept["selected"]["round"] == 0
+    assert "the student (round 0)" in kept["message"]
+    tied = _run_with_scores(spec, student=0.5, rounds=[0.5, 0.5]).status
+    assert tied["selected"]["round"] == 2 and tied["finalModel"] == "s3://ckpt/ns/demo/round-2/merged"
+    assert "the last round" not in tied["selected"]["reason"]
+
+
+def test_without_select_best_the_last_round_is_final_whatever_the_scores():
+    spec = make_spec(rounds=2, evaluation={"dataset": "s3://d/eval"})
+    s = _run_with_scores(spec, student=0.9, rounds=[0.7, 0.1]).status
+    assert s["finalModel"] == "s3://ckpt/ns/demo/round-2/merged" and "selected" not in s
+
+
+def _merge_args(spec, round_):
+    cluster = Cluster(spec)
+    for _ in range(40):
+        result = cluster.step()
+        merge = [r for r in result.create if r.stage == "merge" and r.round == round_]
+        if merge:
+            return merge[0].args
+        cluster.finish_active(metrics={"final_loss": 1.0, "accuracy": 0.5})
+    raise AssertionError("no merge requested")
+
+
+def test_outer_optimizer_passes_the_round_start_and_the_velocity_of_the_round_before():
+    outer = {"method": "average", "outer": {"learningRate": 0.7, "momentum": 0.9, "nesterov": True}}
+    first, second = _merge_args(make_spec(merge=outer), 1), _merge_args(make_spec(merge=outer), 2)
+
+    def value(args, flag):
+        return args[args.index(flag) + 1] if flag in args else None
+
+    assert value(first, "--base") == "s3://models/student"
+    assert value(first, "--outer-learning-rate") == "0.7" and value(first, "--outer-momentum") == "0.9"
+    assert "--outer-nesterov" in first and value(first, "--outer-state-in") is None
+    assert value(first, "--outer-state-out") == "s3://ckpt/ns/demo/round-1/outer-state"
+    assert value(second, "--base") == "s3://ckpt/ns/demo/round-1/merged"
+    assert value(second, "--outer-state-in") == "s3://ckpt/ns/demo/round-1/outer-state"
+    assert value(second, "--outer-state-out") == "s3://ckpt/ns/demo/round-2/outer-state"
+    # Without momentum there is no state; the identity (the default) adds nothing at all.
+    no_state = _merge_args(make_spec(merge={"outer": {"learningRate": 0.5}}), 2)
+    assert value(no_state, "--outer-learning-rate") == "0.5" and "--outer-state-out" not in no_state
+    plain = _merge_args(make_spec(), 2)
+    assert not [a for a in plain if a.startswith("--outer") or a == "--base"]
+
+
+def test_nesterov_without_momentum_is_refused_naming_the_field():
+    with pytest.raises(SpecError) as err:
+        make_spec(merge={"outer": {"nesterov": True}})
+    assert str(err.value) == "spec.merge.outer.nesterov: Invalid value: nesterov needs momentum > 0"

@@ -186,3 +186,17 @@ def test_round_0_shows_the_students_own_score():
         "rounds": [{"round": 1, "branches": {}}]}
     [row] = [r for r in status_table.rows(status, {"teachers": []}) if r[0] == "0"]
     assert row[:3] == ["0", "student", "Succeeded"] and row[6] == status_table._num(0.715)
+
+
+def test_the_model_select_best_chose_is_marked_final():
+    status = {"phase": "Succeeded", "round": 2, "finalModel": f"{ROOT}/round-1/merged",
+              "selected": {"round": 1, "checkpoint": f"{ROOT}/round-1/merged", "evalScore": 0.7,
+                           "reason": "best eval score 0.7 of rounds 0-2 (spec.evaluation.selectBest)"},
+              "student": {"model": "s3://b/student", "evalScore": 0.5},
+              "rounds": [done_round(1, 0.7), done_round(2, 0.6)]}
+    text = render(status, SPEC, now=NOW)
+    got = table_rows(text)
+    assert ("1", "merged (final)") in got and ("2", "merged") in got and ("0", "student") in got
+    assert f"final:     {ROOT}/round-1/merged" in text.splitlines()
+    status["selected"]["round"] = 0
+    assert ("0", "student (final)") in table_rows(render(status, SPEC, now=NOW))
