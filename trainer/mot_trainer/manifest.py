@@ -27,7 +27,7 @@ from mot_trainer.errors import InvalidInput
 
 MANIFEST_NAME = "mot-manifest.json"
 FORMAT = "mot-manifest/v1"
-KINDS = ("sft", "merge")
+KINDS = ("sft", "merge", "outer-state")  # outer-state: the merge's outer-optimizer velocity
 _CHUNK = 8 << 20
 # Transient files a writer may leave behind; never part of a checkpoint.
 _TEMP_SUFFIXES = (".partial", ".tmp")

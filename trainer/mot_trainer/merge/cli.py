@@ -3,7 +3,9 @@
 The command line, its validation and the run: inputs are fetched and checked (merge.inputs), merged
 slice by slice (merge.merger, on merge.cpus' threads, with one module per method) and written as
 shards as it goes (merge.writer), then the manifest last. An s3:// output is staged under $TMPDIR
-and uploaded at the end.
+and uploaded at the end. With --outer-learning-rate/--outer-momentum the merge becomes a DiLoCo-style
+outer optimizer step from --base (merge.outer; with momentum, its velocity is written to
+--outer-state-out, and published, before the model); the defaults (1, 0) leave the merge as it is.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from mot_trainer import storage
 from mot_trainer.errors import InvalidInput
 from mot_trainer.manifest import MANIFEST_NAME, write_manifest
-from mot_trainer.merge import writer
+from mot_trainer.merge import outer, writer
 from mot_trainer.merge.cpus import MAX_THREADS, default_threads
 from mot_trainer.merge.inputs import (
     ALLOW_UNMANIFESTED,
@@ -61,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="average (MoT's merge, the default); task-arithmetic, ties and dare merge the "
                              "differences from --base")
     parser.add_argument("--base", metavar="URI",
-                        help="the round's starting weights; required by task-arithmetic, ties and dare")
+                        help="the round's starting weights; required by task-arithmetic, ties and dare, "
+                             "and by an outer step (--outer-*)")
     parser.add_argument("--scale", type=float, default=1.0, help="lambda: multiplies the merged difference")
     parser.add_argument("--density", type=float, default=0.5, help="ties/dare: fraction of each difference kept")
     parser.add_argument("--seed", type=int, default=0, help="dare: seed of the drop masks")
@@ -70,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, metavar="N",
                         help="slices merged at once (default: one per available CPU beyond the first, at most "
                              f"{MAX_THREADS}; 1 merges on the main thread)")
+    outer.add_arguments(parser)
 
 
 def shard_size(text: str) -> int:
@@ -87,6 +91,7 @@ def run(args: argparse.Namespace) -> dict:
     started = time.monotonic()
     method = importlib.import_module(METHODS[args.method])
     weights = _check_options(args, method)
+    options = outer.check_options(args)
     max_shard = args.shard_size if isinstance(args.shard_size, int) else parse_size(args.shard_size)
     allow_unmanifested = getattr(args, "allow_unmanifested_inputs", False)
     threads = args.threads if args.threads is not None else default_threads()
@@ -106,18 +111,27 @@ def run(args: argparse.Namespace) -> dict:
                                          for rel in checkpoints[i].used_files()]
                         for i in unmanifested}
             pending += [f for futures in recorded.values() for f in futures]
+            step = None
             try:
                 specs = check_compatible(checkpoints, base)
+                if not options.identity:  # the outer step: --outer-state-in is fetched and checked first
+                    step = outer.OuterStep(options, base=base, specs=specs, work=work,
+                                           models=list(args.inputs), base_uri=args.base)
                 out_dir = _prepare_output(args.out, work, folders)
                 copied = writer.copy_side_files(checkpoints[0].folder, out_dir)
                 with TensorMerger(method, checkpoints, base, weights, args, pending, threads) as merger:
-                    hashes = writer.write_sharded(out_dir, specs, max_shard, merger.chunks_for,
-                                                  in_flight=merger.in_flight)
+                    if step is None:
+                        hashes = writer.write_sharded(out_dir, specs, max_shard, merger.chunks_for,
+                                                      in_flight=merger.in_flight)
+                    else:
+                        hashes = step.write(out_dir, max_shard, merger, pending, taken=[*folders, base_folder])
                 files = list(hashes)
                 writer.remove_stale_weights(out_dir, keep=files + copied)
             finally:
                 for ckpt in checkpoints + ([base] if base else []):
                     ckpt.close()
+                if step is not None:
+                    step.close()
             for future in pending:  # inputs must verify before the output may be published
                 future.result()
         finally:
@@ -125,6 +139,8 @@ def run(args: argparse.Namespace) -> dict:
         wall = time.monotonic() - started
         parameters = sum(spec.numel for spec in specs)
         inputs = {"models": list(args.inputs), "base": args.base}
+        if step is not None:
+            inputs.update(step.manifest_inputs())
         if recorded:
             inputs["unmanifested"] = {uri: [f.result() for f in futures] for uri, futures in recorded.items()}
         metrics = {"tensors": len(specs), "parameters": parameters, "bytes": sum(s.nbytes for s in specs),
@@ -134,7 +150,7 @@ def run(args: argparse.Namespace) -> dict:
             kind="merge",
             inputs=inputs,
             params={"method": args.method, "weights": weights, "scale": args.scale, "density": args.density,
-                    "seed": args.seed, "shard_size": max_shard},
+                    "seed": args.seed, "shard_size": max_shard, "outer": options.params()},
             metrics=metrics,
             hashes=hashes,  # computed while writing
         )

@@ -74,6 +74,18 @@ class TensorMerger:
                     yield buffer
         self._progress(spec.nbytes)
 
+    def merged_slices(self, spec):
+        """(start, merged elements) of one float tensor, flat fp32 slices of at most SLICE_ELEMENTS in
+        order, merged on the calling thread (the outer step's passes). A slice is the caller's to
+        modify, and valid only until the next one is asked for."""
+        self._fail_fast()
+        step = SLICE_ELEMENTS if self.method.ELEMENTWISE else max(spec.numel, 1)
+        for start, count in _slices(spec.numel, step):
+            merged = self._merge(spec, start, count)
+            for offset, n in _slices(count, SLICE_ELEMENTS):
+                yield start + offset, merged[offset:offset + n]
+        self._progress(spec.nbytes)
+
     def _parallel_slices(self, spec, take, out_dtype):
         """At most `in_flight` slices merging at once; yielded in order as each finishes."""
         running: deque[Future] = deque()
