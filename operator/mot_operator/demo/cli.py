@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         spec = manifest["spec"]
         spec["storage"] = {"uri": str(run_dir / "storage")}
         rc = run_spec(manifest["metadata"], parse_spec(spec), spec, run_dir, parallel=parallel, threads=threads,
-                      compare=True, eval_branches=(i == 0 or not cfg.branch_evals_for_first_seed_only))
+                      compare="steps", eval_branches=(i == 0 or not cfg.branch_evals_for_first_seed_only))
         if rc != 0:
             print(f"demo: the run for seed {seed} ended with exit code {rc}; see {run_dir}", file=sys.stderr)
             return rc
@@ -145,20 +145,36 @@ def _mean_sd(values: list[float], pattern: str) -> str:
 
 
 def summary_table(results: list[dict]) -> str:
-    """Mean ± standard deviation over seeds for MoT, the start, best STD and MTD."""
-    from mot_operator.local.report import best_std, final_merged_eval, markdown_table
+    """Mean ± standard deviation over seeds for MoT, the start, best STD and MTD (each baseline
+    budget that ran: ", equal compute" rows for `--compare compute`, and ", equal steps" beside them
+    when both ran; equal steps alone keeps its plain labels)."""
+    from mot_operator.local.report import (
+        BUDGET_NAMES,
+        best_std,
+        budgets,
+        final_merged_eval,
+        markdown_table,
+        selected_eval,
+    )
 
+    ran = {b for r in results for b in budgets(r)}
+    suffix = {b: f", {BUDGET_NAMES[b]}" if ran - {"steps"} else "" for b in BUDGET_NAMES}
     methods: dict[str, list[dict]] = {}
     for r in results:
         if r.get("start"):
             methods.setdefault("start (pre-trained student)", []).append(r["start"]["eval"])
         if ev := final_merged_eval(r):
             methods.setdefault("MoT (final merged)", []).append(ev)
-        if best := best_std(r):
-            methods.setdefault("best STD (per seed)", []).append(best[1]["eval"])
+        if ev := selected_eval(r):
+            methods.setdefault("MoT (selectBest)", []).append(ev)
+        for budget in budgets(r):
+            if best := best_std(r, budget):
+                methods.setdefault(f"best STD (per seed){suffix[budget]}", []).append(best[1]["eval"])
         for label, b in r.get("baselines", {}).items():
             if b.get("eval"):
-                methods.setdefault(f"{b['kind']} {label}" if b["kind"] == "STD" else "MTD (union)", []).append(b["eval"])
+                budget = b.get("budget") or "steps"
+                name = f"STD {label.removesuffix(' (compute)')}" if b["kind"] == "STD" else "MTD (union)"
+                methods.setdefault(name + suffix[budget], []).append(b["eval"])
     rows = []
     for method, evals in methods.items():
         rows.append([method, str(len(evals)), _mean_sd([e["accuracy"] * 100 for e in evals], "{:.1f}") + " %",

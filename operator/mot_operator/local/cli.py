@@ -33,8 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, default=None,
                         help="status, logs, report and (unless the manifest sets storage.uri) checkpoints; "
                              "default ./mot-runs/<name>")
-    parser.add_argument("--compare", action="store_true",
-                        help="also run the STD and MTD baselines at the same SFT steps and compare")
+    parser.add_argument("--compare", nargs="?", const="steps", default=None, choices=("steps", "compute", "both"),
+                        help="also run the STD and MTD baselines and compare: at equal steps (bare --compare, or "
+                             "'steps': rounds × steps, one MoT branch's, the paper's accounting), equal compute "
+                             "('compute': K teachers × rounds × steps, all MoT branches'), or 'both' "
+                             "(give it after FILE.yaml, or as --compare=VALUE)")
     parser.add_argument("--no-branch-eval", dest="eval_branches", action="store_false",
                         help="evaluate only the merged models, not every branch checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no live progress, only the report")
@@ -129,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_spec(meta: dict, spec, spec_dict: dict, workdir: Path, *, parallel=None, threads=None,
-             compare=False, quiet=False, eval_branches=True) -> int:
+             compare: str | None = None, quiet=False, eval_branches=True) -> int:
+    """`compare`: None, or the baselines' budget, "steps" | "compute" | "both" (baselines.py)."""
     # Here, not at the top: every `mot` command imports this module for its arguments (mot_operator.cli),
     # `mot operator` too, whose image has no rich or matplotlib (the `local` extra).
     from mot_operator import status_table

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mot_operator.contract import read_result
-from mot_operator.local.baselines import total_steps
+from mot_operator.local.baselines import baseline_jobs, budget_steps, total_steps
 from mot_operator.local.processes import termination_message
 from mot_operator.local.state import LocalJob
 from mot_trainer import storage
@@ -70,6 +70,8 @@ def collect_results(runner) -> dict:
         "run": f"{runner.run_ref.namespace}/{runner.run_ref.name}",
         "phase": runner.status.get("phase"),
         "total_steps": total,
+        "teachers": [t.name for t in runner.spec.teachers],
+        "selected": runner.status.get("selected"),  # spec.evaluation.selectBest's pick, else None
         "start": {"eval": start} if start else None,
         "preflight": next((j.metrics for j in runner.jobs.values()
                            if j.stage == "preflight" and j.role == "mot" and j.state == "Succeeded"), None),
@@ -78,18 +80,35 @@ def collect_results(runner) -> dict:
     }
 
 
+def baseline_key(label: str, budget: str) -> str:
+    """results["baselines"]'s key: "std-<teacher>" / "MTD" at equal steps, "std-<teacher> (compute)" /
+    "MTD (compute)" at equal compute (report.py's docstring)."""
+    key = "MTD" if label == "mtd" else label
+    return key if budget == "steps" else f"{key} (compute)"
+
+
 def baseline_results(runner) -> dict:
-    """{label: {kind, steps, loss, eval}} from the finished baseline jobs."""
+    """{key: {kind, budget, steps, loss, eval}} from the finished baseline jobs (see baseline_key)."""
     out = {}
-    for job in runner.jobs.values():
-        if job.role != "baseline" or job.stage != "sft":
+    names = baseline_jobs(runner.spec)
+    for job in sorted(runner.jobs.values(), key=lambda j: j.order):
+        if job.role != "baseline" or job.stage != "sft" or job.name not in names:
             continue
-        label = job.name.removeprefix("baseline-")
-        ev = runner.jobs.get(f"baseline-eval-{label}")
-        out["MTD" if label == "mtd" else label] = {
+        label, budget = names[job.name]
+        ev = runner.jobs.get(job.name.replace("baseline-", "baseline-eval-", 1))
+        out[baseline_key(label, budget)] = {
             "kind": "MTD" if label == "mtd" else "STD",
-            "steps": total_steps(runner.spec),
+            "budget": budget,
+            "steps": _steps_arg(job.args) or budget_steps(runner.spec, budget),
             "loss": (job.metrics or {}).get("final_loss") if job.state == "Succeeded" else None,
             "eval": ev.metrics if ev and ev.state == "Succeeded" else None,
         }
     return out
+
+
+def _steps_arg(args: list[str]) -> int | None:
+    """The `--steps` the job was started with (what it trained), if readable."""
+    try:
+        return int(args[args.index("--steps") + 1])
+    except (ValueError, IndexError):
+        return None

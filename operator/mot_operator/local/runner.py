@@ -8,7 +8,7 @@ process was doing; a job that was running is started again, and may overwrite it
 
 Besides the planner's jobs, the runner schedules report-only work into free slots: an eval of the
 starting student and of every branch checkpoint (the report's per-branch scores) and, with
-`--compare`, the STD and MTD baselines (baselines.py).
+`--compare`, the STD and MTD baselines at equal steps, equal compute or both (baselines.py).
 
 Beside it: processes.py (the trainer processes and their files), state.py (status.json and the
 jobs in it), results.py (what finished jobs produced, and the report's input), progress.py (the
@@ -42,7 +42,7 @@ from mot_trainer.preflight import table as preflight_table
 class Options:
     parallel: int = 1
     threads: int = 1
-    compare: bool = False
+    compare: str | None = None  # --compare: "steps" | "compute" | "both" (baselines.py; True reads as "steps")
     eval_branches: bool = True  # evaluate every branch checkpoint too (the report's per-branch scores)
     gpus: int = 0
     poll_interval: float = 0.5
