@@ -1,10 +1,11 @@
 """`mot demo`: a complete MoT run on CPU with nothing to download, and the baselines beside it.
 
-It builds a tiny student and pre-trains it on short additions (cached), generates three teachers'
-chain-of-thought data for 3-digit additions (same format, different noise) and a held-out eval set,
-writes a MoTRun manifest per seed and runs each with `mot run --compare`. The summary gives MoT,
-the best single teacher (STD) and the union of all teachers (MTD) at equal SFT steps, as the mean
-and spread over seeds, with held-out loss beside exact match. docs/demo.md says what was tried.
+It takes a shipped student (demo/student.py: pre-trained once, the same on every machine),
+generates three teachers' chain-of-thought data for 3-digit additions (same format, different noise)
+and a held-out eval set, writes a MoTRun manifest per seed and runs each with `mot run --compare`.
+The summary gives MoT, the best single teacher (STD) and the union of all teachers (MTD) at equal
+SFT steps, as the mean and spread over seeds, with held-out loss beside exact match. `--study` runs
+the regime map (demo/study.py). docs/demo.md says what was tried and what was found.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from mot_operator.demo import tasks
-from mot_operator.demo.student import StudentConfig, pretrain
+from mot_operator.demo.student import STUDENTS, STUDENTS_DIR, build_students, shipped_student
 
 
 @dataclass(frozen=True)
@@ -37,26 +38,41 @@ class DemoConfig:
     max_new_tokens: int = 128
     digits: int = 3  # the teachers' (and the eval set's) problem size
     branch_evals_for_first_seed_only: bool = True
-    student: StudentConfig = StudentConfig()
+    student: str = "partial"  # a shipped student (demo/student.py STUDENTS)
 
 
 FULL = DemoConfig()
+DEFAULT_WORKDIR = Path("mot-runs/demo")
 QUICK = DemoConfig(seeds=(0,), teachers=tasks.TEACHERS[:2], per_teacher=60, eval_size=24, rounds=2, steps=4,
-                   max_new_tokens=96, student=StudentConfig(hidden_size=64, layers=2, pretrain_examples=600,
-                                                            steps=40))
+                   max_new_tokens=96, student="quick")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="the shortened mode CI uses: a smaller student, 2 teachers, 2 short rounds, 1 seed")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, 1 with --quick)")
-    parser.add_argument("--workdir", type=Path, default=Path("mot-runs/demo"),
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
                         help="manifests, data, checkpoints and reports (default ./mot-runs/demo)")
     parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("MOT_DEMO_CACHE", ".mot/demo-cache")),
-                        help="where the pre-trained student is cached (default .mot/demo-cache, env MOT_DEMO_CACHE)")
+                        help="--build-students' pre-training cache (default .mot/demo-cache, env MOT_DEMO_CACHE)")
     parser.add_argument("--parallel", type=int, default=None, help="processes at once (default: CPU cores)")
-    parser.add_argument("--student", type=Path, default=None,
-                        help="use this Hugging Face model folder as the student instead of pre-training one")
+    parser.add_argument("--student", default=None,
+                        help=f"a shipped student ({', '.join(STUDENTS)}; default partial, quick with --quick) "
+                             "or a Hugging Face model folder")
+    parser.add_argument("--build-students", nargs="*", metavar="NAME", choices=list(STUDENTS), default=None,
+                        help="rebuild the shipped students (all, or those named) by pre-training them, measure "
+                             "each on the probe set, and stop; writes --students-dir")
+    parser.add_argument("--students-dir", type=Path, default=STUDENTS_DIR,
+                        help="where --build-students writes (default: the shipped students' folder)")
+    parser.add_argument("--study", action="store_true",
+                        help="run the regime map (student strength x teachers x method, --seeds seeds, default 5; "
+                             "hours on 2 cores; resumable) instead of the demo; see docs/demo.md")
+    parser.add_argument("--study-cells", metavar="STUDENT:TEACHERS,...",
+                        help="--study: only these cells, e.g. partial:noisy,strong:clean (students: "
+                             f"{', '.join(n for n in STUDENTS if n != 'quick')}; teachers: "
+                             f"{', '.join(tasks.TEACHER_SETS)})")
+    parser.add_argument("--study-results", type=Path, default=None,
+                        help="--study: the results file to grow (default <workdir>/study-results.json)")
     parser.add_argument("--rounds", type=int, default=None, help="override the rounds (experiments)")
     parser.add_argument("--steps", type=int, default=None, help="override the SFT steps per branch per round")
     parser.add_argument("--learning-rate", type=float, default=None, help="override the branches' learning rate")
@@ -91,11 +107,27 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"rounds": args.rounds, "steps": args.steps, "learning_rate": args.learning_rate}
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     cores = os.cpu_count() or 1
+    if args.build_students is not None:
+        build_students(args.build_students or list(STUDENTS), args.students_dir.resolve(), args.cache_dir.resolve(),
+                       threads=cores)
+        return 0
+    if args.study:
+        from mot_operator.demo import study
+
+        if args.workdir == DEFAULT_WORKDIR:
+            args.workdir = Path("mot-runs/study")
+        return study.run(args, cfg)
     parallel = args.parallel or cores
     threads = max(1, cores // parallel)
     started = time.monotonic()
     workdir = args.workdir.resolve()
-    student = args.student.resolve() if args.student else pretrain(cfg.student, args.cache_dir.resolve(), threads=cores)
+    student_name = args.student or cfg.student
+    try:
+        student = shipped_student(student_name) if student_name in STUDENTS else Path(student_name).resolve()
+    except FileNotFoundError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 2
+    print(f"student: {student_name if student_name in STUDENTS else 'given'} ({student})")
     summaries = []
     for i, seed in enumerate(cfg.seeds):
         name = f"demo-seed-{seed}"
@@ -116,12 +148,13 @@ def run(args: argparse.Namespace) -> int:
             return rc
         summaries.append(json.loads((run_dir / "results.json").read_text()))
     table = summary_table(summaries)
-    digits = "/".join(map(str, cfg.student.pretrain_digits))
+    shipped = STUDENTS.get(student_name)
+    about = (f"the shipped `{student_name}` student ({shipped.layers} layers × {shipped.hidden_size} wide, pre-trained "
+             f"on {'/'.join(map(str, shipped.pretrain_digits))}-digit additions)" if shipped else f"`{student}`")
     text = (f"# mot demo: MoT vs baselines over {len(summaries)} seed(s)\n\n"
             + ("**--quick**: a pipeline check with a barely trained student; its scores mean nothing.\n\n"
                if args.quick else "")
-            + f"Student: {cfg.student.layers} layers × {cfg.student.hidden_size} wide, pre-trained on {digits}-digit "
-            f"additions; teachers: {', '.join(f'{t.name} ({t.description})' for t in cfg.teachers)}; "
+            + f"Student: {about}; teachers: {', '.join(f'{t.name} ({t.description})' for t in cfg.teachers)}; "
             f"{cfg.per_teacher} problems each; {cfg.rounds} rounds × {cfg.steps} steps per branch; "
             f"eval on {cfg.eval_size} held-out {cfg.digits}-digit problems (greedy, exact match of the final answer).\n\n"
             + table + "\n\nPer seed: " + ", ".join(f"[{s['run']}]({s['run'].split('/')[1]}/report.md)"

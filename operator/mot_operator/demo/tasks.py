@@ -1,10 +1,10 @@
 """The demo's synthetic reasoning task: multi-digit addition with a column-by-column chain of thought.
 
-The student is pre-trained on short additions (2-3 digits) and the teachers teach longer ones
-(4 digits). Every teacher writes the same CoT format, each with its own kind and rate of noise:
-the earlier experiments (docs/demo.md) found that merging branches trained on different CoT formats
-mixes the formats and destroys exact match, while same-format teachers with independent noise is the
-regime where averaging can help.
+The student is pre-trained on short additions (1-3 digits, the `restate` style) and the teachers
+teach 3-digit ones. A teacher has a CoT style and its own kind and rate of noise. The demo's
+teachers share the student's style and differ in noise; the study (`mot demo --study`) also uses
+clean teachers and teachers with three different styles (TEACHER_SETS), since merging branches
+trained on different CoT formats mixes the formats (docs/demo.md).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ class Teacher:
     carry_drop_rate: float  # a carry is forgotten; the wrong sum is then carried through consistently
     answer_typo_rate: float  # steps right, one digit of the final answer wrong
     description: str
+    style: str = "restate"  # a key of STYLES
 
 
 TEACHERS = (
@@ -29,32 +30,54 @@ TEACHERS = (
     Teacher("hasty", 0.15, 0.0, "forgets one carry in 15 % of problems that carry, then adds on consistently"),
     Teacher("sloppy", 0.0, 0.20, "correct steps, but 20 % of final answers have one wrong digit"),
 )
+# The study's teacher quality axis: clean or noisy, one CoT style or three.
+TEACHER_SETS = {
+    "clean": tuple(Teacher(f"clean-{i}", 0.0, 0.0, "clean, the student's style") for i in (1, 2, 3)),
+    "noisy": TEACHERS,
+    "styles": (TEACHERS[0],
+               Teacher("hasty", 0.15, 0.0, TEACHERS[1].description + "; verbose style", style="verbose"),
+               Teacher("sloppy", 0.0, 0.20, TEACHERS[2].description + "; compact style", style="compact")),
+}
 
 
 def prompt_for(a: int, b: int) -> str:
     return f"What is {a} + {b}?"
 
 
-def solve(a: int, b: int, *, drop_carry_at: int | None = None) -> tuple[str, int]:
+def solve(a: int, b: int, *, drop_carry_at: int | None = None, style: str = "restate") -> tuple[str, int]:
     """Column addition from the right. Returns (chain of thought, the answer the CoT arrives at).
 
     Each step restates what is left of both numbers, so the digits to add next are always the last
     ones written, and the partial result grows by one digit on the left: every step is a local copy
     plus one digit sum, which a 1M-parameter model can learn (indexing into the prompt it could not).
+    The styles say the same steps in other words (STYLES).
     """
     xs, ys = str(a), str(b)
     steps, result, carry, column = [], "", 0, 0
+    write_step, write_carry = STYLES[style]
     while xs or ys:
         x, y = int(xs[-1]) if xs else 0, int(ys[-1]) if ys else 0
         total = x + y + carry
         result = str(total % 10) + result
         new_carry = 0 if column == drop_carry_at else total // 10
-        steps.append(f"{xs or '0'}+{ys or '0'}: {x}+{y}+{carry}={total}, result {result}, carry {new_carry}.")
+        steps.append(write_step(xs or "0", ys or "0", x, y, carry, total, result, new_carry))
         xs, ys, carry, column = xs[:-1], ys[:-1], new_carry, column + 1
     if carry:
         result = str(carry) + result
-        steps.append(f"carry {carry}, result {result}.")
+        steps.append(write_carry(carry, result))
     return " ".join(steps), int(result)
+
+
+# style: (one column's step, the final carry's step); the same content in other words.
+STYLES = {
+    "restate": (lambda xs, ys, x, y, c, t, r, nc: f"{xs}+{ys}: {x}+{y}+{c}={t}, result {r}, carry {nc}.",
+                lambda c, r: f"carry {c}, result {r}."),
+    "verbose": (lambda xs, ys, x, y, c, t, r, nc: f"Left are {xs} and {ys}. Adding {x} and {y} and carry {c} "
+                                                  f"makes {t}, so far {r}, next carry {nc}.",
+                lambda c, r: f"The last carry {c} goes in front, so far {r}."),
+    "compact": (lambda xs, ys, x, y, c, t, r, nc: f"[{xs}|{ys}] {x}+{y}+{c}={t} -> {r} c{nc};",
+                lambda c, r: f"[c{c}] -> {r};"),
+}
 
 
 def response_for(cot: str, answer: int) -> str:
@@ -86,7 +109,7 @@ def teacher_example(teacher: Teacher, a: int, b: int, rng: random.Random) -> dic
         # Only a column that really carries makes a wrong answer.
         carrying = [i for i in range(len(str(max(a, b)))) if _column_carries(a, b, i)]
         drop = rng.choice(carrying) if carrying else None
-    cot, answer = solve(a, b, drop_carry_at=drop)
+    cot, answer = solve(a, b, drop_carry_at=drop, style=teacher.style)
     if rng.random() < teacher.answer_typo_rate:
         answer = _typo(answer, rng)
     return {"prompt": prompt_for(a, b), "response": response_for(cot, answer), "answer": str(a + b)}
