@@ -213,4 +213,23 @@ def summary_table(results: list[dict]) -> str:
         rows.append([method, str(len(evals)), _mean_sd([e["accuracy"] * 100 for e in evals], "{:.1f}") + " %",
                      _mean_sd([e["heldout_loss"] for e in evals], "{:.3f}"),
                      " ".join(f"{e['accuracy']:.0%}" for e in evals)])
-    return markdown_table(["method", "seeds", "exact match (mean ± sd)", "held-out loss", "per seed"], rows)
+    table = markdown_table(["method", "seeds", "exact match (mean ± sd)", "held-out loss", "per seed"], rows)
+    return table + paired_verdicts(methods)
+
+
+def paired_verdicts(methods: dict[str, list[dict]]) -> str:
+    """MoT minus each other method, seed by seed, with its 95 % interval: the demo's conclusion, which
+    (unlike the order of close means) does not change with the CPU's kernels."""
+    from mot_operator.demo.study import verdict
+
+    mot = methods.get("MoT (final merged)") or []
+    lines = []
+    for other, evals in methods.items():
+        if other.startswith("MoT") or other.startswith("STD ") or len(evals) != len(mot) or len(mot) < 2:
+            continue
+        diffs = [m["accuracy"] - e["accuracy"] for m, e in zip(mot, evals, strict=True)]
+        lines.append(f"- MoT vs {other}: {verdict(diffs)} points")
+    if not lines:
+        return ""
+    return ("\n\nMoT's exact match minus each, paired by seed (mean ± 95 % interval; wins / loses only where the "
+            "interval excludes 0):\n" + "\n".join(lines))

@@ -13,20 +13,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.outer_select import OUTER, check_merge_args, check_selection, check_velocities
 
 from mot_trainer.tiny import arithmetic_records
 
 pytestmark = pytest.mark.e2e
 
-OUTER = {"learningRate": 0.8, "momentum": 0.5, "nesterov": True}
-
-
 def jsonl(records) -> str:
     return "".join(json.dumps(r) + "\n" for r in records)
-
-
-def flag(args: list[str], name: str) -> str:
-    return args[args.index(name) + 1]
 
 
 def test_outer_momentum_across_rounds_and_select_best(mot_e2e):
@@ -47,34 +41,11 @@ def test_outer_momentum_across_rounds_and_select_best(mot_e2e):
     for round_ in (1, 2):
         [job] = mot_e2e.jobs(ns, f"mot.dev/round={round_},mot.dev/stage=merge")
         merges[round_] = job["spec"]["template"]["spec"]["containers"][0]["args"]
-    for round_, args in merges.items():
-        assert flag(args, "--outer-learning-rate") == "0.8" and flag(args, "--outer-momentum") == "0.5", args
-        assert "--outer-nesterov" in args and flag(args, "--outer-state-out") == states[round_], args
-    assert "--outer-state-in" not in merges[1], merges[1]
-    assert flag(merges[2], "--outer-state-in") == states[1], merges[2]
-    assert flag(merges[1], "--base") == mot_e2e.student_uri
-    assert flag(merges[2], "--base") == status["rounds"][0]["mergedCheckpoint"]
-
+    check_merge_args(merges, states, mot_e2e.student_uri, status)
     # Both velocities are in S3 with every listed file (checkpoint_manifest checks their sizes).
-    for round_, state in states.items():
-        velocity = mot_e2e.checkpoint_manifest(state)
-        assert velocity is not None, f"no manifest at {state}"
-        assert velocity["kind"] == "outer-state" and velocity["params"] == OUTER, velocity
-        assert velocity["inputs"]["state_in"] == (states[round_ - 1] if round_ > 1 else None), velocity["inputs"]
-        assert any(f["path"].endswith(".safetensors") for f in velocity["files"]), velocity["files"]
-    merged = mot_e2e.checkpoint_manifest(status["rounds"][1]["mergedCheckpoint"])
-    assert merged is not None and merged["kind"] == "merge" and merged["params"]["outer"] == OUTER, merged
-    assert merged["inputs"]["outer_state_in"] == states[1] and merged["inputs"]["outer_state_out"] == states[2]
-
-    # selectBest: the best of the student (round 0) and both merged rounds, ties to the later round.
-    scores = [(0, status["student"]["model"], status["student"]["evalScore"])] + [
-        (r["round"], r["mergedCheckpoint"], r["evalScore"]) for r in status["rounds"]]
-    best = max(scores, key=lambda c: (c[2], c[0]))
+    check_velocities(mot_e2e.checkpoint_manifest, states, status)
+    best = check_selection(status)
     selected = status["selected"]
-    print(f"\nscores {[(r, s) for r, _, s in scores]}; selected {json.dumps(selected)}")
-    assert (selected["round"], selected["checkpoint"], selected["evalScore"]) == best
-    assert status["finalModel"] == selected["checkpoint"] and "selectBest" in selected["reason"]
-    assert selected["checkpoint"] in status["message"]
     chosen = [e for e in mot_e2e.events(ns, name) if e["reason"] == "ModelSelected"]
     assert chosen and all(selected["checkpoint"] in e["message"] for e in chosen), chosen
 
