@@ -72,3 +72,13 @@ def test_one_cell_and_seed_through_mot_run_then_resumed(tmp_path):
     assert "# MoT regime map" in (workdir / "study-report.md").read_text()
     again = subprocess.run(mot_command(*args), capture_output=True, text=True, env=mot_env(), timeout=300)
     assert again.returncode == 0 and "study: 0 (cell, seed) units to run, 1 already in" in again.stdout
+
+
+def test_results_of_another_configuration_are_not_mixed_in(tmp_path):
+    results = tmp_path / "study-results.json"
+    results.write_text(json.dumps({"config": {"rounds": 5}, "units": {"quick/noisy/seed-0": _unit(0.5, 0.5)}}))
+    proc = subprocess.run(mot_command("demo", "--study", "--quick", "--seeds", 1, "--study-cells", "quick:noisy",
+                                      "--workdir", tmp_path / "w", "--study-results", results),
+                          capture_output=True, text=True, env=mot_env(), timeout=120)
+    assert proc.returncode == 2 and "holds results of another configuration" in proc.stderr, proc.stderr
+    assert json.loads(results.read_text())["config"] == {"rounds": 5}

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -63,7 +64,12 @@ def run(args, demo_cfg) -> int:
                       teacher_sets=tuple(dict.fromkeys(p[1] for p in pairs)))
     results_path = (args.study_results or args.workdir / "study-results.json").resolve()
     found = load(results_path)
-    found["config"] = study_config(demo_cfg)
+    config = study_config(demo_cfg)
+    if found["units"] and found.get("config") != config:
+        print(f"study: {results_path} holds results of another configuration ({found.get('config')}); "
+              f"this one is {config}: use another --study-results", file=sys.stderr)
+        return 2
+    found["config"] = config
     workdir = args.workdir.resolve()
     cores = os.cpu_count() or 1
     parallel = args.parallel or cores
