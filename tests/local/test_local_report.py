@@ -148,3 +148,14 @@ def test_demo_summary_has_rows_per_budget():
                 "MTD (union), equal compute", "STD std-careful, equal compute", "STD std-hasty, equal steps",
                 "MoT (selectBest)"):
         assert f"| {row} " in both, row
+
+
+def test_demo_summary_ends_with_paired_verdicts_over_seeds():
+    one = summary_table([results()])
+    assert "paired by seed" not in one  # one seed: no interval
+    text = summary_table([results(), results(), results()])
+    # MoT 35 % every seed; start 10 %: +25 points with no spread is a win; MTD 45 % a loss.
+    assert "- MoT vs start (pre-trained student): wins +25.0 ± 0.0 points" in text
+    assert "- MoT vs MTD (union): loses -10.0 ± 0.0 points" in text
+    assert "- MoT vs best STD (per seed): loses -15.0 ± 0.0 points" in text
+    assert "MoT vs STD std-" not in text  # single teachers are in the table, not compared one by one
