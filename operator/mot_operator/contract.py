@@ -168,15 +168,24 @@ def merge_args(spec: MoTRunSpec, inputs: list[str], weights: list[float], base: 
     return args
 
 
-def preflight_args(spec: MoTRunSpec, run_root: str, out: str) -> list[str]:
-    """Check every input of the run; the storage probe goes under the run's own folder."""
+def preflight_args(spec: MoTRunSpec, run_root: str, out: str, *, gpu_memory: int | None = None) -> list[str]:
+    """Check every input of the run; the storage probe goes under the run's own folder. With
+    `gpu_memory` (bytes per GPU where a branch can run: the executor's fact) and a branch on GPUs,
+    also whether one branch fits it (mot_operator.estimate), from what the estimate reads of the spec."""
+    training, branch = spec.training, spec.resources.branch
     args = ["preflight", "--student", spec.student,
             "--teachers", *(f"{t.name}={t.dataset}" for t in spec.teachers),
-            "--max-seq-length", str(spec.training.max_seq_length),
+            "--max-seq-length", str(training.max_seq_length),
             "--max-truncated-fraction", _num(spec.preflight.max_truncated_fraction),
             "--storage", run_root, "--out", out]
     if spec.evaluation is not None:
         args += ["--eval", spec.evaluation.dataset]
+    if gpu_memory and branch.gpus > 0:
+        args += ["--gpu-memory", str(gpu_memory), "--gpus", str(branch.gpus), "--nodes", str(branch.nodes),
+                 "--micro-batch-size", str(training.micro_batch_size),
+                 "--precision", training.precision]
+        if training.gradient_checkpointing:
+            args.append("--gradient-checkpointing")
     return args
 
 
@@ -186,7 +195,7 @@ def eval_args(spec: MoTRunSpec, model: str, out: str, *, threads: int | None = N
     threads = e.threads if threads is None else threads
     args = ["eval", "--model", model, "--data", e.dataset, "--out", out,
             "--samples", str(e.samples), "--max-new-tokens", str(e.max_new_tokens),
-            "--temperature", _num(e.temperature), "--seed", str(spec.training.seed)]
+            "--temperature", _num(e.temperature), "--seed", str(spec.training.seed), "--engine", e.engine]
     if threads:
         args += ["--threads", str(threads)]
     return args

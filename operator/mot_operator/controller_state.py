@@ -36,6 +36,9 @@ class ControllerState:
     specs: dict[tuple[str, str], tuple[str, object]] = field(default_factory=dict)
     # {(namespace, job): monotonic time} of the Jobs this process created
     created: dict[tuple[str, str], float] = field(default_factory=dict)
+    # The labels of the Nodes with a GPU-memory label, and when they were listed (kube_executor.gpu_memory)
+    gpu_nodes: list[dict[str, str]] = field(default_factory=list)
+    gpu_nodes_read: float | None = None
 
     def forget(self, namespace: str, name: str) -> None:
         """Drop what is kept about a deleted run."""

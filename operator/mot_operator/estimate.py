@@ -216,6 +216,30 @@ class Estimate:
         return self.total + self.margin <= gpu_memory_bytes
 
 
+# In the message of a branch refused for its GPU memory (the preflight's, `mot run`'s exit code reads it).
+DOES_NOT_FIT = "does not fit the GPU memory"
+FIT_HINT = ("more GPUs or nodes shard the weights, gradients and optimizer states; a shorter maxSeqLength, "
+            "gradientCheckpointing: true or a smaller microBatchSize cut the activations")
+
+
+def refusal(est: Estimate, gpu_memory_bytes: int) -> str | None:
+    """None when the branch fits one GPU of `gpu_memory_bytes`; else the message that refuses it,
+    naming the spec fields to change (FIELDS_TO_CHANGE) first."""
+    if est.fits(gpu_memory_bytes):
+        return None
+    needed = est.total + est.margin
+    return (f"spec.resources.branch: one SFT branch needs {needed / GIB:.2f} GiB per GPU ({est.gpus_per_node} "
+            f"GPU(s) x {est.nodes} node(s), strategy {est.strategy}, precision {est.precision}, "
+            f"{est.tokens_per_forward} tokens per forward, estimate {est.total / GIB:.2f} GiB + margin "
+            f"{est.margin / GIB:.2f} GiB), which {DOES_NOT_FIT} of {_size(gpu_memory_bytes)} per GPU "
+            f"where it can run; change {', '.join(FIELDS_TO_CHANGE)} ({FIT_HINT}); `mot estimate FILE.yaml` "
+            "shows the terms")
+
+
+def _size(value: int) -> str:
+    return f"{value / GIB:.2f} GiB" if value >= GIB // 100 else f"{value / 1024 ** 2:.0f} MiB"
+
+
 def margin_bytes(total: int) -> int:
     return MARGIN_FIXED_BYTES + int(MARGIN_FRACTION * total)
 

@@ -31,11 +31,12 @@ class Executor(Protocol):
         """Post the plan's Events, then create, suspend, resume and delete its Jobs."""
 
 
-def planner_for(run: RunRef, spec: MoTRunSpec | SpecError) -> Decide:
-    """The planner of a run: `plan`, or `plan_invalid` when its spec could not be parsed."""
+def planner_for(run: RunRef, spec: MoTRunSpec | SpecError, **facts) -> Decide:
+    """The planner of a run: `plan` (with the executor's `facts`: plan's keyword arguments), or
+    `plan_invalid` when its spec could not be parsed."""
     if isinstance(spec, SpecError):
         return lambda status, _jobs, now: plan_invalid(run, status, spec, now)
-    return partial(plan, run, spec)
+    return partial(plan, run, spec, **facts)
 
 
 async def step(status: dict, executor: Executor, decide: Decide, now: datetime | None = None) -> Plan:

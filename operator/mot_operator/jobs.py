@@ -28,6 +28,10 @@ class OperatorConfig:
     # How often a training branch's progress is read from its Pod (so, at most, how often progress
     # changes a MoTRun's status): `mot operator --progress-interval`.
     progress_interval_seconds: float = 15.0
+    # Read the GPUs' memory from the nodes' nvidia.com/gpu.memory labels (NVIDIA GPU Feature Discovery),
+    # listed at most once per gpu_memory_refresh_seconds, for the preflight's memory check.
+    gpu_memory_from_node_labels: bool = True
+    gpu_memory_refresh_seconds: float = 60.0
 
 
 def with_defaults(spec_dict: dict, config: OperatorConfig) -> dict:

@@ -1,5 +1,5 @@
 """The Kubernetes API calls the controller makes (the official client, run in threads): list a run's
-Pods, read Kueue's Workloads, patch a MoTRun's status, create Jobs and Services (AlreadyExists =
+Pods, list the Nodes that carry a label (the GPUs' memory), read Kueue's Workloads, patch a MoTRun's status, create Jobs and Services (AlreadyExists =
 adopt), suspend, resume and delete Jobs, post Events; and GET a trainer's progress from its Pod."""
 
 from __future__ import annotations
@@ -59,6 +59,11 @@ class KubeApi:
                                 label_selector=f"{naming.LABEL_RUN}={run_label}")
         items = json.loads(data).get("items") or []
         return [p for p in items if ((p.get("metadata") or {}).get("labels") or {}).get(naming.LABEL_RUN) == run_label]
+
+    async def nodes(self, label: str) -> list[dict]:
+        """The Nodes that carry `label` (any value): their metadata only is used."""
+        data = await self._call(self.core.list_node, label_selector=label)
+        return json.loads(data).get("items") or []
 
     async def workloads(self, namespace: str, job_uid: str) -> list[dict]:
         """Kueue's Workloads of a Job (labelled with its uid by Kueue)."""

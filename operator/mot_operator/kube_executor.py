@@ -2,7 +2,9 @@
 
 observe: the run's Jobs from the watch-fed Job index, each with what its Pods (the Pod index) say,
 the disruptions seen, a training branch's progress (read from its rank-0 Pod at most once per
-progress interval) and, for a Job queued by Kueue, its Workload's reason. persist: a merge patch of
+progress interval) and, for a Job queued by Kueue, its Workload's reason; while the preflight is
+to come, the memory of the largest GPU the branch's nodeSelector allows (the nodes' nvidia.com/gpu.memory
+labels, listed at most once a minute), which the preflight checks a branch against. persist: a merge patch of
 the status. act: the plan's Events, then Job creates (not again while the watch catches up with a
 Job created moments ago), suspends, resumes and deletes, with the run's metrics.
 """
@@ -20,10 +22,14 @@ from . import metrics, naming, podstate
 from .controller_state import RECENT_CREATE_SECONDS, ControllerState
 from .executor import planner_for, step
 from .observe import job_finished, merge_patch, observe_job
-from .planner import MESSAGE_LIMIT, TERMINAL, ObservedJob, Plan, RunRef
+from .planner import MESSAGE_LIMIT, TERMINAL, ObservedJob, Plan, RunRef, preflight_pending
 from .spec import MoTRunSpec, SpecError, parse_spec
 
 log = logging.getLogger(__name__)
+
+# Set by NVIDIA GPU Feature Discovery on GPU nodes: the memory of one GPU, in MiB (digits).
+GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
+MIB = 1024 ** 2
 
 
 async def reconcile(body: dict, status: dict, job_index, state: ControllerState, now: datetime | None = None,
@@ -35,7 +41,10 @@ async def reconcile(body: dict, status: dict, job_index, state: ControllerState,
                  generation=meta.get("generation") or 1)
     spec = _parse_cached(state, run.namespace, run.name, body.get("spec") or {})
     kube = KubeExecutor(state, body, run, spec, job_index, pod_index)
-    result = await step(status, kube, planner_for(run, spec), now)
+    facts = {}
+    if isinstance(spec, MoTRunSpec) and spec.resources.branch.gpus > 0 and preflight_pending(spec, status or {}):
+        facts["gpu_memory"] = await gpu_memory(state, spec.resources.branch.node_selector)
+    result = await step(status, kube, planner_for(run, spec, **facts), now)
     if kube.training and result.status.get("phase") not in TERMINAL:
         # Read the branches' progress again in an interval, even when nothing else happens.
         interval = state.config.progress_interval_seconds
@@ -171,6 +180,34 @@ async def _admission(state: ControllerState, namespace: str, job: dict, queue: s
     found = {"reason": "WaitingForAdmission", "message": message}
     state.admission[(namespace, name)] = (clock, found)
     return found
+
+
+def largest_gpu_memory(nodes: list[dict[str, str]], node_selector: dict[str, str]) -> int | None:
+    """Bytes of the largest GPU among the nodes (their labels) that `node_selector` matches (every
+    node when empty) and that carry GPU_MEMORY_LABEL (MiB, digits); None when none does: unknown."""
+    found = [int(labels[GPU_MEMORY_LABEL]) * MIB for labels in nodes
+             if str(labels.get(GPU_MEMORY_LABEL, "")).isdigit() and int(labels[GPU_MEMORY_LABEL]) > 0
+             and all(labels.get(key) == value for key, value in node_selector.items())]
+    return max(found, default=None)
+
+
+async def gpu_memory(state: ControllerState, node_selector: dict[str, str]) -> int | None:
+    """largest_gpu_memory of the cluster's nodes, listed at most once per refresh interval for all
+    runs (None when turned off, or when the nodes cannot be listed: no RBAC, an API error)."""
+    config = state.config
+    if not config.gpu_memory_from_node_labels:
+        return None
+    clock = time.monotonic()
+    if state.gpu_nodes_read is None or clock - state.gpu_nodes_read >= config.gpu_memory_refresh_seconds:
+        state.gpu_nodes_read = clock
+        try:
+            nodes = await state.api.nodes(GPU_MEMORY_LABEL)
+            state.gpu_nodes = [dict((node.get("metadata") or {}).get("labels") or {}) for node in nodes]
+        except Exception as error:  # e.g. a namespaced install: no ClusterRole, so no nodes
+            log.info("listing the nodes' %s labels failed (the preflight checks no GPU memory): %s",
+                     GPU_MEMORY_LABEL, error)
+            state.gpu_nodes = []
+    return largest_gpu_memory(state.gpu_nodes, node_selector)
 
 
 def _parse_cached(state: ControllerState, namespace: str, name: str, spec_dict: dict):

@@ -47,6 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=float(_env("MOT_PROGRESS_INTERVAL", OperatorConfig.progress_interval_seconds)),
                         help="seconds between reads of a training branch's progress from its Pod, so at most "
                              "one status write per run per interval for progress (env MOT_PROGRESS_INTERVAL)")
+    parser.add_argument("--gpu-memory-from-node-labels", action=argparse.BooleanOptionalAction,
+                        default=_env("MOT_GPU_MEMORY_FROM_NODE_LABELS", "true").lower() not in ("false", "0", "no"),
+                        help="read the GPUs' memory from the nodes' nvidia.com/gpu.memory labels (NVIDIA GPU "
+                             "Feature Discovery; needs nodes get/list) and have the preflight refuse a branch "
+                             "that fits none of them (env MOT_GPU_MEMORY_FROM_NODE_LABELS; default true)")
+    parser.add_argument("--gpu-memory-refresh", type=float,
+                        default=float(_env("MOT_GPU_MEMORY_REFRESH", OperatorConfig.gpu_memory_refresh_seconds)),
+                        help="seconds between listings of the nodes' GPU memory labels (env MOT_GPU_MEMORY_REFRESH)")
     parser.add_argument("--log-level", default=_env("MOT_LOG_LEVEL", "info"),
                         choices=["debug", "info", "warning", "error"], help="env MOT_LOG_LEVEL")
     parser.add_argument("--log-format", default=_env("MOT_LOG_FORMAT", "text"), choices=["text", "json"],
@@ -141,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
         default_storage_endpoint=args.default_storage_endpoint,
         default_credentials_secret=args.default_credentials_secret,
         progress_interval_seconds=max(args.progress_interval, 1.0),
+        gpu_memory_from_node_labels=args.gpu_memory_from_node_labels,
+        gpu_memory_refresh_seconds=max(args.gpu_memory_refresh, 0.0),
     )
     load_kube_client_config()
     controller.STATE.api = KubeApi()

@@ -95,12 +95,16 @@ def backoff_seconds(spec: MoTRunSpec, failed_attempt: int) -> float:
 
 
 def plan(run: RunRef, spec: MoTRunSpec, status: dict, jobs: list[ObservedJob], now: datetime, *,
-         metrics_port: int | None = TRAINER_METRICS_PORT, threads: int | None = None) -> Plan:
+         metrics_port: int | None = TRAINER_METRICS_PORT, threads: int | None = None,
+         gpu_memory: int | None = None) -> Plan:
     """Decide the run's next status and actions. Pure: no I/O, no clock.
 
-    `metrics_port` and `threads` are the executor's part of the trainer's command lines (JobRequest.args):
-    the port branch Jobs serve metrics on (None: none), and --threads for sft and eval over the spec's."""
-    return _Planner(run, spec, status, jobs, now, metrics_port=metrics_port, threads=threads).run()
+    `metrics_port`, `threads` and `gpu_memory` are the executor's part of the trainer's command lines
+    (JobRequest.args): the port branch Jobs serve metrics on (None: none), --threads for sft and eval
+    over the spec's, and the memory of one GPU a branch can run on, in bytes (None: unknown), which the
+    preflight checks one branch against (contract.preflight_args)."""
+    return _Planner(run, spec, status, jobs, now, metrics_port=metrics_port, threads=threads,
+                    gpu_memory=gpu_memory).run()
 
 
 def plan_invalid(run: RunRef, status: dict, error: SpecError, now: datetime) -> Plan:
@@ -128,10 +132,12 @@ def preflight_resources(spec: MoTRunSpec) -> RoleResources:
 
 class _Planner:
     def __init__(self, run: RunRef, spec: MoTRunSpec, status: dict, jobs: list[ObservedJob], now: datetime, *,
-                 metrics_port: int | None = TRAINER_METRICS_PORT, threads: int | None = None):
+                 metrics_port: int | None = TRAINER_METRICS_PORT, threads: int | None = None,
+                 gpu_memory: int | None = None):
         self.run_ref = run
         self.metrics_port = metrics_port
         self.threads = threads
+        self.gpu_memory = gpu_memory
         self.spec = spec
         self.status = copy.deepcopy(status or {})
         self.jobs = {j.name: j for j in jobs}
@@ -490,7 +496,7 @@ class _Planner:
         out = self.uri(stage, round_, teacher)
         if stage == "preflight":
             root = naming.run_uri(self.spec.storage.uri, self.run_ref.namespace, self.run_ref.name)
-            args = contract.preflight_args(self.spec, root, out)
+            args = contract.preflight_args(self.spec, root, out, gpu_memory=self.gpu_memory)
             resources = preflight_resources(self.spec)
         elif stage == "sft":
             args = contract.sft_args(self.spec, round_, self.spec.teacher(teacher).dataset, rec["init"], out,

@@ -106,6 +106,7 @@ class Evaluation:
     samples: int
     max_new_tokens: int
     temperature: float
+    engine: str
     threads: int | None
     select_best: bool
 

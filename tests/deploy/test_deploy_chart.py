@@ -39,6 +39,9 @@ CONTRACT_RULES = {
     ("", "services"): {"get", "create", "delete"},
     ("", "events"): {"create", "patch"},
 }
+# Cluster-scoped, so only in the ClusterRole: the GPUs' memory from the nodes' nvidia.com/gpu.memory
+# labels (values gpuMemoryFromNodeLabels, default true).
+NODE_RULES = {("", "nodes"): {"get", "list"}}
 CONTRACT_ENV = {"MOT_WATCH_NAMESPACES", "MOT_DEFAULT_IMAGE", "MOT_DEFAULT_STORAGE_URI",
                 "MOT_DEFAULT_STORAGE_ENDPOINT", "MOT_DEFAULT_CREDENTIALS_SECRET", "MOT_METRICS_PORT",
                 "MOT_LOG_LEVEL", "MOT_LOG_FORMAT"}
@@ -251,7 +254,11 @@ def test_cluster_rbac_grants_exactly_the_contract(rendered):
     docs = rendered["default"]
     assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
     role = one(docs, "ClusterRole")
-    assert rules_as_set(role["rules"]) == CONTRACT_RULES
+    assert rules_as_set(role["rules"]) == CONTRACT_RULES | NODE_RULES
+    assert env_of(docs)["MOT_GPU_MEMORY_FROM_NODE_LABELS"] == "true"
+    off = manifests({"gpuMemoryFromNodeLabels": False})
+    assert rules_as_set(one(off, "ClusterRole")["rules"]) == CONTRACT_RULES
+    assert env_of(off)["MOT_GPU_MEMORY_FROM_NODE_LABELS"] == "false"
     binding = one(docs, "ClusterRoleBinding")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
                                   "name": role["metadata"]["name"]}
@@ -312,6 +319,7 @@ BAD_VALUES = [
     ({"alerts": {"jobRetries": {"window": "an hour"}}}, "/alerts/jobRetries/window"),
     ({"alerts": {"runFailed": {"severity": "page"}}}, "/alerts/runFailed/severity"),
     ({"replicas": 2}, "replicas"),
+    ({"gpuMemoryFromNodeLabels": "yes"}, "/gpuMemoryFromNodeLabels"),
     ({"metrics": {"serviceMonitor": {"enabled": "yes"}}}, "/metrics/serviceMonitor/enabled"),
 ]
 

@@ -48,6 +48,31 @@ def test_two_targets_operator_and_trainer():
     assert "ARG TORCH_VERSION" in found["trainer-venv"] and "torch.version.cuda" in trainer
 
 
+def test_trainer_vllm_target_takes_vllms_torch():
+    """The eval image for --engine vllm: the trainer extra plus the vllm extra, vLLM pinned and torch
+    left to it (the trainer image's TORCH_VERSION is not applied), non-root with OCI labels."""
+    found = dockerfile_stages()
+    venv = " ".join(found["trainer-vllm-venv"])
+    assert "COPY --from=trainer-vllm-venv /opt/venv /opt/venv" in found["trainer-vllm"]
+    assert re.search(r'pip install [^&]*"vllm==\$\{VLLM_VERSION\}" "mot-operator\[trainer,vllm\]==\$\{VERSION\}"',
+                     venv), venv
+    assert "torch==" not in venv and "TORCH_VERSION" not in venv
+    assert "import sys, torch, vllm" in venv and "torch.version.cuda" in venv
+    assert re.fullmatch(r"\d+\.\d+\.\d+", dockerfile_args()["VLLM_VERSION"])
+    # The vllm extra admits the pinned vLLM.
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["vllm"]
+    assert [Requirement(r).name for r in extra] == ["vllm"]
+    assert Requirement(extra[0]).specifier.contains(dockerfile_args()["VLLM_VERSION"])
+    users = [line.split()[1] for line in found["trainer-vllm"] if line.startswith("USER ")]
+    assert users and users[-1] == "65532:65532"
+    labels = set(re.findall(r"org\.opencontainers\.image\.(\w+)=", " ".join(found["trainer-vllm"])))
+    assert OCI_LABELS <= labels
+
+
 def test_base_images_and_torch_are_pinned():
     args = dockerfile_args()
     assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", args["PYTHON_IMAGE"]), args["PYTHON_IMAGE"]

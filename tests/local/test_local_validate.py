@@ -84,12 +84,12 @@ def test_validate_takes_the_manifests_max_truncated_fraction(tmp_path, tiny_mode
 
 def test_validate_on_the_demos_data_prints_the_per_teacher_table(tmp_path):
     """The manifest and data `mot demo` writes (its full configuration: 3 teachers x 200 problems, 100
-    held-out), with the demo's student before pre-training (same tokenizer)."""
+    held-out), with the demo's shipped student."""
     from mot_operator.demo import tasks
-    from mot_operator.demo.cli import FULL, motrun_manifest
-    from mot_operator.demo.student import build_initial
+    from mot_operator.demo.config import FULL, motrun_manifest
+    from mot_operator.demo.student import shipped_student
 
-    student = build_initial(FULL.student, tmp_path / "student")
+    student = shipped_student(FULL.student)
     files = tasks.build_task(tmp_path / "demo-seed-0" / "data", seed=0, teachers=FULL.teachers,
                              per_teacher=FULL.per_teacher, eval_size=FULL.eval_size, digits=FULL.digits)
     manifest = tmp_path / "demo-seed-0" / "motrun.yaml"

@@ -607,3 +607,71 @@ def test_a_job_queued_by_kueue_says_why_from_its_workload():
     assert status["rounds"][0]["branches"]["b"]["waiting"]["message"] == (
         "queued in LocalQueue 'gpu', waiting for Kueue to admit it")  # no uid known: no Workload read
     assert status["reason"] == "WaitingForAdmission" and ("workloads", "job-uid-a") in api.calls
+
+
+# --- the GPU memory from the nodes' labels (NVIDIA GPU Feature Discovery), for the preflight ---------
+
+MIB = 1024 ** 2
+GPU_NODES = [
+    {"nvidia.com/gpu.memory": "81559", "pool": "a100", "kubernetes.io/hostname": "n1"},
+    {"nvidia.com/gpu.memory": "143771", "pool": "h200", "kubernetes.io/hostname": "n2"},
+    {"nvidia.com/gpu.memory": "24564", "pool": "l4", "kubernetes.io/hostname": "n3"},
+    {"nvidia.com/gpu.memory": "", "pool": "h200"},  # not digits: not a size
+    {"pool": "cpu"},  # no label
+]
+
+
+def test_the_largest_gpu_the_node_selector_allows_from_the_node_labels():
+    largest = kube_executor.largest_gpu_memory
+    assert largest(GPU_NODES, {}) == 143771 * MIB  # no nodeSelector: every labelled node
+    assert largest(GPU_NODES, {"pool": "a100"}) == 81559 * MIB
+    assert largest(GPU_NODES, {"pool": "l4", "kubernetes.io/hostname": "n3"}) == 24564 * MIB
+    assert largest(GPU_NODES, {"pool": "l4", "kubernetes.io/hostname": "n1"}) is None  # no node matches
+    assert largest(GPU_NODES, {"pool": "cpu"}) is None  # matches, without the label: unknown
+    assert largest([], {}) is None
+
+
+class NodeApi(FakeApi):
+    def __init__(self, nodes=(), fail=False):
+        super().__init__()
+        self.nodes_list = [{"metadata": {"name": f"n{i}", "labels": labels}} for i, labels in enumerate(nodes)]
+        self.fail = fail
+
+    async def nodes(self, label):
+        self.calls.append(("nodes", label))
+        if self.fail:
+            raise RuntimeError("403 Forbidden: nodes is forbidden")
+        return self.nodes_list
+
+
+def preflight_args(api):
+    return next(obj for name, obj in api.objects.items() if name == PREFLIGHT)["spec"]["template"]["spec"][
+        "containers"][0]["args"]
+
+
+def test_reconcile_passes_the_gpu_memory_to_the_preflight_and_lists_nodes_once_a_minute():
+    api = NodeApi(GPU_NODES)
+    state = new_state(api)
+    body = motrun({"resources": {"branch": {"gpus": 2, "nodeSelector": {"pool": "a100"}}}})
+    reconcile(body, api, state=state)
+    args = preflight_args(api)
+    assert args[args.index("--gpu-memory") + 1] == str(81559 * MIB) and args[args.index("--gpus") + 1] == "2"
+    assert api.calls.count(("nodes", "nvidia.com/gpu.memory")) == 1
+    other = motrun({"resources": {"branch": {"gpus": 1}}})
+    other["metadata"].update(name="other", uid="u-2")
+    asyncio.run(kube_executor.reconcile(other, {}, {}, state, pod_index={}))
+    assert api.calls.count(("nodes", "nvidia.com/gpu.memory")) == 1  # within the minute: the cached list
+
+
+def test_no_gpu_memory_when_turned_off_unlisted_or_the_branch_has_no_gpu():
+    for api, config, branch in ((NodeApi(GPU_NODES), {"gpu_memory_from_node_labels": False}, {"gpus": 1}),
+                                (NodeApi(fail=True), {}, {"gpus": 1}),  # no RBAC (a namespaced install)
+                                (NodeApi([{"pool": "cpu"}]), {}, {"gpus": 1}),
+                                (NodeApi(GPU_NODES), {}, {"gpus": 0})):
+        reconcile(motrun({"resources": {"branch": branch}}), api, state=new_state(api, **config))
+        assert "--gpu-memory" not in preflight_args(api)
+        assert api.calls.count(("nodes", "nvidia.com/gpu.memory")) == (0 if config or not branch["gpus"] else 1)
+    # Once the preflight passed (or with none), the nodes are not listed at all.
+    api = NodeApi(GPU_NODES)
+    reconcile(motrun({"resources": {"branch": {"gpus": 1}}, **NO_PREFLIGHT}), api)
+    assert ("nodes", "nvidia.com/gpu.memory") not in api.calls

@@ -178,6 +178,25 @@ def test_job_arguments_follow_the_trainer_contract():
     assert evaluation.args[evaluation.args.index("--samples") + 1] == "2"
 
 
+@pytest.mark.parametrize("engine", [None, "vllm", "transformers"])
+def test_eval_job_args_carry_the_engine(engine):
+    """spec.evaluation.engine (default auto) reaches `mot-train eval --engine`, which takes it."""
+    import argparse
+
+    from mot_trainer.eval import add_arguments
+
+    evaluation = {"dataset": "s3://d/eval"} | ({"engine": engine} if engine else {})
+    spec = make_spec(evaluation=evaluation, preflight={"enabled": False})
+    assert spec.evaluation.engine == (engine or "auto")
+    job = next(r for r in Cluster(spec).start().create if r.stage == "eval")  # round 0: the student
+    assert job.args[job.args.index("--engine") + 1] == (engine or "auto")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(job.args[1:]).engine == (engine or "auto")
+    with pytest.raises(SpecError, match="engine"):
+        make_spec(evaluation={"dataset": "s3://d/eval", "engine": "tensorrt"})
+
+
 def test_failed_branch_is_retried_as_a_new_attempt_after_backoff():
     cluster = Cluster(make_spec())
     cluster.start()
@@ -553,6 +572,33 @@ def test_preflight_retries_exhausted_fail_the_run_with_the_last_reason():
     assert s["failure"] == {"stage": "preflight", "attempts": 2, "reason": "RetryableError: S3 timed out again"}
     assert cluster.created == [PREFLIGHT, "demo-preflight-a2"]
     assert conditions_of(s)["Failed"]["reason"] == "PreflightFailed"
+
+
+GIB = 1024 ** 3
+
+
+@pytest.mark.parametrize(("branch", "training", "gpu_memory", "extra"), [
+    ({"gpus": 2, "nodes": 3}, {"microBatchSize": 2, "precision": "bf16", "gradientCheckpointing": True}, 80 * GIB,
+     ["--gpu-memory", str(80 * GIB), "--gpus", "2", "--nodes", "3", "--micro-batch-size", "2",
+      "--precision", "bf16", "--gradient-checkpointing"]),
+    ({"gpus": 1}, {}, 24 * GIB, ["--gpu-memory", str(24 * GIB), "--gpus", "1", "--nodes", "1",
+                                 "--micro-batch-size", "1", "--precision", "auto"]),
+    ({"gpus": 1}, {}, None, []),  # the GPU memory unknown: nothing to check
+    ({"gpus": 0}, {}, 80 * GIB, []),  # a branch on CPUs: no GPU to fit
+])
+def test_the_preflight_checks_the_gpu_memory_only_when_the_executor_knows_it(branch, training, gpu_memory, extra):
+    spec = make_spec(resources={"branch": branch}, training={"maxSeqLength": 1024, **training})
+    result = plan(RUN, spec, {}, [], T0, gpu_memory=gpu_memory)
+    (req,) = result.create
+    assert req.args == ["preflight", "--student", "s3://models/student", "--teachers", "a=s3://d/a", "b=s3://d/b",
+                        "--max-seq-length", "1024", "--max-truncated-fraction", "0.05",
+                        "--storage", "s3://ckpt/ns/demo", "--out", "s3://ckpt/ns/demo/preflight.json", *extra]
+    # The fact reaches only the preflight: a disabled one checks nothing, and the branches' args are alike.
+    off = plan(RUN, make_spec(resources={"branch": branch}, preflight={"enabled": False}), {}, [], T0,
+               gpu_memory=gpu_memory)
+    assert [r.args for r in off.create] == [r.args for r in plan(RUN, make_spec(resources={"branch": branch},
+                                                                                 preflight={"enabled": False}),
+                                                                   {}, [], T0).create]
 
 
 def test_a_disabled_preflight_starts_round_1_at_once():

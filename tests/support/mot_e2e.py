@@ -323,8 +323,11 @@ def mot_e2e(kube_cluster, kube_node, s3_server, tiny_model, tmp_path_factory):
     s3_server.make_bucket(BUCKET)
     _upload_folder(s3_server, Path(tiny_model), BUCKET, "models/student")
     kubeconfig = install_operator_access(kube_cluster)
-    # Progress read every second (not the default 15 s), so tests see it move within a short branch.
-    operator = OperatorProcess(kubeconfig, free_port(), workdir, extra_args=["--progress-interval", "1"])
+    # Progress read every second (not the default 15 s), so tests see it move within a short branch;
+    # the nodes' GPU memory labels listed every second (not every minute), so a test that labels a
+    # node sees the operator use it at once.
+    operator = OperatorProcess(kubeconfig, free_port(), workdir,
+                               extra_args=["--progress-interval", "1", "--gpu-memory-refresh", "1"])
     prometheus = None
     try:
         operator.start()

@@ -169,6 +169,49 @@ def test_bad_teacher_argument(tiny_model, tiny_data, termination_log):
     assert f"--teachers '{tiny_data}': expected NAME=URI" in failure(termination_log)
 
 
+# --- GPU memory (--gpu-memory: what the executor knows of a branch's GPUs) -------------------------
+
+BRANCH = ("--gpus", "1", "--nodes", "1", "--micro-batch-size", "4", "--precision", "bf16")
+
+
+def test_a_branch_that_cannot_fit_the_gpu_memory_is_refused_naming_the_fields(tiny_model, tiny_data,
+                                                                               termination_log, capsys):
+    from mot_operator.estimate import DOES_NOT_FIT, FIELDS_TO_CHANGE
+
+    assert run_preflight(tiny_model, {"a": tiny_data}, "--gpu-memory", 1024 ** 2, *BRANCH) == 2
+    message = failure(termination_log)
+    assert message.startswith("invalid input: spec.resources.branch: one SFT branch needs "), message
+    assert f"{DOES_NOT_FIT} of 1 MiB per GPU where it can run; change " + ", ".join(FIELDS_TO_CHANGE) in message
+    assert "1 GPU(s) x 1 node(s), strategy none, precision bf16, 512 tokens per forward" in message
+    assert "`mot estimate FILE.yaml` shows the terms" in message
+    assert "teacher" not in capsys.readouterr().out  # refused before any data was read
+
+
+def test_a_branch_that_fits_passes_and_the_summary_says_so(tiny_model, tiny_data, tmp_path, termination_log,
+                                                           capsys):
+    out = tmp_path / "summary.json"
+    assert run_preflight(tiny_model, {"a": tiny_data}, "--gpu-memory", 80 * 1024 ** 3, *BRANCH,
+                         "--gradient-checkpointing", "--out", out) == 0
+    memory = json.loads(out.read_text())["memory"]
+    assert memory["gpu_memory"] == 80 * 1024 ** 3 and 2 * 1024 ** 3 < memory["needed"] < 3 * 1024 ** 3
+    assert "GPU memory: 2.01 GiB needed per GPU (`mot estimate`) <= 80.00 GiB" in capsys.readouterr().out
+
+
+def test_without_gpu_memory_nothing_is_estimated(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "summary.json"
+    assert run_preflight(tiny_model, {"a": tiny_data}, *BRANCH, "--out", out) == 0
+    assert "memory" not in json.loads(out.read_text())
+
+
+def test_a_config_the_estimate_cannot_read_is_not_refused(tiny_model, tiny_data, tmp_path, caplog):
+    from mot_trainer.preflight import MemoryCheck, check_memory
+
+    config = json.loads((tiny_model / "config.json").read_text())
+    del config["vocab_size"]
+    assert check_memory(config, MemoryCheck(gpu_memory=1), 128) is None
+    assert "GPU memory not checked: no estimate for this student (config.json: vocab_size" in caplog.text
+
+
 # --- s3 -------------------------------------------------------------------------------------------
 
 

@@ -5,20 +5,29 @@ toward the held-out loss. Accuracy is the mean over `--samples` generations per 
 paper averages 16), with its standard deviation across samples. Generation stops at EOS; a generation
 cut by `--max-new-tokens` without an explicit answer is counted as `truncated` (and not correct), so a
 too-small limit shows up in the report instead of passing for a wrong answer.
+
+Generation runs on one of two engines (engines.py, `--engine`): vLLM, tensor-parallel over the visible
+GPUs, where it is installed (the trainer-vllm image) and a GPU is visible; else transformers. Both get
+the same chat-template prompts and give the same kind of text, scored the same way; the result
+records which one ran. The held-out loss is always computed with transformers (teacher-forced, which
+vLLM does not do).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import math
 import shutil
 import statistics
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-from mot_trainer import answers, data, storage
+# Generation, eos_ids and generate (one transformers sample) live in engines.py; named here too, as
+# mot_eval.generate is the batch generator that run() hands to the transformers engine.
+from mot_trainer import answers, data, engines, storage
+from mot_trainer.engines import Generation, eos_ids, generate
 from mot_trainer.errors import InvalidInput
 from mot_trainer.models import fetch_model
 
@@ -36,13 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own)")
-
-
-@dataclass
-class Generation:
-    text: str
-    finished: bool  # ended with EOS (not cut by --max-new-tokens)
-    tokens: int
+    p.add_argument("--engine", choices=engines.ENGINES, default="auto",
+                   help="generation engine: vllm (GPU, trainer-vllm image), transformers, or auto = vllm "
+                        "where it imports and a CUDA GPU is visible, else transformers")
+    p.add_argument("--tensor-parallel-size", type=int,
+                   help="vllm: GPUs to shard the model over (default: the visible GPUs that divide its heads)")
 
 
 def validate(args) -> None:
@@ -55,6 +62,8 @@ def validate(args) -> None:
         raise InvalidInput(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.threads is not None and args.threads < 1:
         raise InvalidInput(f"--threads must be at least 1, got {args.threads}")
+    if args.tensor_parallel_size is not None and args.tensor_parallel_size < 1:
+        raise InvalidInput(f"--tensor-parallel-size must be at least 1, got {args.tensor_parallel_size}")
 
 
 def load_problems(uri: str) -> list[data.Record]:
@@ -63,39 +72,6 @@ def load_problems(uri: str) -> list[data.Record]:
         if r.answer is None or not r.answer.strip():
             raise InvalidInput(f"{r.where}: missing field 'answer' (the reference final answer)")
     return records
-
-
-def eos_ids(model, tokenizer) -> list[int]:
-    ids = model.generation_config.eos_token_id
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return sorted(set(ids))
-
-
-def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
-             top_p: float, batch_size: int) -> list[Generation]:
-    """Generate for tokenized prompts in left-padded batches; stop each sequence at its EOS."""
-    import torch  # not at import time: the CLI and preflight import this module without torch
-
-    stop = eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-    results = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        width = max(len(p) for p in batch)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
-            "do_sample": False}
-        with torch.no_grad():
-            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                                 max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad, **sampling)
-        for row in out[:, width:].tolist():
-            end = next((i for i, tok in enumerate(row) if tok in stop), None)
-            kept = row if end is None else row[:end]
-            results.append(Generation(tokenizer.decode(kept, skip_special_tokens=True), end is not None, len(kept)))
-    return results
 
 
 def heldout_loss(model, tokenizer, records: list[data.Record], max_length: int) -> float | None:
@@ -157,6 +133,7 @@ def run(args) -> dict:
     import torch  # torch and transformers only when eval runs: the CLI and preflight import this module
 
     validate(args)
+    engine_name = engines.choose(args.engine)
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -176,27 +153,39 @@ def run(args) -> dict:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         prompts = [data.generation_prompt_ids(r.prompt_messages, tokenizer) for r in records]
-        samples = []
-        for s in range(args.samples):
-            if args.temperature == 0 and samples:  # greedy: every sample is the same
-                samples.append(samples[0])
-                continue
-            torch.manual_seed(args.seed + s)
-            samples.append(generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                                    temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size))
-        result = score(records, samples)
         max_length = getattr(model.config, "max_position_embeddings", None) or 4096
-        result["heldout_loss"] = heldout_loss(model, tokenizer, records, max_length)
+        # The held-out loss is teacher-forced, which vLLM does not do: transformers computes it with
+        # either engine, first, so that with vLLM the model can leave the GPU before vLLM takes it.
+        # (No RNG is drawn: the transformers engine's samples are seeded as before.)
+        loss = heldout_loss(model, tokenizer, records, max_length)
+        if engine_name == "vllm":
+            stop = eos_ids(model, tokenizer)  # the same stop ids as the transformers engine's
+            tensor_parallel = engines.tensor_parallel_size(args.tensor_parallel_size, engines.cuda_devices(),
+                                                           getattr(model.config, "num_attention_heads", None))
+            limit = getattr(model.config, "max_position_embeddings", None)
+            needed = max(len(p) for p in prompts) + args.max_new_tokens
+            del model  # vLLM loads its own copy from the folder and wants the GPU memory
+            gc.collect()
+            torch.cuda.empty_cache()
+            engine = engines.VLLMEngine(source, tokenizer, stop, tensor_parallel_size=tensor_parallel, seed=args.seed,
+                                        max_model_len=min(needed, limit) if limit else needed)
+        else:
+            # This module's `generate`: `mot_eval.generate` is the one batch generator (tests replace it).
+            engine = engines.TransformersEngine(model, tokenizer, batch_size=args.batch_size, batch_generate=generate)
+        samples = engine.generate(prompts, samples=args.samples, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        result = score(records, samples)
+        result["heldout_loss"] = loss
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result.update(model=args.model, data=args.data, max_new_tokens=args.max_new_tokens,
-                  temperature=args.temperature, model_created=(manifest or {}).get("created"))
+                  temperature=args.temperature, model_created=(manifest or {}).get("created"), engine=engine.name)
     storage.write_json(args.out, result)
-    loss = result["heldout_loss"]
-    log.info("accuracy %.4f ± %.4f over %d samples of %d problems; %d truncated; held-out loss %s",
-             result["accuracy"], result["accuracy_std"], result["samples"], result["problems"],
+    log.info("%s: accuracy %.4f ± %.4f over %d samples of %d problems; %d truncated; held-out loss %s",
+             engine.name, result["accuracy"], result["accuracy_std"], result["samples"], result["problems"],
              result["truncated"], "n/a" if loss is None else f"{loss:.4f}")
-    return {"accuracy": result["accuracy"], "heldout_loss": _finite(loss), "truncated": result["truncated"]}
+    return {"accuracy": result["accuracy"], "heldout_loss": _finite(loss), "truncated": result["truncated"],
+            "engine": engine.name}
 
 
 def _finite(x):

@@ -8,7 +8,12 @@ exactly as sft encodes it, giving records, token length p50/p95/max and the frac
 --max-seq-length (cut there in training, which may lose the final answer of a long chain of thought).
 A fraction above --max-truncated-fraction is invalid input. The eval set, when given, must parse and
 have an answer in every record (eval.py's rules); the storage URI, when given, must be writable with
-the credentials given (a probe object is put and deleted).
+the credentials given (a probe object is put and deleted). With --gpu-memory (what the executor knows
+of the GPUs a branch can run on: the nodes' nvidia.com/gpu.memory label, or nvidia-smi for `mot run`)
+one SFT branch, as --gpus, --nodes, --micro-batch-size, --max-seq-length, --precision and
+--gradient-checkpointing describe it, must fit one GPU by `mot estimate`'s figure (mot_operator.estimate,
+from the student's config.json): checked right after the student, and invalid input naming the spec
+fields to change when it does not (a config the estimate cannot read is only logged).
 
 Prints a per-teacher table; returns a one-line JSON summary, also written to --out when given (the
 operator's record that the preflight passed). The first problem found is an InvalidInput (exit 2)
@@ -54,6 +59,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", metavar="URI", help="checkpoint root that must be writable (a probe is put and deleted)")
     p.add_argument("--threads", type=int, help="teachers read and tokenized at once (default: min(teachers, 4))")
     p.add_argument("--out", metavar="URI", help="write the JSON summary here once every check passed")
+    p.add_argument("--gpu-memory", type=int, metavar="BYTES",
+                   help="memory of one GPU a branch can run on: refuse a branch that cannot fit it")
+    p.add_argument("--gpus", type=int, default=1, help="with --gpu-memory: a branch's GPUs per node (default 1)")
+    p.add_argument("--nodes", type=int, default=1, help="with --gpu-memory: a branch's nodes (default 1)")
+    p.add_argument("--micro-batch-size", type=int, default=1, help="with --gpu-memory: as sft's (default 1)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="with --gpu-memory: as sft's (default auto)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="with --gpu-memory: as sft's")
+
+
+@dataclass(frozen=True)
+class MemoryCheck:
+    """--gpu-memory and the branch the estimate is for (mot_operator.estimate.estimate's arguments)."""
+
+    gpu_memory: int
+    gpus: int = 1
+    nodes: int = 1
+    micro_batch_size: int = 1
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -81,6 +106,7 @@ class Report:
     teachers: list[TeacherStats]
     eval_records: int | None = None
     storage: str = "unchecked"
+    memory: dict | None = None  # check_memory's record, when --gpu-memory was given and estimated
     seconds: float = 0.0
 
     def summary(self) -> dict:
@@ -88,6 +114,8 @@ class Report:
                "storage": self.storage, "seconds": round(self.seconds, 2)}
         if self.eval_records is not None:
             out["eval"] = {"records": self.eval_records}
+        if self.memory is not None:
+            out["memory"] = self.memory
         return out
 
     def table(self) -> str:
@@ -109,6 +137,10 @@ def table(summary: dict) -> str:
     if summary.get("eval") is not None:
         extra.append(f"eval set: {summary['eval']['records']} problems with answers")
     extra.append(f"storage: {summary.get('storage', 'unchecked')}")
+    memory = summary.get("memory")
+    if isinstance(memory, dict) and memory.get("needed") and memory.get("gpu_memory"):
+        extra.append(f"GPU memory: {memory['needed'] / 1024 ** 3:.2f} GiB needed per GPU (`mot estimate`) <= "
+                     f"{memory['gpu_memory'] / 1024 ** 3:.2f} GiB")
     return "\n".join(lines + extra)
 
 
@@ -154,6 +186,11 @@ def _is_hub_id(uri: str) -> bool:
 
 def check_student(uri: str, workdir: Path):
     """The student's tokenizer, after checking the folder loads as a causal LM (weights not read)."""
+    return _check_student(uri, workdir)[0]
+
+
+def _check_student(uri: str, workdir: Path) -> tuple[object, dict]:
+    """check_student's tokenizer, and the student's config.json as a dict."""
     from transformers import AutoConfig, AutoTokenizer
 
     if _is_hub_id(uri):
@@ -177,7 +214,11 @@ def check_student(uri: str, workdir: Path):
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InvalidInput(f"--student {uri}: the tokenizer does not load ({exc})") from None
-    return _measuring(tokenizer, uri)
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        raw = config.to_dict()
+    return _measuring(tokenizer, uri), raw if isinstance(raw, dict) else config.to_dict()
 
 
 def _measuring(tokenizer, uri: str):
@@ -209,7 +250,7 @@ def _check_hub_student(uri: str):
             raise InvalidInput(f"--student {uri}: no such model folder, and no such model on the hub") from None
         raise
     _check_causal_lm(config, uri)
-    return _measuring(tokenizer, uri)
+    return _measuring(tokenizer, uri), config.to_dict()
 
 
 def _check_causal_lm(config, uri: str) -> None:
@@ -239,6 +280,28 @@ def _check_weights(uri: str, folder: Path, files: set[str]) -> None:
         return
     if not any(name in files for name in WEIGHT_FILES):
         raise InvalidInput(f"--student {uri}: no weights ({', '.join(WEIGHT_FILES)} or {INDEX_NAME})")
+
+
+# --- memory --------------------------------------------------------------------------------------
+
+
+def check_memory(config: dict, check: MemoryCheck, max_seq_length: int) -> dict | None:
+    """Whether one branch fits `check.gpu_memory` by `mot estimate`'s figure: InvalidInput naming the
+    spec fields to change when it does not; the summary's "memory" record when it does (None when
+    the estimate cannot be made from this config: logged, nothing refused)."""
+    from mot_operator import estimate
+
+    try:
+        est = estimate.estimate(config, gpus=check.gpus, nodes=check.nodes, micro_batch_size=check.micro_batch_size,
+                                max_seq_length=max_seq_length, gradient_checkpointing=check.gradient_checkpointing,
+                                precision=check.precision)
+    except (estimate.ConfigError, ValueError, TypeError) as exc:
+        log.warning("GPU memory not checked: no estimate for this student (%s)", exc)
+        return None
+    refused = estimate.refusal(est, check.gpu_memory)
+    if refused:
+        raise InvalidInput(refused)
+    return {"needed": est.total + est.margin, "gpu_memory": check.gpu_memory}
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -300,7 +363,7 @@ def parse_teachers(values: list[str]) -> list[tuple[str, str]]:
 
 def preflight(student: str, teachers: list[tuple[str, str]], *, max_seq_length: int,
               max_truncated_fraction: float = DEFAULT_MAX_TRUNCATED_FRACTION, eval_data: str | None = None,
-              storage_uri: str | None = None, threads: int | None = None) -> Report:
+              storage_uri: str | None = None, threads: int | None = None, memory: MemoryCheck | None = None) -> Report:
     """Run every check; InvalidInput for the first problem (PreflightFailed, with the report, when the
     token statistics were computed)."""
     if max_seq_length < 1:
@@ -314,14 +377,16 @@ def preflight(student: str, teachers: list[tuple[str, str]], *, max_seq_length: 
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="mot-preflight-"))
     try:
-        tokenizer = check_student(student, workdir)
+        tokenizer, config = _check_student(student, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    # Right after the student: a branch that cannot fit fails for certain, before any data is read.
+    memory_record = check_memory(config, memory, max_seq_length) if memory is not None else None
     workers = threads or min(len(teachers), 4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(check_teacher, name, uri, tokenizer, max_seq_length) for name, uri in teachers]
         stats = [f.result() for f in futures]  # in teacher order: the first teacher's problem is reported
-    report = Report(max_seq_length=max_seq_length, teachers=stats)
+    report = Report(max_seq_length=max_seq_length, teachers=stats, memory=memory_record)
     if eval_data:
         report.eval_records = check_eval(eval_data)
     if storage_uri:
@@ -341,10 +406,19 @@ def preflight(student: str, teachers: list[tuple[str, str]], *, max_seq_length: 
 
 
 def run(args) -> dict:
+    memory = None
+    if args.gpu_memory is not None:
+        for flag, value in (("--gpu-memory", args.gpu_memory), ("--gpus", args.gpus), ("--nodes", args.nodes),
+                            ("--micro-batch-size", args.micro_batch_size)):
+            if value < 1:
+                raise InvalidInput(f"{flag} must be at least 1, got {value}")
+        memory = MemoryCheck(gpu_memory=args.gpu_memory, gpus=args.gpus, nodes=args.nodes,
+                             micro_batch_size=args.micro_batch_size, precision=args.precision,
+                             gradient_checkpointing=args.gradient_checkpointing)
     try:
         report = preflight(args.student, parse_teachers(args.teachers), max_seq_length=args.max_seq_length,
                            max_truncated_fraction=args.max_truncated_fraction, eval_data=args.eval_data,
-                           storage_uri=args.storage, threads=args.threads)
+                           storage_uri=args.storage, threads=args.threads, memory=memory)
     except PreflightFailed as exc:
         print(exc.report.table(), flush=True)
         raise

@@ -16,35 +16,16 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
 from mot_operator.demo import tasks
+from mot_operator.demo.config import FULL, QUICK, motrun_manifest
 from mot_operator.demo.student import STUDENTS, STUDENTS_DIR, build_students, shipped_student
 
-
-@dataclass(frozen=True)
-class DemoConfig:
-    seeds: tuple[int, ...] = (0, 1, 2)
-    teachers: tuple[tasks.Teacher, ...] = tasks.TEACHERS
-    per_teacher: int = 200
-    eval_size: int = 100
-    rounds: int = 3
-    steps: int = 30
-    learning_rate: float = 1e-3
-    batch_size: int = 16  # one micro-batch per step: the same update as accumulating 16, 1.6x faster on CPU
-    max_new_tokens: int = 128
-    digits: int = 3  # the teachers' (and the eval set's) problem size
-    branch_evals_for_first_seed_only: bool = True
-    student: str = "partial"  # a shipped student (demo/student.py STUDENTS)
-
-
-FULL = DemoConfig()
 DEFAULT_WORKDIR = Path("mot-runs/demo")
-QUICK = DemoConfig(seeds=(0,), teachers=tasks.TEACHERS[:2], per_teacher=60, eval_size=24, rounds=2, steps=4,
-                   max_new_tokens=96, student="quick")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,25 +57,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=None, help="override the rounds (experiments)")
     parser.add_argument("--steps", type=int, default=None, help="override the SFT steps per branch per round")
     parser.add_argument("--learning-rate", type=float, default=None, help="override the branches' learning rate")
-
-
-def motrun_manifest(name: str, student: Path, files: dict[str, Path], cfg: DemoConfig, seed: int) -> dict:
-    return {
-        "apiVersion": "mot.dev/v1alpha1",
-        "kind": "MoTRun",
-        "metadata": {"name": name},
-        "spec": {
-            "student": str(student),
-            "teachers": [{"name": t.name, "dataset": str(files[t.name])} for t in cfg.teachers],
-            "rounds": cfg.rounds,
-            "training": {"steps": cfg.steps, "learningRate": cfg.learning_rate, "lrSchedule": "constant",
-                         "warmupRatio": 0.0, "gradAccum": 1, "microBatchSize": cfg.batch_size,
-                         "maxSeqLength": 256, "precision": "fp32", "seed": seed * 100},
-            "merge": {"method": "average"},
-            "evaluation": {"dataset": str(files["eval"]), "samples": 1, "maxNewTokens": cfg.max_new_tokens,
-                           "temperature": 0.0},
-        },
-    }
 
 
 def run(args: argparse.Namespace) -> int:

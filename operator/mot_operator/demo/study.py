@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from mot_operator.demo import tasks
+from mot_operator.demo.config import motrun_manifest
 from mot_operator.demo.student import STUDENTS, shipped_student
 
 OUTER = {"learningRate": 0.7, "momentum": 0.9, "nesterov": True}  # DiLoCo's published setting, not tuned here
@@ -118,8 +119,6 @@ def study_config(demo_cfg) -> dict:
 
 
 def study_manifest(name: str, student: Path, files: dict, cfg, seed: int, outer: dict | None) -> dict:
-    from mot_operator.demo.cli import motrun_manifest
-
     manifest = motrun_manifest(name, student, files, cfg, seed)
     spec = manifest["spec"]
     spec["preflight"] = {"enabled": False}  # the demo's data is generated; the demo itself runs the preflight

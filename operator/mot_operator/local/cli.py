@@ -1,8 +1,9 @@
 """`mot run FILE.yaml`: the MoTRun manifest that `kubectl apply` takes, run on this machine.
 
 Exit codes: 0 the run succeeded (report written), 1 it failed (the failing stage and the trainer's
-reason are printed), 2 the manifest is invalid (the message names the field), 130 interrupted
-(run the same command again to resume).
+reason are printed), 2 the manifest is invalid (the message names the field), or a branch cannot fit
+this machine's GPUs (nvidia-smi's memory: the preflight refuses it by `mot estimate`'s figure, naming
+the fields to change), 130 interrupted (run the same command again to resume).
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def run_spec(meta: dict, spec, spec_dict: dict, workdir: Path, *, parallel=None,
     # `mot operator` too, whose image has no rich or matplotlib (the `local` extra).
     from mot_operator import status_table
     from mot_operator.local import report
-    from mot_operator.local.processes import detect_gpus, split_threads
+    from mot_operator.local.processes import detect_gpu_memory, detect_gpus, split_threads
     from mot_operator.local.progress import LiveView
     from mot_operator.local.results import collect_results
     from mot_operator.local.runner import LocalRunner, Options
@@ -148,19 +149,23 @@ def run_spec(meta: dict, spec, spec_dict: dict, workdir: Path, *, parallel=None,
     workdir.mkdir(parents=True, exist_ok=True)
     storage_env(spec_dict)
     gpus = detect_gpus()
+    gpu_memory, memory_note = local_gpu_memory(spec, gpus, detect_gpu_memory)
     parallel, threads = split_threads(parallel, threads, gpus, os.cpu_count() or 1)
     view = LiveView(stream=open(os.devnull, "w") if quiet else sys.stdout)
     ref = RunRef(namespace=meta.get("namespace") or "local", name=meta["name"])
     try:
         runner = LocalRunner(ref, spec, spec_dict, workdir, Options(
             parallel=parallel, threads=threads, compare=compare, eval_branches=eval_branches, gpus=gpus,
-            progress=view))
+            gpu_memory=gpu_memory, progress=view))
     except SpecError as exc:
         print(f"error: cannot resume {workdir} with this manifest: {exc} (the run there started with "
               f"another spec; use another --workdir to start afresh)", file=sys.stderr)
         return EXIT_INVALID
+    memory = f" ({gpu_memory / 1024 ** 3:.2f} GiB each)" if gpu_memory else ""
     print(f"mot run {ref.namespace}/{ref.name}: {parallel} at a time, {threads} thread(s) each, "
-          f"{gpus} GPU(s); workdir {workdir}", flush=True)
+          f"{gpus} GPU(s){memory}; workdir {workdir}", flush=True)
+    if memory_note:
+        print(f"note: {memory_note}", flush=True)
     # Ctrl-C and SIGTERM stop cleanly, even where the shell started us with SIGINT ignored.
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -185,8 +190,33 @@ def run_spec(meta: dict, spec, spec_dict: dict, workdir: Path, *, parallel=None,
         print(f"\nreport: {md}\nplot:   {png}")
     if phase != "Succeeded":
         print(f"run {phase}: {_failure_reason(runner)}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_INVALID if _does_not_fit(runner.status) else EXIT_FAILED
     return EXIT_OK
+
+
+def _does_not_fit(status: dict) -> bool:
+    """The run failed at the preflight because a branch cannot fit the GPUs (estimate.refusal)."""
+    from mot_operator.estimate import DOES_NOT_FIT
+
+    failure = status.get("failure") or {}
+    return failure.get("stage") == "preflight" and DOES_NOT_FIT in str(failure.get("reason") or "")
+
+
+def local_gpu_memory(spec, gpus: int, detect) -> tuple[int | None, str]:
+    """(bytes of one GPU, for the preflight to check a branch against; a note when not checked).
+    `mot run` trains each branch as one process on one GPU: the estimate (from the spec's gpus x
+    nodes) is this machine's truth only for a branch of 1 GPU on 1 node; otherwise nothing is refused."""
+    branch = spec.resources.branch
+    if not gpus or branch.gpus < 1:
+        return None, ""
+    if (branch.gpus, branch.nodes) != (1, 1):
+        return None, (f"GPU memory not checked: spec.resources.branch asks for {branch.gpus} GPU(s) x "
+                      f"{branch.nodes} node(s), and `mot run` trains each branch on one GPU (`mot estimate "
+                      "FILE.yaml --gpu-memory SIZE` checks the cluster's layout)")
+    found = detect()
+    if found is None:
+        return None, "GPU memory not checked: nvidia-smi did not give the GPUs' memory.total"
+    return found, ""
 
 
 def _failure_reason(runner) -> str:

@@ -42,6 +42,35 @@ def detect_gpus() -> int:
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
+def detect_gpu_memory() -> int | None:
+    """Bytes of the smallest GPU this machine's trainers may use (CUDA_VISIBLE_DEVICES's, by index or
+    UUID, when set), from `nvidia-smi` (MiB); None when unknown: no nvidia-smi, no GPU, output not read."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    wanted = None if visible is None else [d.strip() for d in visible.split(",") if d.strip()]
+    if wanted is not None:
+        wanted = wanted[:wanted.index("-1")] if "-1" in wanted else wanted  # CUDA stops at -1
+        if not wanted:
+            return None
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    sizes = []
+    for line in out.stdout.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) != 3 or not fields[2].isdigit():
+            continue
+        index, uuid, mib = fields
+        if wanted is None or any(w == index or (len(w) > 4 and uuid.startswith(w)) for w in wanted):
+            sizes.append(int(mib) * 1024 ** 2)
+    return min(sizes) if sizes else None
+
+
 def split_threads(parallel: int | None, threads: int | None, gpus: int, cores: int) -> tuple[int, int]:
     """parallel × threads ≤ cores: two torch processes with default threads on 2 cores run ~10x slower."""
     parallel = parallel or (gpus or 1)

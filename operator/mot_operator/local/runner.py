@@ -45,6 +45,7 @@ class Options:
     compare: str | None = None  # --compare: "steps" | "compute" | "both" (baselines.py; True reads as "steps")
     eval_branches: bool = True  # evaluate every branch checkpoint too (the report's per-branch scores)
     gpus: int = 0
+    gpu_memory: int | None = None  # bytes of one GPU (the smallest, nvidia-smi): the preflight's memory check
     poll_interval: float = 0.5
     progress: LiveView | None = None
     trainer_cmd: list[str] = field(default_factory=lambda: [sys.executable, "-m", "mot_trainer.cli"])
@@ -196,8 +197,10 @@ class LocalRunner:
     def step(self) -> Plan:
         """One executor step (observe, plan, persist, act), then the report-only work and the view."""
         # No metrics port (parallel trainers would share it); --threads is this runner's (the split of
-        # the machine's cores), over the spec's. The time is read after observing, as the controller's.
-        decide = partial(plan, self.run_ref, self.spec, metrics_port=None, threads=self.opt.threads)
+        # the machine's cores), over the spec's; the GPU memory nvidia-smi gave, for the preflight to
+        # check a branch against. The time is read after observing, as the controller's.
+        decide = partial(plan, self.run_ref, self.spec, metrics_port=None, threads=self.opt.threads,
+                         gpu_memory=self.opt.gpu_memory)
         result = asyncio.run(executor.step(self.status, self, decide))
         self.schedule_extras()
         self._start_pending()
