@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-FIXTURES = ("tiny_model", "tiny_data", "tiny_records")
+FIXTURES = ("tiny_model", "tiny_data", "tiny_records", "memorized")
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +37,20 @@ def tiny_data(tmp_path_factory, tiny_records):
     path = tmp_path_factory.mktemp("tiny-data") / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in tiny_records))
     return path
+
+
+@pytest.fixture(scope="session")
+def memorized(tiny_model, tmp_path_factory):
+    """The tiny model trained until it (mostly) memorizes 8 short-format problems: (model, problems)."""
+    from mot_trainer import cli
+    from mot_trainer.tiny import arithmetic_records
+
+    folder = tmp_path_factory.mktemp("memorized")
+    problems = folder / "problems.jsonl"
+    problems.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_records(8, seed=5, style="short")))
+    assert cli.main(["sft", "--init", str(tiny_model), "--data", str(problems), "--out", str(folder / "model"),
+                     "--steps", "150", "--learning-rate", "1e-2", "--lr-schedule", "constant",
+                     "--warmup-ratio", "0", "--micro-batch-size", "8", "--grad-accum", "1",
+                     "--threads", "1"]) == 0
+    return folder / "model", problems
+

@@ -10,7 +10,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mot_trainer import answers, cli, data
 from mot_trainer import eval as mot_eval
-from mot_trainer.tiny import arithmetic_records
 
 # Numerically sensitive: `make test` runs these again under the other CPU kernel families.
 pytestmark = pytest.mark.numerics
@@ -85,18 +84,6 @@ def test_accuracy_std_and_truncation_computed_by_hand(tiny_model, tmp_path, monk
     assert result["per_problem"][3]["finished"] == [False, False]
     assert result["per_problem"][2]["predictions"] == ["7", "6"]
     assert result["heldout_loss"] is None  # no reference responses in this file
-
-
-@pytest.fixture(scope="module")
-def memorized(tiny_model, tmp_path_factory):
-    """The tiny model trained until it (mostly) memorizes 8 short-format problems."""
-    folder = tmp_path_factory.mktemp("memorized")
-    problems = write_jsonl(folder / "problems.jsonl", arithmetic_records(8, seed=5, style="short"))
-    assert cli.main(["sft", "--init", str(tiny_model), "--data", str(problems), "--out", str(folder / "model"),
-                     "--steps", "150", "--learning-rate", "1e-2", "--lr-schedule", "constant",
-                     "--warmup-ratio", "0", "--micro-batch-size", "8", "--grad-accum", "1",
-                     "--threads", "1"]) == 0
-    return folder / "model", problems
 
 
 def test_real_generation_accuracy_matches_a_recount(memorized, tiny_model, tmp_path):

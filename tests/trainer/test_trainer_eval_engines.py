@@ -20,7 +20,6 @@ from transformers.generation.utils import GenerationMixin
 from mot_trainer import cli, engines
 from mot_trainer import eval as mot_eval
 from mot_trainer.errors import InvalidInput
-from mot_trainer.tiny import arithmetic_records
 
 torch.set_num_threads(1)
 
@@ -183,18 +182,6 @@ def test_vllm_engine_request_and_mapping(monkeypatch):
     assert fake.params[-1]["n"] == 1 and samples == [[G("fg", True, 2), G("", True, 0)]] * 3
 
 
-@pytest.fixture(scope="module")
-def memorized(tiny_model, tmp_path_factory):
-    """The tiny model trained until it (mostly) answers 6 short-format problems."""
-    folder = tmp_path_factory.mktemp("memorized-engines")
-    problems = write_jsonl(folder / "problems.jsonl", arithmetic_records(6, seed=5, style="short"))
-    assert cli.main(["sft", "--init", str(tiny_model), "--data", str(problems), "--out", str(folder / "model"),
-                     "--steps", "120", "--learning-rate", "1e-2", "--lr-schedule", "constant",
-                     "--warmup-ratio", "0", "--micro-batch-size", "6", "--grad-accum", "1",
-                     "--threads", "1"]) == 0
-    return folder / "model", problems
-
-
 def test_same_tokens_give_the_same_result_with_either_engine(memorized, tmp_path, monkeypatch):
     """The transformers engine generates with the real model (tokens recorded at model.generate);
     the stand-in vLLM returns those tokens as vLLM would (up to and including the first stop token,
@@ -214,7 +201,7 @@ def test_same_tokens_give_the_same_result_with_either_engine(memorized, tmp_path
               "--seed", 11, "--max-new-tokens", 17, "--threads", 1]
     by_transformers = tmp_path / "transformers.json"
     assert run_eval(*common, "--out", by_transformers, "--engine", "transformers") == 0
-    assert len(recorded) == 3  # one batch (6 problems, --batch-size 8) per sample
+    assert len(recorded) == 3  # one batch (8 problems, --batch-size 8) per sample
     stop = recorded[0][0]
 
     completions = {}
