@@ -54,3 +54,15 @@ def memorized(tiny_model, tmp_path_factory):
                      "--threads", "1"]) == 0
     return folder / "model", problems
 
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def run_eval(*args) -> int:
+    """`mot-train eval ARGS` in this process; its exit code."""
+    from mot_trainer import cli
+
+    return cli.main(["eval", *map(str, args)])
+

@@ -6,24 +6,16 @@ import math
 
 import pytest
 import torch
+from support.tiny import run_eval, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mot_trainer import answers, cli, data
+from mot_trainer import answers, data
 from mot_trainer import eval as mot_eval
 
 # Numerically sensitive: `make test` runs these again under the other CPU kernel families.
 pytestmark = pytest.mark.numerics
 
 torch.set_num_threads(1)
-
-
-def run_eval(*args):
-    return cli.main(["eval", *map(str, args)])
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 @pytest.mark.parametrize(

@@ -14,23 +14,15 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from support.tiny import run_eval, write_jsonl
 from transformers import AutoTokenizer
 from transformers.generation.utils import GenerationMixin
 
-from mot_trainer import cli, engines
+from mot_trainer import engines
 from mot_trainer import eval as mot_eval
 from mot_trainer.errors import InvalidInput
 
 torch.set_num_threads(1)
-
-
-def run_eval(*args):
-    return cli.main(["eval", *map(str, args)])
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 # -- a stand-in for the `vllm` package, at the API eval uses ----------------------------------------
