@@ -35,13 +35,14 @@ apt-deps:
 	  ( $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus openssl >/dev/null )
 
 # The Kubernetes control plane the tests start (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler), built with Go at the versions in tests/cluster/go.mod, and Kueue's
-# controller-manager with its CRDs and webhook manifests at the version in tests/cluster/kueue/go.mod,
-# into a cache outside the work tree; only what is missing is built (~5 + ~3.5 min cold), a warm run
-# does nothing.
+# kube-scheduler), built with Go at the versions in tests/cluster/go.mod, and Kueue's and JobSet's
+# controller-managers with their CRDs and webhook manifests at the versions in tests/cluster/kueue/go.mod
+# and tests/cluster/jobset/go.mod, into a cache outside the work tree; only what is missing is built
+# (~5 + ~3.5 + ~3 min cold), a warm run does nothing.
 cluster-bins:
 	bash tests/cluster/build.sh
 	bash tests/cluster/kueue/build.sh
+	bash tests/cluster/jobset/build.sh
 
 test-deps: apt-deps $(VENV)/.installed-test cluster-bins
 
