@@ -85,7 +85,7 @@ def test_sft_merge_eval_chain_on_s3(s3_server, tiny_model, tmp_path, monkeypatch
     assert result["problems"] == 6 and 0.0 <= result["accuracy"] <= 1.0 and result["heldout_loss"] > 0
     summary = json.loads((tmp_path / "eval.log").read_text())
     assert summary == {"accuracy": result["accuracy"], "heldout_loss": result["heldout_loss"],
-                       "truncated": result["truncated"]}
+                       "truncated": result["truncated"], "engine": "transformers"} and result["engine"] == "transformers"
 
     # Round 2 starts from the merged checkpoint: its manifest is verified and recorded.
     finish(mot_train(["sft", "--init", f"{run}/merged", "--data", f"{bucket}/data/a.jsonl",
