@@ -67,7 +67,8 @@ async def job_index(namespace, name, labels, body, **_):
     # Only what observe_job reads: a small copy per Job keeps memory and copying down.
     return {(namespace, labels[naming.LABEL_RUN]): {
         "metadata": {"name": name, "uid": body.get("metadata", {}).get("uid"), "labels": dict(labels)},
-        "spec": {"suspend": bool((body.get("spec") or {}).get("suspend"))},
+        "spec": {"suspend": bool((body.get("spec") or {}).get("suspend")),
+                 "parallelism": (body.get("spec") or {}).get("parallelism") or 1},
         "status": podstate.plain(body.get("status") or {}),
     }}
 
@@ -89,9 +90,30 @@ async def pod_changed(namespace, labels, body, **_):
     run_label = labels[naming.LABEL_RUN]
     found = podstate.disruption(body)
     if found and naming.LABEL_STAGE in labels:
-        found["job"] = labels.get(naming.LABEL_JOB_NAME)
+        found["job"] = podstate.job_of(body)
         STATE.disrupted.setdefault((namespace, run_label), {}).setdefault(found["pod"], found)
     STATE.wake(namespace, run_label)
+
+
+async def jobset_index(namespace, name, labels, body, **_):
+    """JobSets running multi-node branches (registered by watch_jobsets): what observe_jobset reads."""
+    status = body.get("status") or {}
+    return {(namespace, labels[naming.LABEL_RUN]): {
+        "metadata": {"name": name, "uid": body.get("metadata", {}).get("uid"), "labels": dict(labels)},
+        "spec": {"suspend": bool((body.get("spec") or {}).get("suspend"))},
+        "status": {"conditions": podstate.plain(status.get("conditions") or []), "restarts": status.get("restarts") or 0},
+    }}
+
+
+async def jobset_changed(namespace, labels, **_):
+    STATE.wake(namespace, labels[naming.LABEL_RUN])
+
+
+def watch_jobsets() -> None:
+    """Watch the runs' JobSets (only where the cluster serves them: a watch of a missing resource fails)."""
+    group, version = jobrender.JOBSET_API_VERSION.split("/")
+    kopf.index(group, version, "jobsets", labels={naming.LABEL_RUN: kopf.PRESENT})(jobset_index)
+    kopf.on.event(group, version, "jobsets", labels={naming.LABEL_RUN: kopf.PRESENT})(jobset_changed)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -222,7 +244,7 @@ async def _sleep(wake: asyncio.Event, stopped, seconds: float) -> None:
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_backoff=DAEMON_STOP_GRACE_SECONDS,
              cancellation_timeout=DAEMON_CANCEL_SECONDS)
-async def run_daemon(stopped, namespace, name, body, job_index, pod_index, logger, **_):
+async def run_daemon(stopped, namespace, name, body, job_index, pod_index, logger, **kwargs):
     """Reconcile one MoTRun until it is terminal (never restarted), then wait for its deletion.
 
     On deletion it returns at once (from its sleep, or after the pass it is in): Kopf's finalizer,
@@ -244,7 +266,8 @@ async def run_daemon(stopped, namespace, name, body, job_index, pod_index, logge
             wake.clear()
             delay = RESYNC_SECONDS
             try:
-                status, result = await reconcile(_run_body(body), status, job_index, STATE, pod_index=pod_index)
+                status, result = await reconcile(_run_body(body), status, job_index, STATE, pod_index=pod_index,
+                                                 jobset_index=kwargs.get("jobset_index"))
                 if status.get("phase") in TERMINAL and not result.delete:
                     if not done:
                         log.info("MoTRun %s/%s is %s: %s", namespace, name, status["phase"],

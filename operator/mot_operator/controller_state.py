@@ -39,6 +39,9 @@ class ControllerState:
     # The labels of the Nodes with a GPU-memory label, and when they were listed (kube_executor.gpu_memory)
     gpu_nodes: list[dict[str, str]] = field(default_factory=list)
     gpu_nodes_read: float | None = None
+    # Whether JobSets run multi-node branches: config.jobset and the cluster serves jobset.x-k8s.io
+    # (checked once at start, operator_cmd); the JobSets are then watched into an index.
+    jobset_available: bool = False
 
     def forget(self, namespace: str, name: str) -> None:
         """Drop what is kept about a deleted run."""

@@ -1,4 +1,10 @@
-"""Render the batch/v1 Job (and, for multi-node branches, the headless Service) of a JobRequest."""
+"""Render what runs a JobRequest: a batch/v1 Job; for a multi-node branch either an Indexed Job and
+its headless Service, or a JobSet (sigs.k8s.io/jobset) holding that Indexed Job.
+
+A multi-node branch is one gang, whatever runs it: any Pod failing or disrupted ends the whole
+attempt (backoffLimit 0; a DisruptionTarget fails the Job instead of replacing the Pod). A JobSet then
+recreates every Pod itself after a disruption (BlockingRecreate: all old Pods gone first); for a plain
+Job the planner starts the next attempt once every Pod of the last one is gone."""
 
 from __future__ import annotations
 
@@ -15,6 +21,12 @@ RENDEZVOUS_PORT = 29500
 UID = 65532  # the trainer image's user (Dockerfile)
 ANNOTATION_OUTPUT = "mot.dev/output"
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+JOBSET_API_VERSION = "jobset.x-k8s.io/v1alpha2"
+JOBSET_REPLICATED_JOB = "node"  # the JobSet's one replicated Job: its Indexed Job's Pods are the nodes
+# The Job controller's words when a podFailurePolicy rule ends a Job (pkg/controller/job): what tells a
+# disruption from invalid input in the Job's Failed condition, and what the JobSet's rules match.
+DISRUPTION_FAILURE = "condition DisruptionTarget matching FailJob rule"
+INVALID_INPUT_FAILURE = f"exit code {EXIT_INVALID_INPUT} matching FailJob rule"
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,9 @@ class OperatorConfig:
     # listed at most once per gpu_memory_refresh_seconds, for the preflight's memory check.
     gpu_memory_from_node_labels: bool = True
     gpu_memory_refresh_seconds: float = 60.0
+    # Run multi-node branches as JobSets where the cluster serves them (`mot operator --jobset`; the
+    # chart's jobset.enabled, which also grants the RBAC): spec.resources.branch.backend auto/jobset.
+    jobset: bool = False
 
 
 def with_defaults(spec_dict: dict, config: OperatorConfig) -> dict:
@@ -69,9 +84,17 @@ def _env(spec: MoTRunSpec, config: OperatorConfig) -> list[dict]:
     return env
 
 
-def _multinode_env(job: str, namespace: str, resources: RoleResources) -> list[dict]:
+def leader_address(request: JobRequest, namespace: str) -> str:
+    """DNS name of rank 0's Pod: `<hostname>.<subdomain>.<namespace>.svc`, the hostname an Indexed
+    Job gives its Pod 0 (`<job>-0`), or a JobSet its first Pod (`<jobset>-<replicated job>-0-0`)."""
+    subdomain = naming.service_name(request.name)
+    if request.kind == "JobSet":
+        return f"{request.name}-{JOBSET_REPLICATED_JOB}-0-0.{subdomain}.{namespace}.svc"
+    return f"{request.name}-0.{subdomain}.{namespace}.svc"
+
+
+def _multinode_env(master: str, resources: RoleResources) -> list[dict]:
     """torchrun reads PET_*; accelerate and hand-written launchers read the plain names."""
-    master = f"{job}-0.{naming.service_name(job)}.{namespace}.svc"
     nproc = str(max(resources.gpus, 1))
     env = []
     for prefix in ("", "PET_"):
@@ -129,7 +152,7 @@ def render_job(request: JobRequest, spec: MoTRunSpec, run: RunRef, config: Opera
 
     env = _env(spec, config)
     if multinode:
-        env += _multinode_env(request.name, run.namespace, res)
+        env += _multinode_env(leader_address(request, run.namespace), res)
     command = launcher(request)
     volumes = [{"name": "scratch", "emptyDir": {}}]
     mounts = [{"name": "scratch", "mountPath": "/tmp"}]
@@ -174,14 +197,17 @@ def render_job(request: JobRequest, spec: MoTRunSpec, run: RunRef, config: Opera
         pod_spec["nodeSelector"] = dict(res.node_selector)
     if res.tolerations:
         pod_spec["tolerations"] = [dict(t) for t in res.tolerations]
-    if multinode:
+    if multinode and request.kind != "JobSet":  # a JobSet sets its Pods' hostname and subdomain itself
         pod_spec["subdomain"] = naming.service_name(request.name)
 
     job_spec = {
         "backoffLimit": 0,  # retries are new attempts (new Jobs) decided by the planner
         "podFailurePolicy": {"rules": [
-            # Preemption/eviction/node drain is not the trainer's fault: do not count it.
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            # Preemption/eviction/node drain is not the trainer's fault: not counted. A lone Pod is
+            # replaced; a gang's other ranks would wait in a collective for the replacement until they
+            # time out, so the whole attempt ends (observe.py tells it from a failure by these words).
+            {"action": "FailJob" if multinode else "Ignore",
+             "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             # Invalid input: fail at once, the planner never retries it.
             {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
                                                   "values": [EXIT_INVALID_INPUT]}},
@@ -278,7 +304,45 @@ def render_cleanup_job(spec: MoTRunSpec, run: RunRef, config: OperatorConfig) ->
     return job
 
 
+def render_jobset(request: JobRequest, spec: MoTRunSpec, run: RunRef, config: OperatorConfig) -> dict:
+    """A JobSet running a multi-node branch's Indexed Job as its one replicated Job.
+
+    The JobSet carries what the Job would (labels, Kueue's queue label and suspension, output
+    annotation, owner, TTL); its Job only the gang's spec, unlabelled, so the operator watches the
+    JobSet, not its Job. The JobSet gives the Pods their DNS names (its own headless Service), and its
+    failure policy: invalid input fails it at once; a disruption restarts the whole group in place,
+    every old Pod gone before the new ones start, not counted; any other failure fails it too (no
+    restarts of its own), and the planner retries it as a new attempt counted against maxRetries."""
+    job = render_job(request, spec, run, config)
+    job_spec = job["spec"]
+    suspend = job_spec.pop("suspend", False)
+    ttl = job_spec.pop("ttlSecondsAfterFinished", None)
+    body = {
+        "apiVersion": JOBSET_API_VERSION,
+        "kind": "JobSet",
+        "metadata": job["metadata"],
+        "spec": {
+            "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True,
+                        "subdomain": naming.service_name(request.name)},
+            "failurePolicy": {"maxRestarts": 0, "restartStrategy": "BlockingRecreate", "rules": [
+                {"name": "invalid-input", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"],
+                 "onJobFailureMessagePatterns": [INVALID_INPUT_FAILURE]},
+                {"name": "disruption", "action": "RestartJobSetAndIgnoreMaxRestarts",
+                 "onJobFailureReasons": ["PodFailurePolicy"], "onJobFailureMessagePatterns": [DISRUPTION_FAILURE]},
+            ]},
+            "replicatedJobs": [{"name": JOBSET_REPLICATED_JOB, "replicas": 1, "template": {"spec": job_spec}}],
+        },
+    }
+    if suspend:
+        body["spec"]["suspend"] = True
+    if ttl is not None:
+        body["spec"]["ttlSecondsAfterFinished"] = ttl
+    return body
+
+
 def render(request: JobRequest, spec: MoTRunSpec, run: RunRef, config: OperatorConfig) -> list[dict]:
     """Everything to create for a request, Service first."""
+    if request.kind == "JobSet":
+        return [render_jobset(request, spec, run, config)]
     service = render_service(request, run)
     return ([service] if service else []) + [render_job(request, spec, run, config)]

@@ -1,6 +1,7 @@
 """The Kubernetes API calls the controller makes (the official client, run in threads): list a run's
-Pods, list the Nodes that carry a label (the GPUs' memory), read Kueue's Workloads, patch a MoTRun's status, create Jobs and Services (AlreadyExists =
-adopt), suspend, resume and delete Jobs, post Events; and GET a trainer's progress from its Pod."""
+Pods, list the Nodes that carry a label (the GPUs' memory), read Kueue's Workloads, patch a MoTRun's
+status, create Jobs, JobSets and Services (AlreadyExists = adopt), suspend, resume and delete Jobs and
+JobSets, post Events; and GET a trainer's progress from its Pod."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ API_THREADS = 8
 PROGRESS_TIMEOUT_SECONDS = 2.0
 MERGE_PATCH = "application/merge-patch+json"
 KUEUE_VERSIONS = ("v1beta2", "v1beta1")
+JOBSETS = ("jobset.x-k8s.io", "v1alpha2", "jobsets")  # group, version, plural (jobs.JOBSET_API_VERSION)
 log = logging.getLogger(__name__)
 
 
@@ -107,21 +109,40 @@ class KubeApi:
         from kubernetes.client.exceptions import ApiException
 
         namespace = obj["metadata"]["namespace"]
-        call = self.batch.create_namespaced_job if obj["kind"] == "Job" else self.core.create_namespaced_service
         try:
-            await self._call(call, namespace, obj)
+            if obj["kind"] == "JobSet":
+                await self._call(self.custom.create_namespaced_custom_object, *JOBSETS[:2], namespace, JOBSETS[2], obj)
+            else:
+                call = self.batch.create_namespaced_job if obj["kind"] == "Job" else self.core.create_namespaced_service
+                await self._call(call, namespace, obj)
         except ApiException as error:
             if self._status(error) == 409:
                 return False
             raise
         return True
 
-    async def set_suspend(self, namespace: str, job: str, suspend: bool) -> None:
+    async def jobsets_served(self) -> bool:
+        """Whether the cluster serves JobSets (the JobSet CRD is installed) at the version rendered."""
         from kubernetes.client.exceptions import ApiException
 
         try:
-            await self._call(self.batch.patch_namespaced_job, job, namespace, {"spec": {"suspend": suspend}},
-                             _content_type=MERGE_PATCH)
+            data = await self._call(self.custom.get_api_resources, *JOBSETS[:2])
+        except ApiException as error:
+            if self._status(error) == 404:
+                return False
+            raise
+        return any(r.get("name") == JOBSETS[2] for r in json.loads(data).get("resources") or [])
+
+    async def set_suspend(self, namespace: str, job: str, suspend: bool, kind: str = "Job") -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            if kind == "JobSet":
+                await self._call(self.custom.patch_namespaced_custom_object, *JOBSETS[:2], namespace, JOBSETS[2], job,
+                                 {"spec": {"suspend": suspend}}, _content_type=MERGE_PATCH)
+            else:
+                await self._call(self.batch.patch_namespaced_job, job, namespace, {"spec": {"suspend": suspend}},
+                                 _content_type=MERGE_PATCH)
         except ApiException as error:
             if self._status(error) != 404:
                 raise
@@ -130,12 +151,16 @@ class KubeApi:
         """A Kubernetes Event on the MoTRun (Kopf posts it in the background)."""
         kopf.event(body, type=event.type, reason=event.reason, message=event.message[:MESSAGE_LIMIT])
 
-    async def delete_job(self, namespace: str, job: str) -> None:
+    async def delete_job(self, namespace: str, job: str, kind: str = "Job") -> None:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            await self._call(self.batch.delete_namespaced_job, job, namespace,
-                             propagation_policy="Background")
+            if kind == "JobSet":
+                await self._call(self.custom.delete_namespaced_custom_object, *JOBSETS[:2], namespace, JOBSETS[2], job,
+                                 propagation_policy="Background")
+            else:
+                await self._call(self.batch.delete_namespaced_job, job, namespace,
+                                 propagation_policy="Background")
         except ApiException as error:
             if self._status(error) != 404:
                 raise

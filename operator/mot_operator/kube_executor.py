@@ -21,7 +21,7 @@ from . import jobs as jobrender
 from . import metrics, naming, podstate
 from .controller_state import RECENT_CREATE_SECONDS, ControllerState
 from .executor import planner_for, step
-from .observe import job_finished, merge_patch, observe_job
+from .observe import job_finished, merge_patch, observe_job, observe_jobset
 from .planner import MESSAGE_LIMIT, TERMINAL, ObservedJob, Plan, RunRef, preflight_pending
 from .spec import MoTRunSpec, SpecError, parse_spec
 
@@ -33,15 +33,15 @@ MIB = 1024 ** 2
 
 
 async def reconcile(body: dict, status: dict, job_index, state: ControllerState, now: datetime | None = None,
-                    pod_index=None) -> tuple[dict, Plan]:
+                    pod_index=None, jobset_index=None) -> tuple[dict, Plan]:
     """One executor step of the run in `body` (identity and spec), from `status`; an invalid spec fails
     the run without looking at its Jobs. Returns the stored status and the plan."""
     meta = body["metadata"]
     run = RunRef(namespace=meta["namespace"], name=meta["name"], uid=meta.get("uid", ""),
                  generation=meta.get("generation") or 1)
     spec = _parse_cached(state, run.namespace, run.name, body.get("spec") or {})
-    kube = KubeExecutor(state, body, run, spec, job_index, pod_index)
-    facts = {}
+    kube = KubeExecutor(state, body, run, spec, job_index, pod_index, jobset_index)
+    facts = {"jobset": state.jobset_available}
     if isinstance(spec, MoTRunSpec) and spec.resources.branch.gpus > 0 and preflight_pending(spec, status or {}):
         facts["gpu_memory"] = await gpu_memory(state, spec.resources.branch.node_selector)
     result = await step(status, kube, planner_for(run, spec, **facts), now)
@@ -56,9 +56,10 @@ class KubeExecutor:
     """observe / persist / act (executor.Executor) for one pass over one run."""
 
     def __init__(self, state: ControllerState, body: dict, run: RunRef, spec: MoTRunSpec | SpecError,
-                 job_index, pod_index):
+                 job_index, pod_index, jobset_index=None):
         self.state, self.body, self.run, self.spec = state, body, run, spec
-        self.job_index, self.pod_index = job_index, pod_index
+        self.job_index, self.pod_index, self.jobset_index = job_index, pod_index, jobset_index
+        self.kinds: dict[str, str] = {}  # name -> "Job" | "JobSet", of what was observed
         self.training = False  # a branch is training: its progress is read again in an interval
         self.progressed = False  # the status changed
 
@@ -67,7 +68,8 @@ class KubeExecutor:
             return []  # an invalid spec fails the run: its Jobs are not looked at
         namespace = self.run.namespace
         observed, self.training = await observed_jobs(namespace, self.run.name, self.job_index, self.pod_index,
-                                                      self.state, self.spec)
+                                                      self.state, self.spec, self.jobset_index)
+        self.kinds = {job.name: job.kind for job in observed}
         for job in observed:
             self.state.created.pop((namespace, job.name), None)  # the watch shows it now
         return observed
@@ -92,36 +94,40 @@ class KubeExecutor:
                     metrics.job_created(request.stage)
             state.created[key] = clock
         for job in result.suspend:
-            await api.set_suspend(namespace, job, True)
+            await api.set_suspend(namespace, job, True, kind=self.kinds.get(job, "Job"))
         for job in result.resume:
-            await api.set_suspend(namespace, job, False)
+            await api.set_suspend(namespace, job, False, kind=self.kinds.get(job, "Job"))
         for job in result.delete:
-            await api.delete_job(namespace, job)
+            await api.delete_job(namespace, job, kind=self.kinds.get(job, "Job"))
         metrics.observe_run(namespace, self.run.name, result.status, progressed=self.progressed)
 
 
 async def observed_jobs(namespace: str, run_name: str, job_index, pod_index, state: ControllerState,
-                        spec: MoTRunSpec) -> tuple[list[ObservedJob], bool]:
-    """The run's Jobs from the index, each with what its Pods (from the Pod index) say, the
-    disruptions seen, the trainer's latest progress record and, for a Job queued by Kueue, its
+                        spec: MoTRunSpec, jobset_index=None) -> tuple[list[ObservedJob], bool]:
+    """The run's Jobs (and JobSets) from the indexes, each with what its Pods (from the Pod index) say,
+    the disruptions seen, the trainer's latest progress record and, for one queued by Kueue, its
     Workload's reason. Returns them and whether a branch is training (progress is then re-read)."""
     run_label = naming.label_value(run_name)
     jobs = list(job_index.get((namespace, run_label), []))
+    jobsets = list(jobset_index.get((namespace, run_label), [])) if jobset_index is not None else []
     pods_by_job: dict[str, list[dict]] = {}
     for pod in pod_index.get((namespace, run_label), []) if pod_index is not None else []:
         pods_by_job.setdefault(podstate.job_of(pod), []).append(pod)
     disrupted = state.disrupted.get((namespace, run_label), {})
     progress = state.progress.setdefault((namespace, run_name), {})
     found = []
-    for job in jobs:
+    for job in jobsets + jobs:
         name = job["metadata"]["name"]
         pods = pods_by_job.get(name, [])
-        if job_finished(job) and not any(podstate.termination(p) for p in pods) and \
-                any(not podstate.terminal(p) for p in pods):
-            # The Job's end reached us before its Pods' (two watches): look again on the Pod's event,
-            # so its termination message (loss, reason) is read with the outcome.
-            job = {**job, "status": {k: v for k, v in (job.get("status") or {}).items() if k != "conditions"}}
-        obs = observe_job(job, pods)
+        if job in jobsets:
+            obs = observe_jobset(job, pods)
+        else:
+            if job_finished(job) and not any(podstate.termination(p) for p in pods) and \
+                    any(not podstate.terminal(p) for p in pods):
+                # The Job's end reached us before its Pods' (two watches): look again on the Pod's
+                # event, so its termination message (loss, reason) is read with the outcome.
+                job = {**job, "status": {k: v for k, v in (job.get("status") or {}).items() if k != "conditions"}}
+            obs = observe_job(job, pods)
         if obs is None:
             continue
         obs.disruptions = [d for d in disrupted.values() if d.get("job") == name]

@@ -13,6 +13,8 @@ from . import contract
 MAX_NAME = 63
 # Indexed Job Pods get the hostname "<job>-<index>", which must also fit in 63 characters.
 MAX_INDEXED_JOB_NAME = 56
+# A JobSet's Pods get the hostname "<jobset>-node-0-<index>" (replicated Job "node", jobs.py).
+MAX_JOBSET_NAME = 52
 HASH_LEN = 8
 STAGES = tuple(contract.STAGES)
 
@@ -22,6 +24,8 @@ LABEL_TEACHER = "mot.dev/teacher"
 LABEL_STAGE = "mot.dev/stage"
 LABEL_ATTEMPT = "mot.dev/attempt"
 LABEL_JOB_NAME = "batch.kubernetes.io/job-name"
+LABEL_JOBSET_NAME = "jobset.sigs.k8s.io/jobset-name"
+LABEL_JOBSET_RESTART = "jobset.sigs.k8s.io/restart-attempt"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 APP_NAME = "mot-operator"
 

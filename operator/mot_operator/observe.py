@@ -3,6 +3,7 @@ Job for the planner, whether a Job has ended, and the merge patch that writes a 
 
 from __future__ import annotations
 
+from . import jobs as jobrender
 from . import naming, podstate
 from .contract import EXIT_INVALID_INPUT, EXIT_OK, parse_timestamp, read_result
 from .planner import MESSAGE_LIMIT, ObservedJob
@@ -13,9 +14,10 @@ def _last_line(text: str) -> str:
     return (lines[-1] if lines else "")[:MESSAGE_LIMIT]
 
 
-def observe_job(job: dict, pods: list[dict] = ()) -> ObservedJob | None:
-    """An ObservedJob from a Job body (labels + status) and its Pods (podstate snapshots or bodies):
-    the trainer's termination message, what Kubernetes says ended them, why none runs yet."""
+def observe_job(job: dict, pods: list[dict] = (), *, gang: bool | None = None) -> ObservedJob | None:
+    """An ObservedJob from a Job body (labels, spec.suspend/parallelism, status) and its Pods (podstate
+    snapshots or bodies): the trainer's termination message, what Kubernetes says ended them, why none
+    runs yet. A gang (several Pods) names the Pod that failed first."""
     meta = job.get("metadata") or {}
     labels = meta.get("labels") or {}
     try:
@@ -26,8 +28,14 @@ def observe_job(job: dict, pods: list[dict] = ()) -> ObservedJob | None:
         return None  # not one of ours, or labels edited by hand
     status = job.get("status") or {}
     true = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+    if gang is None:
+        gang = len(pods) > 1 or int((job.get("spec") or {}).get("parallelism") or 1) > 1
     terms = [t for t in (podstate.termination(p) for p in pods) if t]
-    failed_terms = [t for t in terms if t["exit_code"] not in (EXIT_OK, None)]
+    # The rank that failed first, before those its Job stopped after it (deleted, ended later).
+    deleted = {p["metadata"]["name"] for p in pods if p["metadata"].get("deletionTimestamp")}
+    failed_terms = sorted((t for t in terms if t["exit_code"] not in (EXIT_OK, None)),
+                          key=lambda t: (t["pod"] in deleted, t["finished_at"]))
+    disrupted = False
     started = status.get("startTime")
     finished = None
     permanent = False
@@ -48,16 +56,25 @@ def observe_job(job: dict, pods: list[dict] = ()) -> ObservedJob | None:
         state = "Failed"
         cond = true.get("Failed") or true.get("FailureTarget")
         finished = cond.get("lastTransitionTime")
-        permanent = cond.get("reason") == "PodFailurePolicy" or any(
+        # A gang's Job ends on a DisruptionTarget (jobs.py): not the trainer's fault, not counted.
+        disrupted = jobrender.DISRUPTION_FAILURE in (cond.get("message") or "")
+        permanent = (cond.get("reason") == "PodFailurePolicy" and not disrupted) or any(
             t["exit_code"] == EXIT_INVALID_INPUT for t in failed_terms)
         found = podstate.failure_cause(pods)
         source = failed_terms or terms
         message = _last_line(source[0]["message"]) if source else ""
+        if gang and failed_terms and not disrupted:  # say which rank: the others were stopped after it
+            first = failed_terms[0]
+            message = f"Pod {first['pod']} (exit code {first['exit_code']}{', ' + first['reason'] if first['reason'] else ''})" + (
+                f": {message}" if message else "")
         if found:
             cause = found[0]
             message = message or found[1][:MESSAGE_LIMIT]
         elif cond.get("reason") == "DeadlineExceeded":  # spec.activeDeadlineSeconds
             cause = "DeadlineExceeded"
+        elif disrupted:
+            cause = "Disrupted"
+            message = f"the whole attempt ended: {cond.get('message')}"[:MESSAGE_LIMIT]
         if not message:
             message = f"{cond.get('reason') or 'Failed'}: {cond.get('message') or 'the Job failed'}"[:MESSAGE_LIMIT]
     elif (job.get("spec") or {}).get("suspend"):
@@ -74,8 +91,32 @@ def observe_job(job: dict, pods: list[dict] = ()) -> ObservedJob | None:
         attempt=attempt, state=state, permanent=permanent, message=message, metrics=metrics_,
         started_at=parse_timestamp(started) if started else None,
         finished_at=parse_timestamp(finished) if finished else None,
-        waiting=waiting, reason=cause,
+        waiting=waiting, reason=cause, gang=gang, disrupted=disrupted,
+        pods_left=sum(1 for p in pods if not podstate.terminal(p)),
     )
+
+
+def observe_jobset(jobset: dict, pods: list[dict] = ()) -> ObservedJob | None:
+    """An ObservedJob from a JobSet running a multi-node branch (jobs.render_jobset) and its Pods, read
+    as its Job would be: Completed is Complete, Failed is Failed; its restarts (whole-group restarts
+    after a disruption) are counted. Only the Pods of its current restart are read for the outcome."""
+    status = jobset.get("status") or {}
+    restarts = int(status.get("restarts") or 0)
+    current = [p for p in pods if str(((p.get("metadata") or {}).get("labels") or {}).get(
+        naming.LABEL_JOBSET_RESTART, restarts)) == str(restarts)]
+    renamed = {"Completed": "Complete", "Failed": "Failed"}
+    conditions = [{**c, "type": renamed[c["type"]]} for c in status.get("conditions") or []
+                  if c.get("type") in renamed]
+    starts = [((p.get("status") or {}).get("startTime")) for p in pods]
+    as_job = {"metadata": jobset.get("metadata") or {},
+              "spec": {"suspend": bool((jobset.get("spec") or {}).get("suspend"))},
+              "status": {"conditions": conditions,
+                         **({"startTime": min(s for s in starts if s)} if any(starts) else {})}}
+    found = observe_job(as_job, current, gang=True)
+    if found is not None:
+        found.kind, found.restarts = "JobSet", restarts
+        found.pods_left = sum(1 for p in pods if not podstate.terminal(p))
+    return found
 
 
 def merge_patch(old, new):

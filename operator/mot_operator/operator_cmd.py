@@ -55,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory-refresh", type=float,
                         default=float(_env("MOT_GPU_MEMORY_REFRESH", OperatorConfig.gpu_memory_refresh_seconds)),
                         help="seconds between listings of the nodes' GPU memory labels (env MOT_GPU_MEMORY_REFRESH)")
+    parser.add_argument("--jobset", action=argparse.BooleanOptionalAction,
+                        default=_env("MOT_JOBSET", "false").lower() in ("1", "true", "yes"),
+                        help="run multi-node branches as JobSets where the cluster serves them (needs RBAC for "
+                             "jobsets.jobset.x-k8s.io: the chart's jobset.enabled); "
+                             "spec.resources.branch.backend auto/jobset then use them")
     parser.add_argument("--log-level", default=_env("MOT_LOG_LEVEL", "info"),
                         choices=["debug", "info", "warning", "error"], help="env MOT_LOG_LEVEL")
     parser.add_argument("--log-format", default=_env("MOT_LOG_FORMAT", "text"), choices=["text", "json"],
@@ -151,9 +156,17 @@ def run(args: argparse.Namespace) -> int:
         progress_interval_seconds=max(args.progress_interval, 1.0),
         gpu_memory_from_node_labels=args.gpu_memory_from_node_labels,
         gpu_memory_refresh_seconds=max(args.gpu_memory_refresh, 0.0),
+        jobset=args.jobset,
     )
     load_kube_client_config()
     controller.STATE.api = KubeApi()
+    if args.jobset:
+        controller.STATE.jobset_available = asyncio.run(controller.STATE.api.jobsets_served())
+        if controller.STATE.jobset_available:
+            controller.watch_jobsets()
+        else:
+            log.warning("--jobset: the cluster serves no jobsets.jobset.x-k8s.io (JobSet not installed): "
+                        "multi-node branches run as Indexed Jobs")
 
     health = Health()
     server = make_server(args.metrics_host, args.metrics_port, health, REGISTRY)

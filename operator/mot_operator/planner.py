@@ -28,6 +28,9 @@ STUCK_REASONS = ("Unschedulable", "ErrImagePull", "ImagePullBackOff", "InvalidIm
                  "WaitingForAdmission", "Preempted", "Evicted")
 DISRUPTION_VERB = {"Preempted": "was preempted", "Evicted": "was evicted"}
 MAX_DISRUPTIONS = 10
+# How often a gang's next attempt looks again whether its last attempt's Pods are gone (the Pods'
+# events wake the operator sooner).
+POD_GONE_POLL_SECONDS = 2.0
 MESSAGE_LIMIT = 1024
 PROGRESS_KEYS = ("step", "totalSteps", "loss", "learningRate", "tokensPerSecond", "etaSeconds")
 
@@ -57,6 +60,11 @@ class ObservedJob:
     waiting: dict | None = None  # {"reason", "message"}: why none of its Pods runs yet
     disruptions: list[dict] = field(default_factory=list)  # [{"pod", "reason", "message"}], not failures
     reason: str | None = None  # a failed Job's cause when known (OOMKilled, Evicted, DeadlineExceeded ...)
+    kind: str = "Job"  # or "JobSet" (what to suspend, resume and delete by this name)
+    gang: bool = False  # several Pods per attempt (a multi-node branch): any failing ends all of them
+    disrupted: bool = False  # failed because a Pod of the gang was disrupted: not counted as a failure
+    pods_left: int = 0  # its Pods not yet ended: the next attempt of a gang waits until none is left
+    restarts: int = 0  # whole-group restarts a JobSet made after disruptions (not failures)
 
 
 @dataclass
@@ -69,6 +77,7 @@ class JobRequest:
     args: list[str]
     output_uri: str
     resources: RoleResources
+    kind: str = "Job"  # or "JobSet": a multi-node branch run by JobSet (spec.resources.branch.backend)
 
 
 @dataclass(frozen=True)
@@ -96,15 +105,17 @@ def backoff_seconds(spec: MoTRunSpec, failed_attempt: int) -> float:
 
 def plan(run: RunRef, spec: MoTRunSpec, status: dict, jobs: list[ObservedJob], now: datetime, *,
          metrics_port: int | None = TRAINER_METRICS_PORT, threads: int | None = None,
-         gpu_memory: int | None = None) -> Plan:
+         gpu_memory: int | None = None, jobset: bool | None = None) -> Plan:
     """Decide the run's next status and actions. Pure: no I/O, no clock.
 
     `metrics_port`, `threads` and `gpu_memory` are the executor's part of the trainer's command lines
     (JobRequest.args): the port branch Jobs serve metrics on (None: none), --threads for sft and eval
     over the spec's, and the memory of one GPU a branch can run on, in bytes (None: unknown), which the
-    preflight checks one branch against (contract.preflight_args)."""
+    preflight checks one branch against (contract.preflight_args). `jobset`: whether the cluster runs
+    JobSets for the operator (None where no cluster runs the Jobs: `mot run`), which decides what runs
+    a multi-node branch (spec.resources.branch.backend)."""
     return _Planner(run, spec, status, jobs, now, metrics_port=metrics_port, threads=threads,
-                    gpu_memory=gpu_memory).run()
+                    gpu_memory=gpu_memory, jobset=jobset).run()
 
 
 def plan_invalid(run: RunRef, status: dict, error: SpecError, now: datetime) -> Plan:
@@ -133,8 +144,9 @@ def preflight_resources(spec: MoTRunSpec) -> RoleResources:
 class _Planner:
     def __init__(self, run: RunRef, spec: MoTRunSpec, status: dict, jobs: list[ObservedJob], now: datetime, *,
                  metrics_port: int | None = TRAINER_METRICS_PORT, threads: int | None = None,
-                 gpu_memory: int | None = None):
+                 gpu_memory: int | None = None, jobset: bool | None = None):
         self.run_ref = run
+        self.jobset = jobset
         self.metrics_port = metrics_port
         self.threads = threads
         self.gpu_memory = gpu_memory
@@ -195,6 +207,11 @@ class _Planner:
         if not self.spec.storage.uri:
             self.fail("spec", None, 0, "spec.storage.uri is not set and the operator has no default storage URI",
                       code="StorageNotSet", round_=s["round"])
+            return self.finish()
+        if self.gang_kind() == "JobSet" and not self.jobset:
+            self.fail("spec", None, 0, "spec.resources.branch.backend is jobset, but the operator runs no JobSets: "
+                      "install JobSet (sigs.k8s.io/jobset) and turn on the chart's jobset.enabled, or use "
+                      "backend auto or job", code="JobSetUnavailable", round_=s["round"])
             return self.finish()
         self.handle_suspension()
         if s["round"] > self.spec.rounds:
@@ -332,12 +349,24 @@ class _Planner:
             if self.now < retry_at:
                 self.requeue((retry_at - self.now).total_seconds())
                 return "waiting"
+            previous = entry["attempt"]
+            old = self.jobs.get(entry["job"])
+            if old is not None and old.pods_left:
+                # A gang starts again only once every Pod of its last attempt is gone (as JobSet's
+                # BlockingRecreate): a rank still stopping would hold its GPUs and its port.
+                entry["waiting"] = {"reason": "PodsStopping", "since": entry.get("waiting", {}).get(
+                    "since", timestamp(self.now)), "message": f"{old.pods_left} Pod(s) of attempt {previous} "
+                    f"({old.name}) still stopping; attempt {previous + 1} starts when all are gone"}
+                self.requeue(POD_GONE_POLL_SECONDS)
+                return "waiting"
             if self.may_start:
-                previous = entry["attempt"]
+                disrupted = entry.get("disruptedAttempts", 0)
                 container[key] = self.start(rec, stage, teacher, attempt=previous + 1)
+                if disrupted:
+                    container[key]["disruptedAttempts"] = disrupted
                 self.event(contract.event_reason(stage, "Retried"),
                            f"{self.describe(stage, teacher, round_)}: attempt {previous + 1} of "
-                           f"{self.spec.max_retries + 1} started ({container[key]['job']})")
+                           f"{self.spec.max_retries + 1 + disrupted} started ({container[key]['job']})")
             return "waiting"
         job = self.jobs.get(entry["job"])
         if job is None:
@@ -381,7 +410,19 @@ class _Planner:
         entry["progress"] = found
 
     def record_disruptions(self, entry: dict, job: ObservedJob, stage: str, teacher: str | None, round_: int) -> None:
-        """Pods the Job lost to a preemption or eviction: kept (the last few) and told once each."""
+        """Pods the Job lost to a preemption or eviction: kept (the last few) and told once each; and
+        the whole-group restarts a JobSet made after them."""
+        if job.restarts > entry.get("restarts", 0):
+            entry["restarts"] = job.restarts
+            self.event(contract.event_reason(stage, "Restarted"),
+                       f"{self.describe(stage, teacher, round_)}: JobSet {job.name} restarted all its Pods after a "
+                       f"disruption (restart {job.restarts}; not counted as a failed attempt)")
+        if job.kind == "JobSet":
+            then = "JobSet restarts all of the attempt's Pods"
+        elif job.gang:
+            then = "the whole attempt ends and starts again once all its Pods are gone"
+        else:
+            then = "its Job replaces it"
         known = {d.get("pod") for d in entry.get("disruptions", [])}
         for found in job.disruptions:
             if found.get("pod") in known:
@@ -394,7 +435,7 @@ class _Planner:
             self.event(contract.event_reason(stage, "Disrupted"),
                        f"{self.describe(stage, teacher, round_)}: Pod {found.get('pod')} "
                        f"{DISRUPTION_VERB.get(found.get('reason'), 'was disrupted')}: {found.get('message', '')}; "
-                       "its Job replaces it (not counted as a failed attempt)", warning=True)
+                       f"{then} (not counted as a failed attempt)", warning=True)
 
     def record_waiting(self, entry: dict, job: ObservedJob, stage: str, teacher: str | None, round_: int) -> str:
         """Why the stage's Pods are not running, when the executor knows; fails the run once
@@ -454,8 +495,18 @@ class _Planner:
         if job.reason:
             entry["failureReason"] = job.reason
         what = self.describe(stage, teacher, round_)
+        if job.disrupted:
+            # A gang lost a Pod to a preemption or eviction: a new attempt at once, not counted.
+            entry["state"] = "Retrying"
+            entry["retryAt"] = timestamp(self.now)
+            entry["disruptedAttempts"] = entry.get("disruptedAttempts", 0) + 1
+            self.event(contract.event_reason(stage, "Disrupted"),
+                       f"{what}: attempt {attempt} ({job.name}) ended: {entry['message']}; attempt {attempt + 1} "
+                       "starts once all its Pods are gone (not counted as a failed attempt)", warning=True)
+            return self.advance_stage(rec, stage, teacher)
         failed = contract.event_reason(stage, "Failed")
-        if job.permanent or attempt > self.spec.max_retries:
+        counted = attempt - entry.get("disruptedAttempts", 0)
+        if job.permanent or counted > self.spec.max_retries:
             entry["state"] = "Failed"
             why = (f"invalid input (exit code {contract.EXIT_INVALID_INPUT}), not retried" if job.permanent
                    else "no retries left")
@@ -464,11 +515,11 @@ class _Planner:
             self.fail(stage, teacher, attempt, entry["message"], round_=round_, permanent=job.permanent,
                       code=job.reason)
             return "failed"
-        wait = backoff_seconds(self.spec, attempt)
+        wait = backoff_seconds(self.spec, counted)
         entry["state"] = "Retrying"
         entry["retryAt"] = timestamp(self.now + timedelta(seconds=wait))
-        self.event(failed, f"{what}: attempt {attempt} of {self.spec.max_retries + 1} failed: "
-                   f"{entry['message']}; retrying in {wait:g}s", warning=True)
+        self.event(failed, f"{what}: attempt {attempt} of {self.spec.max_retries + 1 + entry.get('disruptedAttempts', 0)} "
+                   f"failed: {entry['message']}; retrying in {wait:g}s", warning=True)
         if wait <= 0:
             return self.advance_stage(rec, stage, teacher)
         self.requeue(wait)
@@ -489,8 +540,11 @@ class _Planner:
 
     def request(self, rec: dict, stage: str, teacher: str | None, attempt: int) -> JobRequest:
         round_ = _round_of(rec, stage)
+        kind = (self.gang_kind() or "Job") if stage == "sft" else "Job"
         limit = naming.MAX_NAME
-        if stage == "sft" and self.spec.resources.branch.nodes > 1:
+        if kind == "JobSet":
+            limit = naming.MAX_JOBSET_NAME
+        elif stage == "sft" and self.spec.resources.branch.nodes > 1:
             limit = naming.MAX_INDEXED_JOB_NAME
         name = naming.job_name(self.run_ref.name, round_, stage, attempt, teacher, limit=limit)
         out = self.uri(stage, round_, teacher)
@@ -516,7 +570,16 @@ class _Planner:
             args = contract.eval_args(self.spec, model, out, threads=self.threads)
             resources = self.spec.resources.eval
         return JobRequest(name=name, stage=stage, round=round_, teacher=teacher, attempt=attempt,
-                          args=args, output_uri=out, resources=resources)
+                          args=args, output_uri=out, resources=resources, kind=kind)
+
+    def gang_kind(self) -> str | None:
+        """What runs a multi-node branch: "JobSet" or "Job" (None: branches run on one node)."""
+        branch = self.spec.resources.branch
+        if branch.nodes <= 1:
+            return None
+        if branch.backend == "jobset" or (branch.backend == "auto" and self.jobset):
+            return "JobSet"
+        return "Job"
 
     @staticmethod
     def describe(stage: str, teacher: str | None, round_: int) -> str:

@@ -56,7 +56,10 @@ def _trainer_container(containers: list) -> dict:
 
 
 def job_of(pod: dict) -> str | None:
-    return ((pod.get("metadata") or {}).get("labels") or {}).get(naming.LABEL_JOB_NAME)
+    """The name of what runs the Pod for the operator: its JobSet (a multi-node branch run by JobSet),
+    else its Job."""
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    return labels.get(naming.LABEL_JOBSET_NAME) or labels.get(naming.LABEL_JOB_NAME)
 
 
 def _container_status(pod: dict) -> dict:
@@ -89,7 +92,8 @@ def termination(pod: dict) -> dict | None:
     if not term:
         return None
     return {"exit_code": term.get("exitCode"), "reason": term.get("reason") or "",
-            "message": (term.get("message") or "").strip()}
+            "message": (term.get("message") or "").strip(), "finished_at": term.get("finishedAt") or "",
+            "pod": (pod.get("metadata") or {}).get("name", "")}
 
 
 def failure_cause(pods: list[dict]) -> tuple[str, str] | None:

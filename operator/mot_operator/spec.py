@@ -140,6 +140,9 @@ class RoleResources:
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: tuple[dict, ...] = ()
     priority_class_name: str | None = None
+    # What runs a multi-node branch (spec.resources.branch.backend): "jobset", "job" or "auto"
+    # (JobSet where the operator has it). Merges and evals are always one plain Job.
+    backend: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -171,6 +171,8 @@ RULE_PATHS = {
     "merge Jobs run on one node": "spec.resources.merge.nodes",
     "eval Jobs run on one node": "spec.resources.eval.nodes",
     "nesterov needs momentum > 0": "spec.merge.outer.nesterov",
+    "backend applies to branches only; merge Jobs are plain Jobs": "spec.resources.merge.backend",
+    "backend applies to branches only; eval Jobs are plain Jobs": "spec.resources.eval.backend",
 }
 # A spec breaking each rule that is checked on create.
 BREAKS = {
@@ -179,6 +181,10 @@ BREAKS = {
     "merge Jobs run on one node": with_change("spec.resources", {"merge": {"nodes": 2}}),
     "eval Jobs run on one node": with_change("spec.resources", {"eval": {"nodes": 3}}),
     "nesterov needs momentum > 0": with_change("spec.merge", {"outer": {"nesterov": True}}),
+    "backend applies to branches only; merge Jobs are plain Jobs": with_change(
+        "spec.resources", {"merge": {"backend": "jobset"}}),
+    "backend applies to branches only; eval Jobs are plain Jobs": with_change(
+        "spec.resources", {"eval": {"backend": "job"}}),
 }
 FIELD_ERROR_REASONS = {"FieldValueInvalid", "FieldValueForbidden", "FieldValueRequired", "FieldValueDuplicate"}
 

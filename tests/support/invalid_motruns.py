@@ -111,4 +111,8 @@ INVALID = [
     ("nesterov-without-momentum", with_change("spec.merge", {"outer": {"nesterov": True}}),
      "spec.merge.outer.nesterov", "rule"),
     ("multinode-eval", with_change("spec.resources", {"eval": {"nodes": 3}}), "spec.resources.eval.nodes", "rule"),
+    ("backend-unknown", with_change("spec.resources", {"branch": {"backend": "mpi"}}),
+     "spec.resources.branch.backend", "schema"),
+    ("backend-on-merge", with_change("spec.resources", {"merge": {"backend": "jobset"}}),
+     "spec.resources.merge.backend", "rule"),
 ]
