@@ -280,6 +280,19 @@ def test_namespaced_mode_has_one_role_per_watched_namespace_and_no_cluster_role(
     assert env_of(docs)["MOT_WATCH_NAMESPACES"] == "team-a,team-b"
 
 
+# Only with jobset.enabled (default false): the JobSets of multi-node branches.
+JOBSET_RULES = {("jobset.x-k8s.io", "jobsets"): {"get", "list", "watch", "create", "patch", "delete"}}
+
+
+def test_jobset_backend_adds_its_rbac_and_turns_on_the_operator_flag(rendered):
+    assert env_of(rendered["default"])["MOT_JOBSET"] == "false"
+    on = manifests({"jobset": {"enabled": True}})
+    assert rules_as_set(one(on, "ClusterRole")["rules"]) == CONTRACT_RULES | NODE_RULES | JOBSET_RULES
+    assert env_of(on)["MOT_JOBSET"] == "true"
+    namespaced = manifests({"jobset": {"enabled": True}, "watchNamespaces": ["team-a"]})
+    assert rules_as_set(one(namespaced, "Role")["rules"]) == CONTRACT_RULES | JOBSET_RULES
+
+
 def test_rbac_and_service_account_can_be_left_to_the_user():
     docs = manifests({"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "existing"}})
     assert not [d for d in docs if d["apiVersion"].startswith("rbac.")]
@@ -320,6 +333,7 @@ BAD_VALUES = [
     ({"alerts": {"runFailed": {"severity": "page"}}}, "/alerts/runFailed/severity"),
     ({"replicas": 2}, "replicas"),
     ({"gpuMemoryFromNodeLabels": "yes"}, "/gpuMemoryFromNodeLabels"),
+    ({"jobset": {"enabled": "yes"}}, "/jobset/enabled"),
     ({"metrics": {"serviceMonitor": {"enabled": "yes"}}}, "/metrics/serviceMonitor/enabled"),
 ]
 

@@ -146,4 +146,10 @@ app.kubernetes.io/component: controller
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- if .Values.jobset.enabled }}
+# JobSets running multi-node branches (jobset.enabled; the JobSet controller must be installed).
+- apiGroups: ["jobset.x-k8s.io"]
+  resources: ["jobsets"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+{{- end }}
 {{- end }}
