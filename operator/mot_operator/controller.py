@@ -98,8 +98,10 @@ async def pod_changed(namespace, labels, body, **_):
 async def jobset_index(namespace, name, labels, body, **_):
     """JobSets running multi-node branches (registered by watch_jobsets): what observe_jobset reads."""
     status = body.get("status") or {}
+    meta = body.get("metadata") or {}
     return {(namespace, labels[naming.LABEL_RUN]): {
-        "metadata": {"name": name, "uid": body.get("metadata", {}).get("uid"), "labels": dict(labels)},
+        "metadata": {"name": name, "uid": meta.get("uid"), "labels": dict(labels),
+                     "creationTimestamp": meta.get("creationTimestamp")},
         "spec": {"suspend": bool((body.get("spec") or {}).get("suspend"))},
         "status": {"conditions": podstate.plain(status.get("conditions") or []), "restarts": status.get("restarts") or 0},
     }}

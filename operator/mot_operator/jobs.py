@@ -325,7 +325,7 @@ def render_jobset(request: JobRequest, spec: MoTRunSpec, run: RunRef, config: Op
             "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True,
                         "subdomain": naming.service_name(request.name)},
             "failurePolicy": {"maxRestarts": 0, "restartStrategy": "BlockingRecreate", "rules": [
-                {"name": "invalid-input", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"],
+                {"name": "invalid_input", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"],
                  "onJobFailureMessagePatterns": [INVALID_INPUT_FAILURE]},
                 {"name": "disruption", "action": "RestartJobSetAndIgnoreMaxRestarts",
                  "onJobFailureReasons": ["PodFailurePolicy"], "onJobFailureMessagePatterns": [DISRUPTION_FAILURE]},

@@ -13,8 +13,9 @@ from . import contract
 MAX_NAME = 63
 # Indexed Job Pods get the hostname "<job>-<index>", which must also fit in 63 characters.
 MAX_INDEXED_JOB_NAME = 56
-# A JobSet's Pods get the hostname "<jobset>-node-0-<index>" (replicated Job "node", jobs.py).
-MAX_JOBSET_NAME = 52
+# JobSet's webhook wants its Pods' names, "<jobset>-node-0-<index>-<5 random>" (replicated Job "node",
+# jobs.py), within 63 characters: with up to 256 nodes (a 3-digit index), 46 for the JobSet.
+MAX_JOBSET_NAME = 46
 HASH_LEN = 8
 STAGES = tuple(contract.STAGES)
 

@@ -107,11 +107,13 @@ def observe_jobset(jobset: dict, pods: list[dict] = ()) -> ObservedJob | None:
     renamed = {"Completed": "Complete", "Failed": "Failed"}
     conditions = [{**c, "type": renamed[c["type"]]} for c in status.get("conditions") or []
                   if c.get("type") in renamed]
-    starts = [((p.get("status") or {}).get("startTime")) for p in pods]
-    as_job = {"metadata": jobset.get("metadata") or {},
-              "spec": {"suspend": bool((jobset.get("spec") or {}).get("suspend"))},
-              "status": {"conditions": conditions,
-                         **({"startTime": min(s for s in starts if s)} if any(starts) else {})}}
+    suspended = bool((jobset.get("spec") or {}).get("suspend"))
+    # Started (as a Job's status.startTime) when created unsuspended, or when resumed (Kueue admitted it).
+    resumed = [c.get("lastTransitionTime") for c in status.get("conditions") or []
+               if c.get("type") == "Suspended" and c.get("status") == "False"]
+    start = None if suspended else (resumed[-1] if resumed else (jobset.get("metadata") or {}).get("creationTimestamp"))
+    as_job = {"metadata": jobset.get("metadata") or {}, "spec": {"suspend": suspended},
+              "status": {"conditions": conditions, **({"startTime": start} if start else {})}}
     found = observe_job(as_job, current, gang=True)
     if found is not None:
         found.kind, found.restarts = "JobSet", restarts

@@ -208,7 +208,7 @@ class _Planner:
             self.fail("spec", None, 0, "spec.storage.uri is not set and the operator has no default storage URI",
                       code="StorageNotSet", round_=s["round"])
             return self.finish()
-        if self.gang_kind() == "JobSet" and not self.jobset:
+        if self.gang_kind() == "JobSet" and self.jobset is False:
             self.fail("spec", None, 0, "spec.resources.branch.backend is jobset, but the operator runs no JobSets: "
                       "install JobSet (sigs.k8s.io/jobset) and turn on the chart's jobset.enabled, or use "
                       "backend auto or job", code="JobSetUnavailable", round_=s["round"])
@@ -362,8 +362,8 @@ class _Planner:
             if self.may_start:
                 disrupted = entry.get("disruptedAttempts", 0)
                 container[key] = self.start(rec, stage, teacher, attempt=previous + 1)
-                if disrupted:
-                    container[key]["disruptedAttempts"] = disrupted
+                if disrupted:  # the gang's history goes on: what ended its earlier attempts
+                    container[key].update(disruptedAttempts=disrupted, disruptions=entry.get("disruptions", []))
                 self.event(contract.event_reason(stage, "Retried"),
                            f"{self.describe(stage, teacher, round_)}: attempt {previous + 1} of "
                            f"{self.spec.max_retries + 1 + disrupted} started ({container[key]['job']})")
@@ -547,6 +547,8 @@ class _Planner:
         elif stage == "sft" and self.spec.resources.branch.nodes > 1:
             limit = naming.MAX_INDEXED_JOB_NAME
         name = naming.job_name(self.run_ref.name, round_, stage, attempt, teacher, limit=limit)
+        if kind == "JobSet" and not name[0].isalpha():  # JobSet's Job and Pod names must start with a letter
+            name = naming.shorten(f"j{name}", limit)
         out = self.uri(stage, round_, teacher)
         if stage == "preflight":
             root = naming.run_uri(self.spec.storage.uri, self.run_ref.namespace, self.run_ref.name)

@@ -34,8 +34,8 @@ def snapshot(body: dict) -> dict:
                                  "ports": [dict(p) for p in container.get("ports") or []],
                                  "resources": {"limits": dict((container.get("resources") or {}).get("limits") or {})}}]
                  if container else []},
-        "status": {key: plain(status[key]) for key in ("phase", "reason", "message", "podIP", "conditions",
-                                                        "containerStatuses") if key in status},
+        "status": {key: plain(status[key]) for key in ("phase", "reason", "message", "podIP", "startTime",
+                                                        "conditions", "containerStatuses") if key in status},
     }
 
 

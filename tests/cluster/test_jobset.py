@@ -6,8 +6,8 @@ Job recreated with restart-attempt 1) and then completes; with a second test kub
 JobSet's exclusive placement (annotation alpha.jobset.sigs.k8s.io/exclusive-topology, its Pod
 webhooks) puts each child Job's Pods on a node of their own.
 
-The test kubelet has no DNS: a Pod's `<hostname>.<subdomain>` does not resolve (the Pods try and
-print what they got); the tests check the Service and the Pods' hostname/subdomain only."""
+The Pods print whether their `<hostname>.<subdomain>` resolves (the test kubelet's Pod DNS,
+tests/support/node.py); the tests check the Service and the Pods' hostname/subdomain."""
 
 from __future__ import annotations
 

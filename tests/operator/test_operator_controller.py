@@ -145,10 +145,10 @@ class FakeApi:
         self.existing.add(name)
         return True
 
-    async def set_suspend(self, namespace, job, suspend):
+    async def set_suspend(self, namespace, job, suspend, kind="Job"):
         self.calls.append(("suspend" if suspend else "resume", job))
 
-    async def delete_job(self, namespace, job):
+    async def delete_job(self, namespace, job, kind="Job"):
         self.calls.append(("delete", job))
 
     def event(self, body, event: Event):

@@ -175,6 +175,13 @@ class MoTE2E:
         body.update(spec)
         return {"apiVersion": "mot.dev/v1alpha1", "kind": "MoTRun", "metadata": {"name": name}, "spec": body}
 
+    def evict(self, namespace: str, pod: str) -> None:
+        """Evict a Pod through the Eviction API (as `kubectl drain` does): the API server marks it
+        DisruptionTarget (EvictionByEvictionAPI) and deletes it."""
+        body = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": pod, "namespace": namespace}}
+        self.kubectl("create", "--raw", f"/api/v1/namespaces/{namespace}/pods/{pod}/eviction", "-f", "-",
+                     stdin=json.dumps(body))
+
     def apply(self, namespace: str, manifest: dict) -> subprocess.CompletedProcess:
         return self.kubectl("-n", namespace, "apply", "-f", "-", stdin=yaml.safe_dump(manifest))
 

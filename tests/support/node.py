@@ -49,8 +49,21 @@ What differs because there is no container runtime here:
 - every Pod would have its own network namespace; these processes share one, so a server that
   binds all interfaces (0.0.0.0) would collide with the same port of another Pod: the Pod's IP is
   passed in MOT_METRICS_ADDRESS, which the trainer's metrics/progress server binds (ports are kept as
-  given: `--metrics-port 9090` stays 9090). No DNS: a Pod's hostname.subdomain does not resolve, so
-  multi-node branches (rendezvous at `<job>-0.<service>`) are not run here;
+  given: `--metrics-port 9090` stays 9090);
+- Pod DNS is a hosts file, not a DNS server: each process runs in its own mount and UTS namespaces
+  (`unshare`), its hostname the Pod's (spec.hostname, else its name) and a hosts file of its scratch
+  folder bound over /etc/hosts: the machine's entries, the Pod's own (`<ip> <hostname>.<subdomain>.<ns>
+  .svc.cluster.local <hostname>`, as a kubelet writes it) and, as CoreDNS serves from a headless
+  Service's EndpointSlices, `<hostname>.<subdomain>.<ns>.svc.cluster.local` (and `.svc`, `<ns>`, and
+  `<hostname>.<subdomain>` within the namespace: what the search domains complete) of every Pod with
+  spec.hostname (an Indexed Job's `<job>-<index>`) whose subdomain names a headless Service selecting it
+  in its namespace, in any LocalNode of the process. A record is added when the Pod gets its IP (or when
+  such a Service appears later) and removed when its run ends, and every live Pod's hosts file is
+  rewritten in place (glibc reads it on each lookup), so `<job>-0.<service>.<ns>.svc` rendezvous work.
+  Readiness is not considered (as publishNotReadyAddresses: true); nothing else resolves (no Service
+  ClusterIP or SRV records, no `<ip-dashed>` names); a Service deleted later keeps its records. Where
+  the bind mount is not allowed (not root, no CAP_SYS_ADMIN: `pod_dns_problem()` says why), Pods run
+  without any of it;
 - at most `max_parallel` processes run at once (2 cores); other Pods wait in ContainerCreating.
 - Pods it cannot run (restartPolicy other than Never, several containers, init containers) are
   rejected: phase Failed with a reason and message, as a kubelet rejects a Pod at admission.
@@ -59,6 +72,8 @@ Test conveniences (each a way to make a container behave, never a change to Kube
 `hold(match)` keeps matching Pods Running without starting their command until released (a
 long-running container); `inject_failure(match, exit_code, message)` runs, instead of the matching
 Pods' command, a process that writes `message` to its termination log and exits with `exit_code`;
+`kill(match, sig=SIGKILL)` signals the process group of matching Pods' running container (reported as
+any exit: by SIGKILL, exit code 137, reason Error);
 `runs` / `runs_of(job)` record every Pod run. A `match` is called with the Pod. For benchmarks,
 `instant=message(pod)` makes every Pod succeed at once with that termination message, no process.
 """
@@ -67,6 +82,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import itertools
 import json
 import os
@@ -122,6 +138,109 @@ _pod_numbers = itertools.count()
 def _next_pod_ip() -> str:
     high, low = divmod(next(_pod_numbers) % (256 * 254), 254)
     return f"127.1.{high}.{low + 1}"
+
+
+# Pod DNS, as CoreDNS serves it from a headless Service's EndpointSlices: `<hostname>.<subdomain>` of a Pod
+# with spec.hostname whose subdomain names a headless Service selecting it. Module-wide, as _pod_numbers:
+# several LocalNodes in one process are one cluster. Every live Pod's hosts file is rewritten on a change.
+CLUSTER_DOMAIN = "cluster.local"
+_dns_lock = threading.Lock()
+_dns_records: dict[str, tuple[str, str, str]] = {}   # Pod uid -> (namespace, "<hostname>.<subdomain>", IP)
+_hosts_files: dict[str, tuple[str, str, Path]] = {}  # Pod uid -> (namespace, its own entry, its hosts file)
+# In the Pod's own mount and UTS namespaces: its hosts file over /etc/hosts, its hostname, then its command.
+_POD_SHELL = 'mount --bind "$0" /etc/hosts && hostname "$1" && shift && exec "$@"'
+
+
+def _in_pod_namespaces(hosts: Path, hostname: str, argv: list[str]) -> list[str]:
+    """argv run with `hosts` as /etc/hosts and `hostname` as its hostname (unshare execs, and so does
+    the shell: the process keeps its PID, still its group's leader)."""
+    return ["unshare", "--mount", "--uts", "--propagation", "private", "--", "sh", "-c", _POD_SHELL,
+            str(hosts), hostname, *argv]
+
+
+@functools.cache
+def pod_dns_problem() -> str | None:
+    """None where Pods get DNS (a private mount namespace with a hosts file bound over /etc/hosts: root
+    or CAP_SYS_ADMIN); else why not, checked once: Pods then run without it."""
+    folder = Path(tempfile.mkdtemp(prefix="mot-dns-probe-"))
+    probe = folder / "hosts"
+    probe.write_text("127.1.255.254 mot-dns-probe\n")
+    try:
+        result = subprocess.run(_in_pod_namespaces(probe, "mot-dns-probe", ["grep", "-q", "mot-dns-probe",
+                                                                            "/etc/hosts"]),
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"no Pod DNS in the test kubelet: {error}"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if result.returncode != 0:
+        return (f"no Pod DNS in the test kubelet: cannot bind a hosts file over /etc/hosts in a private "
+                f"mount namespace (exit {result.returncode}: {result.stderr.strip()[:300]})")
+    return None
+
+
+@functools.cache
+def _machine_hosts() -> str:
+    return Path("/etc/hosts").read_text()
+
+
+def _pod_hostname(pod: dict) -> str:
+    """spec.hostname, else the Pod's name (at most 63 characters), as the kubelet names the Pod's host."""
+    return pod["spec"].get("hostname") or pod["metadata"]["name"][:63].rstrip("-.")
+
+
+def _hosts_text(namespace: str, own: str) -> str:
+    """A Pod's /etc/hosts: the machine's, its own entry (as the kubelet writes), then the DNS records
+    under the names its resolver would find them by (search <namespace>.svc.cluster.local, svc.cluster.local,
+    cluster.local): `<hostname>.<subdomain>` only for a Pod of its own namespace."""
+    lines = [_machine_hosts().rstrip("\n"), "# Kubernetes-managed hosts file (the test kubelet).", own,
+             "# Cluster DNS: <hostname>.<subdomain> of the Pods under a headless Service."]
+    for record_namespace, name, ip in _dns_records.values():
+        names = [f"{name}.{record_namespace}.svc.{CLUSTER_DOMAIN}", f"{name}.{record_namespace}.svc",
+                 f"{name}.{record_namespace}"] + ([name] if record_namespace == namespace else [])
+        lines.append(f"{ip}\t{' '.join(names)}")
+    return "\n".join(lines) + "\n"
+
+
+def _rewrite_hosts_files() -> None:
+    """Rewrite every live Pod's hosts file in place (its inode is what is bound over /etc/hosts in the
+    Pod; glibc reads it again on each lookup; a rename would leave the Pod the old file): written over,
+    then cut to length, so a lookup meanwhile never finds it empty. Called with _dns_lock held."""
+    for namespace, own, path in _hosts_files.values():
+        try:
+            with open(path, "r+") as hosts:
+                hosts.write(_hosts_text(namespace, own))
+                hosts.truncate()
+        except FileNotFoundError:
+            pass  # its scratch folder is gone: the Pod is ending
+
+
+def _dns_add_hosts_file(uid: str, namespace: str, own: str, path: Path) -> None:
+    with _dns_lock:
+        path.write_text(_hosts_text(namespace, own))
+        _hosts_files[uid] = (namespace, own, path)
+
+
+def _dns_add_record(uid: str, namespace: str, name: str, ip: str) -> None:
+    with _dns_lock:
+        if uid not in _hosts_files:
+            return  # the Pod's run has ended meanwhile
+        _dns_records[uid] = (namespace, name, ip)
+        _rewrite_hosts_files()
+
+
+def _dns_forget(uid: str) -> None:
+    with _dns_lock:
+        _hosts_files.pop(uid, None)
+        if _dns_records.pop(uid, None) is not None:
+            _rewrite_hosts_files()
+
+
+def dns_records() -> dict[str, str]:
+    """Every record served now: `<hostname>.<subdomain>.<namespace>.svc.cluster.local` -> IP."""
+    with _dns_lock:
+        return {f"{name}.{namespace}.svc.{CLUSTER_DOMAIN}": ip
+                for namespace, name, ip in _dns_records.values()}
 
 
 def _now() -> str:
@@ -187,6 +306,7 @@ class _Pod:
     gone: threading.Event = field(default_factory=threading.Event)     # DELETED seen
     process: subprocess.Popen | None = None
     thread: threading.Thread | None = None
+    hosts: Path | None = None       # its /etc/hosts (Pod DNS), when the machine allows it
 
 
 @dataclass
@@ -224,6 +344,7 @@ class LocalNode:
         self._pods: dict[str, _Pod] = {}        # uid -> what runs it
         self._done: set[str] = set()            # uids run to the end: later (stale) events ignored
         self._holds: list[tuple[Callable[[dict], bool], threading.Event]] = []
+        self._dns_pending: dict[str, _Pod] = {}  # uid -> a Pod whose subdomain's Service is not there yet
         self._slots = threading.BoundedSemaphore(self.max_parallel)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -238,7 +359,8 @@ class LocalNode:
         began = time.monotonic()
         self._serve_kubelet_api()
         self._register()
-        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._watch_loop, "pod-watch")):
+        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._watch_loop, "pod-watch"),
+                             (self._dns_loop, "dns")):
             thread = threading.Thread(target=target, name=f"{self.name}-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -288,6 +410,24 @@ class LocalNode:
         with self._lock:
             self.faults.append(fault)
         return fault
+
+    def kill(self, match: Callable[[dict], bool], sig: int = signal.SIGKILL) -> list[str]:
+        """Send `sig` to the process group of the running container of every Pod `match` selects (as
+        something outside the Pod would): its exit is reported as any other (SIGKILL: exit code 137,
+        reason Error). The names of the Pods signalled."""
+        with self._lock:
+            entries = [entry for entry in self._pods.values() if match(entry.pod)]
+        signalled = []
+        for entry in entries:
+            process = entry.process
+            if process is None or process.poll() is not None:
+                continue  # not started yet (held, waiting for a slot), or already ended
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                continue
+            signalled.append(entry.run.pod)
+        return signalled
 
     def runs_of(self, job: str, namespace: str | None = None) -> list[PodRun]:
         """The Pods run for Job `job` (its `batch.kubernetes.io/job-name` label), oldest first."""
@@ -544,7 +684,9 @@ class LocalNode:
         finally:
             with self._lock:
                 self._pods.pop(run.uid, None)
+                self._dns_pending.pop(run.uid, None)
                 self._done.add(run.uid)
+            _dns_forget(run.uid)
 
     def _run_pod_inner(self, entry: _Pod) -> None:
         pod, run = entry.pod, entry.run
@@ -570,6 +712,8 @@ class LocalNode:
         self._report(entry, base, "Pending", waiting=("ContainerCreating", None))
         scratch = Path(tempfile.mkdtemp(prefix=f"{run.namespace}-{run.pod}-", dir=self.workdir))
         run.log = scratch / "container.log"
+        if pod_dns_problem() is None:
+            self._pod_dns(entry, scratch / "hosts")
         # As a kubelet: the image is pulled first, then the container configured (env, mounts).
         pulled = self._pull_image(entry, container.get("image", ""), base)
         config = self._configure(entry, container, scratch, base) if pulled else None
@@ -586,6 +730,51 @@ class LocalNode:
             self._request("DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
                           json_body={"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0,
                                      "preconditions": {"uid": meta["uid"]}}, ok=(404, 409))
+
+    def _pod_dns(self, entry: _Pod, hosts: Path) -> None:
+        """The Pod's hosts file (the machine's, its own entry, the cluster's records) and its own record,
+        now if its subdomain's headless Service selects it, else once it does (_dns_loop)."""
+        pod, run = entry.pod, entry.run
+        hostname, subdomain = _pod_hostname(pod), pod["spec"].get("subdomain")
+        fqdn = f"{hostname}.{subdomain}.{run.namespace}.svc.{CLUSTER_DOMAIN}"
+        own = f"{run.ip}\t{fqdn}\t{hostname}" if subdomain else f"{run.ip}\t{hostname}"
+        _dns_add_hosts_file(run.uid, run.namespace, own, hosts)
+        entry.hosts = hosts
+        # No record without spec.hostname: only then does the EndpointSlice controller give one.
+        if subdomain and pod["spec"].get("hostname"):
+            if self._selected_by_service(pod):
+                _dns_add_record(run.uid, run.namespace, f"{hostname}.{subdomain}", run.ip)
+            else:
+                with self._lock:
+                    self._dns_pending[run.uid] = entry
+
+    def _selected_by_service(self, pod: dict) -> bool:
+        """Whether the headless Service named like the Pod's subdomain, in its namespace, selects it."""
+        meta = pod["metadata"]
+        service = self._get(f"/api/v1/namespaces/{meta['namespace']}/services/{pod['spec']['subdomain']}",
+                            missing_ok=True)
+        spec = (service or {}).get("spec") or {}
+        selector, labels = spec.get("selector") or {}, meta.get("labels") or {}
+        return spec.get("clusterIP") == "None" and bool(selector) and \
+            all(labels.get(key) == value for key, value in selector.items())
+
+    def _dns_loop(self) -> None:
+        """Pods whose Service came later get their record once it selects them (as CoreDNS would)."""
+        while not self._stop.wait(1.0):
+            with self._lock:
+                pending = list(self._dns_pending.values())
+            for entry in pending:
+                try:
+                    if not self._selected_by_service(entry.pod):
+                        continue
+                except requests.RequestException as error:
+                    print(f"test kubelet {self.name}: dns: {error!r}", file=sys.stderr)
+                    continue
+                with self._lock:
+                    self._dns_pending.pop(entry.run.uid, None)
+                run, spec = entry.run, entry.pod["spec"]
+                name = f"{_pod_hostname(entry.pod)}.{spec['subdomain']}"
+                _dns_add_record(run.uid, run.namespace, name, run.ip)
 
     def _faults_or_holds(self) -> bool:
         with self._lock:
@@ -675,6 +864,12 @@ class LocalNode:
     def _execute(self, entry: _Pod, container: dict, argv: list[str], env: dict, cwd: Path) -> tuple[int, str, str]:
         """Start the process and wait for it: (exit code, reason, termination message)."""
         termination_log = Path(env["MOT_TERMINATION_LOG"])
+        if entry.hosts is not None:
+            # The shell would exec a missing command with exit 127: the runtime's StartError instead.
+            program = Path(cwd, argv[0])
+            if "/" not in argv[0] or not program.is_file() or not os.access(program, os.X_OK):
+                return 128, "StartError", f"cannot start {argv[0]}: no such executable file"
+            argv = _in_pod_namespaces(entry.hosts, _pod_hostname(entry.pod), argv)
         with open(entry.run.log, "wb") as log:
             try:
                 process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
@@ -804,7 +999,7 @@ class LocalNode:
         if container.get("envFrom"):
             raise ContainerConfigError("envFrom is not supported by the test kubelet")
         env = dict(BASE_ENV, PATH=os.pathsep.join(self.bin_dirs + ["/usr/local/bin:/usr/bin:/bin"]),
-                   HOSTNAME=pod["metadata"]["name"])
+                   HOSTNAME=_pod_hostname(pod))
         env.update(self.extra_env)
         for item in container.get("env") or []:
             value = item.get("value", "")

@@ -158,12 +158,6 @@ def test_an_oom_killed_branch_names_the_cause(mot_e2e):
     assert wide_row(mot_e2e, ns, "oom")["REASON"] == "OOMKilled"
 
 
-def _evict(mot_e2e, ns: str, pod: str) -> None:
-    body = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": pod, "namespace": ns}}
-    mot_e2e.kubectl("create", "--raw", f"/api/v1/namespaces/{ns}/pods/{pod}/eviction", "-f", "-",
-                    stdin=json.dumps(body))
-
-
 def _branch_pods(mot_e2e, ns: str) -> list[dict]:
     return [p for p in mot_e2e.pods(ns) if (p["metadata"].get("labels") or {}).get("mot.dev/stage") == "sft"]
 
@@ -176,7 +170,7 @@ def test_an_evicted_branch_pod_is_replaced_told_and_not_counted_as_a_failure(mot
         [pod] = wait_until(lambda: [p for p in _branch_pods(mot_e2e, ns) if p["status"].get("phase") == "Running"],
                            90, "the branch Pod running")
         name = pod["metadata"]["name"]
-        _evict(mot_e2e, ns, name)
+        mot_e2e.evict(ns, name)
 
         def told():
             status = status_of(mot_e2e, ns, "evict")
