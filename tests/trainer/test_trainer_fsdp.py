@@ -113,7 +113,7 @@ def test_fsdp_holds_half_the_state_per_process(single, fsdp):
 
 
 def test_fsdp_checkpoint_keeps_init_dtype_and_tied_embedding(tiny_model, tiny_data, tmp_path):
-    """From a bf16 init (as real Qwen checkpoints), with gradient checkpointing: the gathered
+    """From a bf16 init (as real Qwen checkpoints), with gradient checkpointing: the streamed
     checkpoint is bf16, loads in transformers, and lm_head is the embedding, stored once."""
     bf16 = tmp_path / "bf16"
     AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(bf16)

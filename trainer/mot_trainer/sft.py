@@ -344,28 +344,71 @@ def train(args, accelerator, model, tokenizer, rows: list[data.Example], shard_m
     }, model
 
 
-def save_model(accelerator, model, tokenizer, saved_dtype, folder: Path, shard_mode: str = "ddp") -> None:
-    """Gather the full weights (FSDP included) and write the HF folder from the main process."""
+def save_model(accelerator, model, tokenizer, saved_dtype, folder: Path, shard_mode: str = "ddp",
+               max_shard_bytes: int | None = None) -> dict[str, str]:
+    """Write the HF folder (weights in `saved_dtype`, config, generation config, tokenizer) from the
+    main process; every process must call this. Returns {file: sha256} of the files whose hash was
+    computed while writing them (the streamed weights), for the manifest.
+
+    FSDP: the weights are streamed entry by entry (sharding.save_streaming): no process ever holds
+    the whole model. DDP or one process: save_pretrained of the state every process already holds.
+    `max_shard_bytes`: save_pretrained's max_shard_size (default sharding.SAVE_MAX_SHARD_BYTES).
+    """
+    max_shard_bytes = max_shard_bytes or sharding.SAVE_MAX_SHARD_BYTES
     fsdp = shard_mode == "fsdp"
-    # FSDP: a collective; every process takes part, the main one receives the whole fp32 state in
-    # CPU memory (sharding.full_state_dict: not a streaming save).
-    state = sharding.full_state_dict(model) if fsdp else accelerator.get_state_dict(model)
+    entries = sharding.streamed_entries(model) if fsdp else None
+    if entries is None:
+        if fsdp:
+            log.warning("%s: transformers converts its weights on save; gathering the whole model to the "
+                        "main process to save it (4 bytes/param of host memory)", type(model).__name__)
+        save_gathered(accelerator, model, tokenizer, saved_dtype, folder, shard_mode, max_shard_bytes)
+        return {}
+    hashes = sharding.save_streaming(model, folder, saved_dtype, is_main=accelerator.is_main_process,
+                                     max_shard_bytes=max_shard_bytes, entries=entries)
     if not accelerator.is_main_process:
-        return
-    unwrapped = model if fsdp else accelerator.unwrap_model(model)
-    if getattr(unwrapped, "supports_gradient_checkpointing", False):
-        set_checkpointing(unwrapped, False)
-    unwrapped.config.use_cache = True
-    unwrapped.save_pretrained(folder, state_dict=cast_state(state, saved_dtype))
-    unwrapped.config.dtype = saved_dtype  # save_pretrained wrote the fp32 training dtype
-    if fsdp:  # save_pretrained names the class it was called on: FSDP<class>
-        unwrapped.config.architectures = [sharding.plain_class(unwrapped).__name__]
-    unwrapped.config.save_pretrained(folder)
+        return hashes
+    # What save_pretrained writes besides the weights, with the config's dtype the checkpoint's.
+    prepare_for_save(model)
+    model.config.dtype = saved_dtype
+    model.config.architectures = [sharding.plain_class(model).__name__]
+    model.config.save_pretrained(folder)
+    if model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    save_side_files(model, tokenizer, folder)
+    return hashes
+
+
+def prepare_for_save(model) -> None:
+    """The config a checkpoint is saved with: for inference (cache on, no activation checkpointing)."""
+    if getattr(model, "supports_gradient_checkpointing", False):
+        set_checkpointing(model, False)
+    model.config.use_cache = True
+
+
+def save_side_files(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
     if not (folder / "generation_config.json").exists():
         from transformers import GenerationConfig
 
-        GenerationConfig.from_model_config(unwrapped.config).save_pretrained(folder)
+        GenerationConfig.from_model_config(model.config).save_pretrained(folder)
+
+
+def save_gathered(accelerator, model, tokenizer, saved_dtype, folder: Path, shard_mode: str,
+                  max_shard_bytes: int) -> None:
+    """save_pretrained of the whole state on the main process. FSDP (only for models whose weights
+    transformers converts on save): gathered there first, one full fp32 copy in its host memory."""
+    fsdp = shard_mode == "fsdp"
+    state = sharding.full_state_dict(model) if fsdp else accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return
+    unwrapped = model if fsdp else accelerator.unwrap_model(model)
+    prepare_for_save(unwrapped)
+    unwrapped.save_pretrained(folder, state_dict=cast_state(state, saved_dtype), max_shard_size=max_shard_bytes)
+    unwrapped.config.dtype = saved_dtype  # save_pretrained wrote the fp32 training dtype
+    if fsdp:  # save_pretrained names the class it was called on: FSDP<class>
+        unwrapped.config.architectures = [sharding.plain_class(unwrapped).__name__]
+    unwrapped.config.save_pretrained(folder)
+    save_side_files(unwrapped, tokenizer, folder)
 
 
 def cast_state(state: dict, dtype) -> dict:
@@ -465,7 +508,7 @@ def run(args) -> dict | None:
         if fsdp_load:  # per rank: weight bytes the load materialised; peak-RSS growth until sharded
             loaded = per_rank(accelerator, [load_stats["weight_bytes"], rss_loaded - load_stats["peak_rss_before"]])
         out_dir = workdir / "out"
-        save_model(accelerator, model, tokenizer, saved_dtype, out_dir, shard_mode)
+        weight_hashes = save_model(accelerator, model, tokenizer, saved_dtype, out_dir, shard_mode)
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             return None
@@ -474,7 +517,7 @@ def run(args) -> dict | None:
         if fsdp_load:
             metrics.update(loaded_weight_bytes=[row[0] for row in loaded],
                            load_peak_rss_growth_bytes=[row[1] for row in loaded])
-        write_manifest(out_dir, kind="sft", inputs=inputs, params=params, metrics=metrics)
+        write_manifest(out_dir, kind="sft", inputs=inputs, params=params, metrics=metrics, hashes=weight_hashes)
         storage.upload_checkpoint(out_dir, args.out)
         log.info("wrote %s: final loss %.4f, %.0f tokens/s", args.out, metrics["final_loss"],
                  metrics["tokens_per_second"])

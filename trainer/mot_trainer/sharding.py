@@ -17,6 +17,10 @@ Loading under FSDP (load_from_rank0): only global rank 0 reads the checkpoint in
 other processes build the model on the meta device, all shard it alike, and rank 0's weights (and
 buffers, which no state dict holds: the rotary inv_freq) are broadcast into the others' shards. So a
 node holds one whole fp32 copy (4 bytes/param) while loading, not one per process.
+
+Saving under FSDP (save_streaming): the weights are gathered one tensor at a time, cast to the
+checkpoint's dtype and streamed into save_pretrained's safetensors shards by the main process, so no
+process holds the whole model (at most one gathered fp32 tensor and a few write buffers).
 """
 
 from __future__ import annotations
@@ -124,8 +128,8 @@ def full_state_dict(model) -> dict:
     empty dict; every process must call this). The tied lm_head/embed_tokens entry points at one
     tensor again, so save_pretrained writes it once.
 
-    Not streaming: the main process holds one full fp32 copy (4 bytes/param of CPU RAM) before the
-    cast and the write. A sharded, streaming save (DCP, or per-layer gather and write) is not done.
+    The main process holds one full fp32 copy (4 bytes/param of CPU RAM): only for the save of a model
+    whose weights transformers converts on save (streamed_entries() is None); save_streaming otherwise.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -138,6 +142,115 @@ def full_state_dict(model) -> dict:
         if primary != name and primary in state and name in state:
             state[name] = state[primary]
     return state
+
+
+# save_pretrained's default max_shard_size in transformers 5 ("50GB"), so an FSDP checkpoint is laid
+# out like a DDP or one-process one; tests set it small to get several shards.
+SAVE_MAX_SHARD_BYTES = 50 * 10**9
+# Bytes of the checkpoint dtype cast and handed to the writer thread at a time.
+SAVE_CHUNK_BYTES = 64 << 20
+
+
+def streamed_entries(model) -> dict | None:
+    """The state-dict entries save_pretrained would write, {name: tensor (a DTensor shard for the
+    sharded parameters)} in the order it writes them: the keys it ignores on save dropped, of each tied
+    group only the name it keeps (transformers' own remove_tied_weights_from_state_dict, asked with
+    meta stand-ins). None when transformers would convert or rename weights on save (its
+    revert_weight_conversion changes the entries): those need the whole state at once.
+    A collective under torch.distributed: every process gets the main process's answer."""
+    import torch
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    state = model.state_dict()
+    for key in getattr(model, "_keys_to_ignore_on_save", None) or ():
+        state.pop(key, None)
+    meta = {name: torch.empty(t.shape, dtype=t.dtype, device="meta") for name, t in state.items()}
+    kept = remove_tied_weights_from_state_dict(meta, model)
+    reverted = revert_weight_conversion(model, dict(kept))
+    same = {n: tuple(t.shape) for n, t in reverted.items()} == {n: tuple(t.shape) for n, t in kept.items()}
+    names = [list(reverted) if same else None]  # its order: the one save_pretrained shards in
+    # The order depends on how the model was built (from_pretrained attaches the conversions it applied,
+    # which sorts the names; a model built on meta has none): every process follows the main one's.
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast_object_list(names, src=0)
+    return None if names[0] is None else {name: state[name] for name in names[0]}
+
+
+def save_streaming(model, folder, dtype, *, is_main: bool, max_shard_bytes: int | None = None,
+                   entries: dict | None = None) -> dict[str, str]:
+    """Write the sharded model's weights as save_pretrained would (`model.safetensors`, or
+    `model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json`) without ever holding the
+    whole model on one process. Every process must call this; only the main one writes.
+
+    The shards are planned first from the known shapes (the merge's writer: N is known before the
+    first byte, each file is written as `.partial` and renamed when complete). Then entry by entry, in
+    that order, every process takes part in gathering the whole tensor (DTensor.full_tensor(),
+    one all-gather), and the main process casts it to `dtype` chunk by chunk into the writer's buffers,
+    which a background thread writes and hashes while the next tensor is gathered. Not
+    torch.distributed.checkpoint: get_model_state_dict(full_state_dict=True) gathers every entry into
+    one dict before returning, and DCP's own save writes its sharded format, not HF's. The main
+    process's extra host memory is one gathered tensor in fp32 (none on a GPU, where it is cast before
+    the copy to host) and a few SAVE_CHUNK_BYTES buffers. Returns {file name: sha256} (main process;
+    empty on the others). `max_shard_bytes`: save_pretrained's max_shard_size (default
+    SAVE_MAX_SHARD_BYTES). `entries`: streamed_entries(model), when the caller has it already.
+    """
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from mot_trainer.merge import writer
+    from mot_trainer.merge.reader import INDEX_NAME, SAFETENSORS_DTYPES, TensorInfo
+
+    if entries is None:
+        entries = streamed_entries(model)
+    if entries is None:
+        raise ValueError(f"{type(model).__name__}: transformers converts its weights on save; "
+                         "they cannot be streamed one by one")
+    max_shard_bytes = max_shard_bytes or SAVE_MAX_SHARD_BYTES
+    codes = {torch_dtype: code for code, torch_dtype in SAFETENSORS_DTYPES.items()}
+
+    def saved_dtype(tensor):
+        return dtype if tensor.is_floating_point() else tensor.dtype
+
+    def gathered(tensor):
+        return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+    if not is_main:  # the same collectives in the same order, the results dropped
+        for tensor in entries.values():
+            gathered(tensor)
+        return {}
+
+    specs = []
+    for name, tensor in entries.items():
+        out = saved_dtype(tensor)
+        # No file or offset yet: the writer only uses name, dtype, shape and nbytes.
+        specs.append(TensorInfo(name, codes[out], tuple(tensor.shape), Path(name), 0, tensor.numel() * out.itemsize))
+
+    def chunks_for(spec, take):
+        out = SAFETENSORS_DTYPES[spec.dtype]
+        full = gathered(entries[spec.name]).detach()
+        if full.device.type != "cpu":  # cast where it was gathered: no fp32 copy on the host
+            full = full.to(out)
+        flat = full.reshape(-1)
+        step = max(1, SAVE_CHUNK_BYTES // out.itemsize)
+        for start in range(0, flat.numel(), step):
+            piece = flat[start:start + step]
+            buffer = take()
+            buffer.tensor(piece.numel(), out).copy_(piece)
+            yield buffer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hashes = writer.write_sharded(folder, specs, max_shard_bytes, chunks_for)
+    if INDEX_NAME in hashes:  # save_pretrained's index also counts the parameters (tied ones once)
+        index_path = folder / INDEX_NAME
+        index = json.loads(index_path.read_text())
+        index["metadata"]["total_parameters"] = model.num_parameters()
+        text = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+        index_path.write_bytes(text)
+        hashes[INDEX_NAME] = hashlib.sha256(text).hexdigest()
+    return hashes
 
 
 def plain_class(model) -> type:
