@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 
 import pytest
 from support.jobset import (
@@ -23,7 +22,6 @@ from support.jobset import (
     REPLICATED_JOB_LABEL,
     RESTART_ATTEMPT_LABEL,
 )
-from support.node import LocalNode
 from support.processes import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -74,14 +72,6 @@ def jobset_manifest(name: str, code: str, *, replicas: int, pods: int, failure_p
     if failure_policy:
         spec["failurePolicy"] = failure_policy
     return {"apiVersion": API_VERSION, "kind": "JobSet", "metadata": {"name": name}, "spec": spec}
-
-
-@pytest.fixture
-def namespace(kube_cluster):
-    name = f"jobset-{uuid.uuid4().hex[:6]}"
-    kube_cluster.kubectl("create", "namespace", name)
-    yield name
-    kube_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
 def create(cluster, namespace: str, manifest: dict) -> dict:
@@ -215,17 +205,6 @@ def test_failed_pod_restarts_the_whole_jobset_then_it_completes(jobset, kube_nod
 
 EXCLUSIVE_KEY = "alpha.jobset.sigs.k8s.io/exclusive-topology"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
-
-
-@pytest.fixture
-def second_node(kube_cluster, kube_node, tmp_path):
-    """A second test kubelet, node `mot-node-2` (CPU only), for this test only: the session's
-    `mot-node-1` and this one make two nodes."""
-    node = LocalNode(kube_cluster, tmp_path / "mot-node-2", name="mot-node-2", gpus=0, max_parallel=1).start()
-    try:
-        yield node
-    finally:
-        node.stop()
 
 
 def test_exclusive_placement_puts_each_job_on_its_own_node(jobset, kube_node, second_node, namespace):

@@ -2,30 +2,24 @@
 2 GPUs admits two 1-GPU Jobs of three (unsuspends them, their Workloads Admitted) and keeps the
 third pending, naming the quota; deleting an admitted Job frees its quota and the third is
 admitted. A Job created unsuspended with the queue-name label is suspended by Kueue's webhook
-before it is stored. Admission needs no Node; the Jobs' Pods select a node label nothing has, so
-they never run, whatever other tests register."""
+before it is stored. A JobSet labelled for the queue is one Workload for all its Pods (a PodSet
+counting both Pods of its 2-Pod Job), admitted whole, and a second such JobSet waits suspended,
+without Pods, until the first is deleted. Admission needs no Node; the Pods select a node label
+nothing has, so they never run, whatever other tests register."""
 
 from __future__ import annotations
 
 import json
 import time
-import uuid
 
 import pytest
+from support.jobset import API_VERSION, JOBSET_NAME_LABEL
 from support.kueue import condition
 from support.processes import wait_until
 
 pytestmark = pytest.mark.e2e
 
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-
-
-@pytest.fixture
-def namespace(kube_cluster):
-    name = f"kueue-{uuid.uuid4().hex[:6]}"
-    kube_cluster.kubectl("create", "namespace", name)
-    yield name
-    kube_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
 @pytest.fixture
@@ -146,3 +140,48 @@ def test_webhook_suspends_an_unsuspended_job_with_a_queue(kueue, namespace, gpu_
     plain = create(cluster, namespace, job("no-queue", None, suspend=False))
     print(f"created with spec.suspend=false and no queue label; stored: spec.suspend={plain['spec']['suspend']}")
     assert plain["spec"]["suspend"] is False
+
+
+def gang(name: str, queue: str, *, pods: int = 2) -> dict:
+    """A JobSet of one Indexed Job of `pods` 1-GPU Pods, labelled for `queue`."""
+    template = job(name, None, suspend=False)["spec"]["template"]
+    return {"apiVersion": API_VERSION, "kind": "JobSet", "metadata": {"name": name, "labels": {QUEUE_LABEL: queue}},
+            "spec": {"replicatedJobs": [{"name": "ranks", "replicas": 1, "template": {"spec": {
+                "parallelism": pods, "completions": pods, "backoffLimit": 0, "template": template}}}]}}
+
+
+def test_a_queued_jobset_is_admitted_whole_as_one_workload(kueue, jobset, namespace, gpu_queue):
+    cluster = kueue.cluster
+    created = {name: create(cluster, namespace, gang(name, "gpus")) for name in ("gang-a", "gang-b")}
+    assert all(c["spec"]["suspend"] is True for c in created.values()), "Kueue's webhook suspends queued JobSets"
+
+    def jobset_state(name: str) -> tuple:
+        current = jobset.get(name, namespace)
+        workload = kueue.workload_for(namespace, created[name]["metadata"]["uid"])
+        return current["spec"].get("suspend"), workload
+
+    def one_admitted():
+        states = {name: jobset_state(name) for name in created}
+        running = [n for n, (suspend, w) in states.items() if suspend is False and w
+                   and (condition(w, "Admitted") or {}).get("status") == "True"]
+        waiting = [n for n, (suspend, w) in states.items() if suspend is True and w
+                   and (condition(w, "QuotaReserved") or {}).get("reason") == "Pending"]
+        return (running[0], waiting[0], states) if len(running) == 1 and len(waiting) == 1 else None
+    started = time.monotonic()
+    first, second, states = wait_until(one_admitted, timeout=60, what="one JobSet admitted, the other pending",
+                                       on_timeout=kueue.logs)
+    workload = states[first][1]
+    print(f"\n{time.monotonic() - started:.1f}s after creating two 2-GPU JobSets against a 2-GPU quota: {first} "
+          f"admitted (Workload {workload['metadata']['name']} podSets "
+          f"{[(p['name'], p['count']) for p in workload['spec']['podSets']]}); {second} waiting: "
+          f"{condition(states[second][1], 'QuotaReserved')['message']!r}")
+    assert [p["count"] for p in workload["spec"]["podSets"]] == [2], "one PodSet of both Pods"
+    assert "nvidia.com/gpu" in condition(states[second][1], "QuotaReserved")["message"]
+    pods = cluster.get_json("pods", "-n", namespace, "-l", f"{JOBSET_NAME_LABEL}={second}")["items"]
+    assert not pods, f"the waiting JobSet has Pods: {[p['metadata']['name'] for p in pods]}"
+
+    started = time.monotonic()
+    cluster.kubectl("delete", "jobset", first, "-n", namespace, "--wait=false")
+    wait_until(lambda: (lambda s: s[0] is False and (condition(s[1], "Admitted") or {}).get("status") == "True")(
+        jobset_state(second)), timeout=60, what=f"{second} admitted after {first} was deleted", on_timeout=kueue.logs)
+    print(f"{second} admitted {time.monotonic() - started:.1f}s after {first} was deleted")

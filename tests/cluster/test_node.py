@@ -14,7 +14,6 @@ import json
 import subprocess
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import kubernetes
@@ -24,13 +23,6 @@ from support.cluster import KUBECTL, free_port
 from support.processes import wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def namespace(kube_cluster):
-    name = f"node-{uuid.uuid4().hex[:6]}"
-    kube_cluster.kubectl("create", "namespace", name)
-    return name
 
 
 def job(name: str, code: str, *, backoff_limit: int = 0, env=None, suspend: bool = False, gpus: int = 0,

@@ -7,12 +7,11 @@ Service, or of another namespace, gets no record."""
 from __future__ import annotations
 
 import time
-import uuid
 
 import pytest
 import requests
 from support.cluster import free_port
-from support.node import LocalNode, dns_records, pod_dns_problem
+from support.node import dns_records, pod_dns_problem
 from support.processes import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -45,24 +44,6 @@ dist.destroy_process_group()
 """
 
 SLEEPER = "import time\nprint('started', flush=True)\nwhile True:\n    time.sleep(1)\n"
-
-
-@pytest.fixture
-def namespace(kube_cluster):
-    name = f"multi-{uuid.uuid4().hex[:6]}"
-    kube_cluster.kubectl("create", "namespace", name)
-    yield name
-    kube_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-@pytest.fixture
-def second_node(kube_cluster, kube_node, tmp_path):
-    """A second test kubelet, node `mot-node-2` (CPU only), for this test only."""
-    node = LocalNode(kube_cluster, tmp_path / "mot-node-2", name="mot-node-2", gpus=0, max_parallel=1).start()
-    try:
-        yield node
-    finally:
-        node.stop()
 
 
 @pytest.fixture(autouse=True)

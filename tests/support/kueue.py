@@ -6,71 +6,66 @@ The binary, CRDs and webhook manifests come from tests/cluster/kueue/build.sh (t
 tests/cluster/kueue/go.mod into `${MOT_CACHE:-~/.cache/mot-operator}/kueue/v<version>/`;
 `MOT_KUEUE_DIR` points elsewhere. A test using Kueue fails with that instruction when they are missing.
 
-The session fixture `kueue` (it depends on `kube_cluster`) starts Kueue once and yields a `Kueue`.
-Setup:
+The session fixture `kueue` (it depends on `kube_cluster` and `jobset`) starts Kueue once, after
+JobSet's controller (support/jobset.py), and yields a `Kueue`. Kueue v0.17 sets up an integration
+whose CRD is missing only when it later finds the API, polling with a backoff of up to 2 minutes
+(pkg/controller/jobframework/setup.go): with JobSet's CRD installed first its JobSet integration
+is up at start. Setup, by support/webhook_controller.py as JobSet's:
 - Kueue's CRDs (config/components/crd/bases of the module), with the conversion-webhook patches
   its kustomization enables (v1beta1 <-> v1beta2, path /convert);
 - certificates made with openssl: a CA and a serving certificate for 127.0.0.1 / localhost (an IP
   SAN), in a folder that is the webhook server's certDir and the metrics server's certificate
   folder (KUEUE_METRICS_CERT_DIR, see the overlay in build.sh); internal cert management is off;
-- a config.kueue.x-k8s.io/v1beta2 Configuration: `integrations.frameworks: [batch/job]`,
-  `manageJobsWithoutQueueName: false`, the webhook server on 127.0.0.1:<free port>, health and
-  metrics on free loopback ports, no leader election, VisibilityOnDemand off (it would start an
-  aggregated API server of its own);
+- a config.kueue.x-k8s.io/v1beta2 Configuration: `integrations.frameworks: [batch/job,
+  jobset.x-k8s.io/jobset]`, `manageJobsWithoutQueueName: false`, the webhook server on
+  127.0.0.1:<free port>, health and metrics on free loopback ports, no leader election,
+  VisibilityOnDemand off (it would start an aggregated API server of its own);
 - the Mutating/ValidatingWebhookConfigurations of config/components/webhook/manifests.yaml, with
   `clientConfig.service` rewritten to `url: https://127.0.0.1:<port><path>` and the CA bundle.
-  Only the webhooks for what Kueue manages here are installed: kueue.x-k8s.io objects and
-  batch/v1 Jobs. Those for the other integrations (Pods, Deployments, StatefulSets, JobSets, ...)
-  are left out, so that the Pods and Deployments of the other tests on the shared cluster do not
-  go through Kueue.
+  Only the webhooks for what Kueue manages here are installed: kueue.x-k8s.io objects, batch/v1
+  Jobs and jobset.x-k8s.io JobSets. Those for the other integrations (Pods, Deployments,
+  StatefulSets, ...) are left out, so that the Pods and Deployments of the other tests on the
+  shared cluster do not go through Kueue.
 Kueue talks to the apiserver with the admin kubeconfig. Ready means: its /readyz answers 200 (the
 webhook server is listening), a server-side dry-run create of a ResourceFlavor passes the webhook,
-and the garbage collector deletes an orphaned Workload (it watches a new CRD only after its next
-discovery resync, up to 30 s after the CRDs are installed; until then a deleted Job's Workload
-stays and holds its quota).
+a dry-run JobSet labelled for a queue comes back suspended (Kueue's JobSet webhook), and the
+garbage collector deletes an orphaned Workload (it watches a new CRD only after its next discovery
+resync, up to 30 s after the CRDs are installed; until then a deleted Job's Workload stays and
+holds its quota).
 
-Kueue then manages every Job labelled `kueue.x-k8s.io/queue-name` in the cluster, in every test
-after the first that uses the fixture; Jobs without the label are left alone. At the end of the
-session the webhook configurations are deleted (so Jobs can still be created once Kueue is gone)
-and Kueue gets SIGTERM, then SIGKILL; it is started with a parent-death signal, so a killed pytest
-leaves nothing behind.
+Kueue then manages every Job and JobSet labelled `kueue.x-k8s.io/queue-name` in the cluster, in
+every test after the first that uses the fixture: one Workload per Job, one per JobSet (a PodSet per
+replicated Job, counting all its Pods), admitted whole by unsuspending it. Jobs and JobSets without
+the label are left alone; a JobSet's own Jobs are its JobSet's. At the end of the session the webhook
+configurations are deleted (so Jobs and JobSets can still be created once Kueue is gone) and Kueue
+gets SIGTERM, then SIGKILL; it is started with a parent-death signal, so a killed pytest leaves
+nothing behind.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import copy
 import json
-import os
-import shutil
-import ssl
-import subprocess
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from support.cluster import (
-    ROOT,
-    Component,
-    KubeCluster,
-    _die_with_parent,
-    _get,
-    built_dir,
-    free_port,
-    pinned_version,
-)
-from support.processes import stop_process, wait_until
+from support.cluster import ROOT, KubeCluster, built_dir, pinned_version
+from support.jobset import JobSet, probe_jobset
+from support.processes import wait_until
+from support.webhook_controller import Launch, WebhookController, dry_run_check, point_webhook
 
 FIXTURES = ("kueue",)
 
 GO_MOD = ROOT / "tests" / "cluster" / "kueue" / "go.mod"
 START_TIMEOUT = 90.0
-# Webhooks kept from Kueue's manifests: those whose rules only name these API groups.
-MANAGED_GROUPS = {"kueue.x-k8s.io", "batch"}
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+JOB_FRAMEWORK, JOBSET_FRAMEWORK = "batch/job", "jobset.x-k8s.io/jobset"
+# The API group of what each integration manages: its webhooks are those whose rules only name the
+# groups of the enabled integrations (and kueue.x-k8s.io's own).
+FRAMEWORK_GROUPS = {JOB_FRAMEWORK: "batch", JOBSET_FRAMEWORK: "jobset.x-k8s.io"}
 WEBHOOK_CONFIGURATIONS = {"MutatingWebhookConfiguration": "kueue-mutating-webhook-configuration",
                           "ValidatingWebhookConfiguration": "kueue-validating-webhook-configuration"}
 
@@ -86,26 +81,14 @@ def kueue_dir() -> Path:
 
 
 @dataclass
-class Kueue:
-    cluster: KubeCluster
-    version: str
-    webhook_url: str            # https://127.0.0.1:<port>
-    health_url: str             # http://127.0.0.1:<port>
-    metrics_url: str            # https://127.0.0.1:<port>/metrics (authenticated)
-    ca_file: Path               # verifies the webhook and metrics servers
-    workdir: Path
-    component: Component
-    startup_seconds: float = 0.0
-    timings: dict = field(default_factory=dict)   # seconds per start-up step
-
-    def logs(self, lines: int = 60) -> str:
-        return self.component.tail(lines)
+class Kueue(WebhookController):
+    frameworks: tuple[str, ...] = (JOB_FRAMEWORK,)
 
     def workloads(self, namespace: str) -> list[dict]:
         return self.cluster.get_json("workloads.v1beta2.kueue.x-k8s.io", "-n", namespace)["items"]
 
     def workload_for(self, namespace: str, job_uid: str) -> dict | None:
-        """The Workload Kueue made for the Job with this uid (its controller ownerReference)."""
+        """The Workload Kueue made for the Job (or JobSet) with this uid (its controller ownerReference)."""
         for workload in self.workloads(namespace):
             if any(ref.get("uid") == job_uid for ref in workload["metadata"].get("ownerReferences", [])):
                 return workload
@@ -137,72 +120,23 @@ class Kueue:
             self.cluster.kubectl("delete", "clusterqueue", cluster_queue, "--wait=false", check=False)
             self.cluster.kubectl("delete", "resourceflavor", flavor, "--wait=false", check=False)
 
-    def stop(self) -> None:
-        for kind, name in WEBHOOK_CONFIGURATIONS.items():
-            self.cluster.kubectl("delete", kind, name, "--ignore-not-found", "--wait=false", check=False)
-        stop_process(self.component.process, timeout=10)
-
 
 def condition(obj: dict, kind: str) -> dict | None:
     return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == kind), None)
 
 
-def make_certs(pki: Path) -> Path:
-    """A CA (ca.crt) and a serving certificate signed by it for 127.0.0.1 and localhost (tls.crt,
-    tls.key: the file names controller-runtime's webhook server reads from its certDir)."""
-    pki.mkdir(parents=True, exist_ok=True)
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=pki)
-
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-            "-subj", "/CN=mot-test-kueue-ca", "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    openssl("req", *ec, "-keyout", "tls.key", "-out", "tls.csr", "-subj", "/CN=127.0.0.1")
-    (pki / "serving.ext").write_text(
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-        "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    openssl("x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", "tls.crt", "-days", "2", "-extfile", "serving.ext")
-    return pki / "ca.crt"
-
-
-def crd_manifests(source: Path, webhook_url: str, ca_bundle: str) -> list[dict]:
-    """Kueue's CRDs as its config/components/crd/kustomization.yaml builds them: the resources it
-    lists, with the conversion-webhook patches it enables pointed at `webhook_url`."""
-    kustomization = yaml.safe_load((source / "kustomization.yaml").read_text())
-    crds = {}
-    for resource in kustomization["resources"]:
-        crd = yaml.safe_load((source / resource).read_text())
-        crds[crd["metadata"]["name"]] = crd
-    for patch in kustomization.get("patches", []):
-        spec = yaml.safe_load((source / patch["path"]).read_text())
-        conversion = copy.deepcopy(spec["spec"]["conversion"])
-        client = conversion["webhook"]["clientConfig"]
-        client["url"] = webhook_url + client.pop("service")["path"]
-        client["caBundle"] = ca_bundle
-        crds[spec["metadata"]["name"]]["spec"]["conversion"] = conversion
-    return list(crds.values())
-
-
-def webhook_manifests(source: Path, webhook_url: str, ca_bundle: str) -> list[dict]:
+def webhook_manifests(source: Path, webhook_url: str, ca_bundle: str, frameworks: tuple[str, ...]) -> list[dict]:
     """Kueue's webhook configurations (named as its kustomize install names them), keeping the
-    webhooks for MANAGED_GROUPS, each pointed at `webhook_url` + its service path."""
+    webhooks for kueue.x-k8s.io and the enabled `frameworks`, each pointed at `webhook_url` + its
+    service path."""
+    managed = {"kueue.x-k8s.io", *(FRAMEWORK_GROUPS[name] for name in frameworks)}
     configurations = []
     for document in yaml.safe_load_all(source.read_text()):
         if not document:
             continue
         document["metadata"]["name"] = WEBHOOK_CONFIGURATIONS[document["kind"]]
-        kept = []
-        for webhook in document["webhooks"]:
-            groups = {group for rule in webhook["rules"] for group in rule["apiGroups"]}
-            if not groups <= MANAGED_GROUPS:
-                continue
-            path = webhook["clientConfig"]["service"]["path"]
-            webhook["clientConfig"] = {"url": webhook_url + path, "caBundle": ca_bundle}
-            kept.append(webhook)
-        document["webhooks"] = kept
+        document["webhooks"] = [point_webhook(webhook, webhook_url, ca_bundle) for webhook in document["webhooks"]
+                                if {group for rule in webhook["rules"] for group in rule["apiGroups"]} <= managed]
         configurations.append(document)
     return configurations
 
@@ -234,40 +168,24 @@ def orphan_collected(cluster: KubeCluster) -> tuple[bool, str]:
 
 
 def start_kueue(cluster: KubeCluster, workdir: Path, source: Path | None = None,
-                timeout: float = START_TIMEOUT) -> Kueue:
+                frameworks: tuple[str, ...] = (JOB_FRAMEWORK,), timeout: float = START_TIMEOUT) -> Kueue:
     """Install Kueue's CRDs and webhooks into `cluster`, start its controller-manager under `workdir`
-    and wait until it admits through its webhook; on failure stop it and raise with its log."""
+    managing `frameworks` (JOBSET_FRAMEWORK needs JobSet's CRD installed first) and wait until it
+    admits through its webhooks; on failure stop it and raise with its log."""
     source = source or kueue_dir()
-    missing = [name for name in ("kueue", "crd/kustomization.yaml", "webhooks.yaml") if not (source / name).exists()]
-    if missing:
-        pytest.fail(f"Kueue missing in {source}: {', '.join(missing)}; build it with `make cluster-bins` "
-                    "(tests/cluster/kueue/build.sh, ~3.5 min cold)")
-    if not shutil.which("openssl"):
-        pytest.fail("no openssl on PATH (Kueue's webhook certificates are made with it)")
-
-    started = time.monotonic()
-    timings = {}
-
-    def step(name: str) -> None:
-        timings[name] = round(time.monotonic() - started - sum(timings.values()), 2)
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    certs = workdir / "certs"
-    ca_file = make_certs(certs)
-    ca_bundle = base64.b64encode(ca_file.read_bytes()).decode()
-    webhook_port, health_port, metrics_port = (free_port() for _ in range(3))
-    webhook_url = f"https://127.0.0.1:{webhook_port}"
-
+    launch = Launch("kueue", cluster, workdir, timeout, source=source,
+                    required=("kueue", "crd/kustomization.yaml", "webhooks.yaml"),
+                    what="Kueue", build_hint="tests/cluster/kueue/build.sh, ~3.5 min cold")
     config = {
         "apiVersion": "config.kueue.x-k8s.io/v1beta2", "kind": "Configuration",
         "namespace": "kueue-system",
         "manageJobsWithoutQueueName": False,
-        "integrations": {"frameworks": ["batch/job"]},
+        "integrations": {"frameworks": list(frameworks)},
         "internalCertManagement": {"enable": False},
         "leaderElection": {"leaderElect": False},
-        "webhook": {"host": "127.0.0.1", "port": webhook_port, "certDir": str(certs)},
-        "health": {"healthProbeBindAddress": f"127.0.0.1:{health_port}"},
-        "metrics": {"bindAddress": f"127.0.0.1:{metrics_port}"},
+        "webhook": {"host": "127.0.0.1", "port": launch.webhook_port, "certDir": str(launch.certs)},
+        "health": {"healthProbeBindAddress": f"127.0.0.1:{launch.health_port}"},
+        "metrics": {"bindAddress": f"127.0.0.1:{launch.metrics_port}"},
         "clientConnection": {"qps": 100, "burst": 200},
         "featureGates": {"VisibilityOnDemand": False},
     }
@@ -275,74 +193,39 @@ def start_kueue(cluster: KubeCluster, workdir: Path, source: Path | None = None,
     config_file.write_text(yaml.safe_dump(config))
 
     cluster.kubectl("create", "namespace", "kueue-system", check=False)   # its own namespace (MultiKueue)
-    crds = crd_manifests(source / "crd", webhook_url, ca_bundle)
-    # Server-side apply: the Workload CRD is too large for client-side apply's last-applied annotation.
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=mot-test-kueue", "-f", "-",
-                    input=json.dumps({"apiVersion": "v1", "kind": "List", "items": crds}), timeout=120)
-    for crd in crds:
-        cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd['metadata']['name']}", "--timeout=60s")
+    launch.install_crds(source / "crd")
     orphan_workload(cluster)   # checked last: the garbage collector takes its time while Kueue starts
-    step("certs, CRDs")
+    launch.step("certs, CRDs")
 
-    log = workdir / "kueue.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [str(source / "kueue"), f"--config={config_file}"], stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, cwd=workdir, preexec_fn=_die_with_parent,
-            env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "KUEUE_METRICS_CERT_DIR": str(certs),
-                 "GOMAXPROCS": os.environ.get("MOT_KUBE_GOMAXPROCS", "2")})
-    kueue = Kueue(cluster=cluster, version=kueue_version(), webhook_url=webhook_url,
-                  health_url=f"http://127.0.0.1:{health_port}", metrics_url=f"https://127.0.0.1:{metrics_port}/metrics",
-                  ca_file=ca_file, workdir=workdir, component=Component("kueue", process, log), timings=timings)
-
-    deadline = time.monotonic() + timeout
-
-    def wait(what: str, check) -> None:
-        last = None
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"kueue exited with {process.returncode} while waiting for {what}")
-            ok, last = check()
-            if ok:
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
-
-    try:
-        cluster.kubectl("apply", "-f", "-", input=json.dumps(
-            {"apiVersion": "v1", "kind": "List", "items": webhook_manifests(source / "webhooks.yaml", webhook_url, ca_bundle)}))
-        wait("kueue /readyz", lambda: (lambda r: (r[0] == 200, r))(_get(f"{kueue.health_url}/readyz")))
-        step("kueue ready")
-        verify = ssl.create_default_context(cafile=str(ca_file))
-        wait("kueue's webhook server with its certificate", lambda: (lambda r: (r[0] != 0, r))(
-            _get(f"{webhook_url}/healthz", verify)))
-
-        flavor = json.dumps({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor",
-                             "metadata": {"name": "mot-test-kueue-probe"}})
-
-        def dry_run():
-            result = cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=flavor, check=False)
-            return result.returncode == 0, (result.stderr or result.stdout)[-500:]
-        wait("a dry-run ResourceFlavor through Kueue's webhook", dry_run)
-        step("webhook admits")
-        wait("the garbage collector to delete an orphaned Workload", lambda: orphan_collected(cluster))
-        step("garbage collector")
-    except BaseException as error:
-        logs = kueue.logs()
-        kueue.stop()
-        if isinstance(error, (RuntimeError, TimeoutError, AssertionError)):
-            raise RuntimeError(f"Kueue did not start: {error}\n{logs}") from error
-        raise
+    component = launch.start([str(source / "kueue"), f"--config={config_file}"],
+                             env={"KUEUE_METRICS_CERT_DIR": str(launch.certs)})
+    kueue = Kueue(version=kueue_version(), component=component, webhook_configurations=dict(WEBHOOK_CONFIGURATIONS),
+                  frameworks=tuple(frameworks), **launch.endpoints())
+    with launch.stopping_on_failure(kueue):
+        launch.install_webhooks(webhook_manifests(source / "webhooks.yaml", launch.webhook_url, launch.ca_bundle,
+                                                  frameworks))
+        launch.wait_serving()
+        flavor = {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor",
+                  "metadata": {"name": "mot-test-kueue-probe"}}
+        launch.wait("a dry-run ResourceFlavor through Kueue's webhook", dry_run_check(cluster, flavor))
+        if JOBSET_FRAMEWORK in frameworks:
+            # Kueue's JobSet webhook suspends a JobSet created for a queue (its integration is up).
+            queued = probe_jobset("mot-test-kueue-probe")
+            queued["metadata"]["labels"] = {QUEUE_LABEL: "mot-test-kueue-probe"}
+            launch.wait("a dry-run queued JobSet suspended by Kueue's webhook", dry_run_check(
+                cluster, queued, lambda stored: (stored["spec"].get("suspend") is True, stored["spec"].get("suspend"))))
+        launch.step("webhook admits")
+        launch.wait("the garbage collector to delete an orphaned Workload", lambda: orphan_collected(cluster))
+        launch.step("garbage collector")
     return kueue
 
 
 @pytest.fixture(scope="session")
-def kueue(kube_cluster, tmp_path_factory):
-    """A real Kueue controller-manager with its CRDs and webhooks on the session's control plane;
-    see the module docstring."""
-    started = time.monotonic()
-    controller = start_kueue(kube_cluster, tmp_path_factory.mktemp("kueue"))
-    controller.startup_seconds = time.monotonic() - started
+def kueue(kube_cluster, jobset: JobSet, tmp_path_factory):
+    """A real Kueue controller-manager with its CRDs and webhooks on the session's control plane,
+    managing Jobs and JobSets (JobSet's controller started first); see the module docstring."""
+    controller = start_kueue(kube_cluster, tmp_path_factory.mktemp("kueue"),
+                             frameworks=(JOB_FRAMEWORK, JOBSET_FRAMEWORK))
     try:
         yield controller
     finally:

@@ -13,6 +13,7 @@ it makes. One `mot_e2e` stack is shared by the session; each test works in its o
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -174,6 +175,23 @@ class MoTE2E:
         }
         body.update(spec)
         return {"apiVersion": "mot.dev/v1alpha1", "kind": "MoTRun", "metadata": {"name": name}, "spec": body}
+
+    @contextlib.contextmanager
+    def operator_with_jobset(self):
+        """The shared operator restarted with `--jobset` and the chart's RBAC with jobset.enabled (a
+        JobSet controller must run: fixture `jobset`), restored afterwards."""
+        operator = self.operator
+        operator.stop()
+        try:
+            install_operator_access(self.cluster, {"jobset": {"enabled": True}})
+            operator.extra_args.append("--jobset")
+            operator.start()
+            yield operator
+        finally:
+            operator.stop()
+            if "--jobset" in operator.extra_args:
+                operator.extra_args.remove("--jobset")
+            operator.start()
 
     def evict(self, namespace: str, pod: str) -> None:
         """Evict a Pod through the Eviction API (as `kubectl drain` does): the API server marks it

@@ -18,8 +18,6 @@ import json
 import time
 
 import pytest
-from support.mot_e2e import install_operator_access
-from support.node import LocalNode, pod_dns_problem
 from support.processes import wait_until
 
 from mot_trainer.tiny import arithmetic_records
@@ -33,39 +31,16 @@ STEPS = 40
 RANK_CPU = "9"
 
 
-@pytest.fixture(scope="module")
-def second_node(kube_cluster, kube_node, tmp_path_factory):
-    """A second test kubelet (`mot-node-2`) beside the session's: two nodes, one rank each."""
-    problem = pod_dns_problem()
-    if problem:
-        pytest.skip(f"the test kubelet cannot give Pods DNS names here ({problem}): a multi-node branch "
-                    "cannot find its rank 0")
-    node = LocalNode(kube_cluster, tmp_path_factory.mktemp("mot-node-2"), name="mot-node-2").start()
-    try:
-        yield node
-    finally:
-        node.stop()
-
-
 @pytest.fixture(scope="module", params=["job", "jobset"])
 def backend(request, mot_e2e, second_node):
-    """What runs the branch. For "jobset" the shared operator is restarted with `--jobset` (and the
-    chart's RBAC with jobset.enabled) against a running JobSet controller, and restored afterwards."""
+    """What runs the branch. For "jobset" the shared operator runs with `--jobset` against a running
+    JobSet controller."""
     if request.param == "job":
         yield "job"
         return
-    jobset = request.getfixturevalue("jobset")
-    operator = mot_e2e.operator
-    operator.stop()
-    install_operator_access(jobset.cluster, {"jobset": {"enabled": True}})
-    operator.extra_args.append("--jobset")
-    operator.start()
-    try:
+    request.getfixturevalue("jobset")
+    with mot_e2e.operator_with_jobset():
         yield "jobset"
-    finally:
-        operator.stop()
-        operator.extra_args.remove("--jobset")
-        operator.start()
 
 
 def dataset(mot_e2e, seed: int) -> str:
