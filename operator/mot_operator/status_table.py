@@ -98,7 +98,13 @@ def _loss(entry: dict | None) -> str:
 
 
 def _attempt(entry: dict | None) -> str:
-    return str(entry["attempt"]) if entry and entry.get("attempt") is not None else "-"
+    """The attempt, and what a multi-node branch went through without it counting: attempts ended by
+    a disruption (plain Jobs), whole-group restarts of its JobSet."""
+    if not entry or entry.get("attempt") is None:
+        return "-"
+    notes = [f"{n} {word}" for n, word in ((entry.get("disruptedAttempts"), "disrupted"),
+                                           (entry.get("restarts"), "restarted")) if n]
+    return f"{entry['attempt']} ({', '.join(notes)})" if notes else str(entry["attempt"])
 
 
 def teacher_names(spec: dict | None) -> list[str]:

@@ -200,3 +200,14 @@ def test_the_model_select_best_chose_is_marked_final():
     assert f"final:     {ROOT}/round-1/merged" in text.splitlines()
     status["selected"]["round"] = 0
     assert ("0", "student (final)") in table_rows(render(status, SPEC, now=NOW))
+
+
+def test_a_gangs_uncounted_attempts_and_restarts_show_beside_its_attempt():
+    """A multi-node branch's attempts ended by a disruption (plain Jobs) and its JobSet's whole-group
+    restarts count against nothing; the ATTEMPT column says they happened."""
+    rec = done_round(1)
+    rec["branches"]["a"].update(attempt=3, disruptedAttempts=2)
+    rec["branches"]["qwq"].update(attempt=1, restarts=1)
+    got = table_rows(render({"phase": "Running", "round": 1, "rounds": [rec]}, SPEC, now=NOW))
+    assert got[("1", "branch a")][3] == "3 (2 disrupted)"
+    assert got[("1", "branch qwq")][3] == "1 (1 restarted)"
