@@ -54,6 +54,9 @@ STAGE_PENDING_SINCE = Gauge("mot_stage_pending_since_timestamp_seconds",
 STAGE_DISRUPTIONS = Counter("mot_stage_disruptions_total",
                             "Pods ended by a disruption (preemption, eviction), by stage and reason; "
                             "not failed attempts.", ["stage", "reason"], registry=REGISTRY)
+STAGE_RESTARTS = Counter("mot_stage_restarts_total",
+                         "Whole-group restarts of multi-node stages after a disruption (a JobSet's restart, "
+                         "or a new attempt of a plain Job); not failed attempts.", ["stage"], registry=REGISTRY)
 RECONCILE_ERRORS = Counter("mot_reconcile_errors_total", "Reconciliations that raised an error.",
                            registry=REGISTRY)
 
@@ -69,6 +72,7 @@ ACTIVE_STATES = frozenset({"Pending", "Running", "Suspended", "Retrying"})
 for _phase in PHASES:  # every phase is present, at 0, from the start
     RUNS.labels(phase=_phase).set(0)
 for _stage in contract.STAGES:  # from 0, so increase() sees a stage's first disruption too
+    STAGE_RESTARTS.labels(stage=_stage)
     for _reason in DISRUPTION_REASONS:
         STAGE_DISRUPTIONS.labels(stage=_stage, reason=_reason)
 
@@ -102,6 +106,9 @@ def record_plan(plan: Plan) -> None:
         retried = contract.stage_of_reason(event.reason, "Retried")
         if retried:
             JOB_RETRIES.labels(stage=retried).inc()
+        restarted = contract.stage_of_reason(event.reason, "Restarted")
+        if restarted:
+            STAGE_RESTARTS.labels(stage=restarted).inc()
 
 
 IDLE_PHASES = frozenset({"Succeeded", "Failed", "Suspended"})

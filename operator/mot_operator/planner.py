@@ -364,9 +364,15 @@ class _Planner:
                 container[key] = self.start(rec, stage, teacher, attempt=previous + 1)
                 if disrupted:  # the gang's history goes on: what ended its earlier attempts
                     container[key].update(disruptedAttempts=disrupted, disruptions=entry.get("disruptions", []))
-                self.event(contract.event_reason(stage, "Retried"),
-                           f"{self.describe(stage, teacher, round_)}: attempt {previous + 1} of "
-                           f"{self.spec.max_retries + 1 + disrupted} started ({container[key]['job']})")
+                what = self.describe(stage, teacher, round_)
+                if entry.get("failureReason") == "Disrupted":  # a whole-group restart, not a retry
+                    self.event(contract.event_reason(stage, "Restarted"),
+                               f"{what}: attempt {previous + 1} started ({container[key]['job']}) after a "
+                               f"disruption ended attempt {previous} (not counted as a failed attempt)")
+                else:
+                    self.event(contract.event_reason(stage, "Retried"),
+                               f"{what}: attempt {previous + 1} of {self.spec.max_retries + 1 + disrupted} "
+                               f"started ({container[key]['job']})")
             return "waiting"
         job = self.jobs.get(entry["job"])
         if job is None:

@@ -434,8 +434,9 @@ def test_a_disrupted_attempt_starts_again_once_its_pods_are_gone_without_countin
     assert [(r.name, r.kind, r.attempt) for r in result.create] == [("demo-r1-sft-a-a2", "Job", 2)]
     entry = gang.branch()
     assert entry["attempt"] == 2 and entry["disruptedAttempts"] == 1 and "waiting" not in entry
-    (retried,) = gang.told("BranchRetried")
-    assert "attempt 2 of 2 started (demo-r1-sft-a-a2)" in retried.message
+    (restarted,) = gang.told("BranchRestarted")  # a whole-group restart, not a retry
+    assert "attempt 2 started (demo-r1-sft-a-a2) after a disruption ended attempt 1" in restarted.message
+    assert gang.told("BranchRetried") == []
 
     gang.jobs["demo-r1-sft-a-a2"].state = "Succeeded"
     assert [r.stage for r in gang.step().create] == ["merge"]
@@ -447,7 +448,7 @@ def test_a_disrupted_attempt_whose_pods_are_gone_starts_the_next_in_the_same_pas
     gang.disrupt(JOB, pods_left=0)
     result = gang.step()
     assert [r.name for r in result.create] == ["demo-r1-sft-a-a2"]
-    assert [e.reason for e in result.events] == ["BranchDisrupted", "BranchRetried"]
+    assert [e.reason for e in result.events] == ["BranchDisrupted", "BranchRestarted"]
 
 
 def test_a_failure_after_a_disruption_is_counted():

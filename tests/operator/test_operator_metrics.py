@@ -21,6 +21,7 @@ CONTRACT = {
     "mot_reconcile_errors": "counter", "mot_branch_progress_ratio": "gauge", "mot_branch_tokens_per_second": "gauge",
     "mot_run_progress_ratio": "gauge", "mot_run_eta_seconds": "gauge",
     "mot_stage_pending_since_timestamp_seconds": "gauge", "mot_stage_disruptions": "counter",
+    "mot_stage_restarts": "counter",
 }
 
 
@@ -295,3 +296,12 @@ def test_disruptions_are_counted_once_per_pod_from_status_transitions():
     shifted = status([disruption(f"a-{i}") for i in range(1, 11)], eval_pods=[disruption("e-0")])
     metrics.record_transitions(full, shifted)
     assert counts() == (preempted + 10, evicted + 1, eval_preempted + 1)
+
+
+def test_whole_group_restarts_are_counted_apart_from_retries():
+    """A gang's restart after a disruption (BranchRestarted) is not a retry of a failed Job."""
+    restarts, retries = value("mot_stage_restarts_total", stage="sft"), value("mot_job_retries_total", stage="sft")
+    assert restarts is not None  # every stage starts at 0
+    metrics.record_plan(Plan(status={}, events=[Event("Normal", "BranchRestarted", "attempt 2 started")]))
+    assert value("mot_stage_restarts_total", stage="sft") == restarts + 1
+    assert value("mot_job_retries_total", stage="sft") == retries
