@@ -57,7 +57,7 @@ OTHER_KERNELS := $(if $(filter avx2,$(CPU_FLAGS)),default) $(if $(filter avx512f
 
 test: test-deps
 	$(BIN)/ruff check operator trainer tests bench
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -p no:cacheprovider --durations=25 $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-kernels
 
 test-kernels: test-deps

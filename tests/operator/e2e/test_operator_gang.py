@@ -10,6 +10,12 @@ controller (tests/support/jobset.py).
 - A rank evicted mid-training (the Eviction API: DisruptionTarget) is not counted: with maxRetries 0
   the run still succeeds. A plain Job's attempt ends and the next attempt starts; a JobSet restarts
   all its Pods in place (status.restarts), the same attempt.
+- Queued in a real Kueue (JobSet backend; tests/support/kueue.py manages JobSets beside the JobSet
+  controller) with quota for one 2-Pod gang, a run of two teachers: Kueue admits each branch's JobSet
+  whole (one Workload whose PodSet counts both Pods); the second waits suspended (WaitingForAdmission)
+  with no Pod while the first runs and is admitted once it has finished; the run succeeds. (Two gangs
+  must not run at once here anyway: their rank-0 rendezvous stores both bind port 29500 in the test
+  kubelet's shared network namespace.)
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import time
 
 import pytest
+from support.jobset import API_VERSION, JOBSET_NAME_LABEL
 from support.processes import wait_until
 
 from mot_trainer.tiny import arithmetic_records
@@ -29,6 +36,8 @@ INDEX = "batch.kubernetes.io/job-completion-index"
 STEPS = 40
 # Each rank asks for more than half a test node's 16 CPUs: one rank per node.
 RANK_CPU = "9"
+QUEUED_STEPS = 10
+TEACHERS = ("a", "b")
 
 
 @pytest.fixture(scope="module", params=["job", "jobset"])
@@ -163,3 +172,97 @@ def test_an_evicted_rank_restarts_the_gang_without_counting_it(mot_e2e, backend)
     else:  # the operator started attempt 2 once attempt 1's Pods were gone, not counted
         assert (entry["attempt"], entry.get("disruptedAttempts")) == (2, 1)
     assert not live(branch_pods(mot_e2e, ns)), "no Pod left running"
+
+
+def finished(jobset: dict) -> bool:
+    return any(c["type"] in ("Completed", "Failed") and c["status"] == "True"
+               for c in (jobset.get("status") or {}).get("conditions") or [])
+
+
+def watch_gangs(kueue, mot_e2e, ns: str, run: str, timeout: float) -> dict[str, dict]:
+    """Poll until the run ends; per branch JobSet (by teacher): when (monotonic) it was first seen,
+    admitted (unsuspended), had a Pod, finished; its Workload's PodSet counts when admitted; the
+    branch's `waiting` while suspended; and the violations seen (a Pod of a suspended JobSet, Pods
+    of both gangs alive at once)."""
+    gangs: dict[str, dict] = {}
+    violations: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        # Pods first: a Pod read before its JobSet is seen suspended existed while it was suspended
+        # (an admitted JobSet is not suspended again here: nothing preempts it).
+        pods = [p for p in mot_e2e.pods(ns) if JOBSET_NAME_LABEL in p["metadata"].get("labels", {})]
+        jobsets = mot_e2e.api_get(f"/apis/{API_VERSION}/namespaces/{ns}/jobsets")["items"]
+        status = mot_e2e.get(ns, run).get("status") or {}
+        branches = ((status.get("rounds") or [{}])[0].get("branches")) or {}
+        now = time.monotonic()
+        branch_jobsets = [j for j in jobsets if j["metadata"]["labels"].get("mot.dev/stage") == "sft"]
+        own = {j["metadata"]["name"]: [p for p in pods if p["metadata"]["labels"][JOBSET_NAME_LABEL]
+                                       == j["metadata"]["name"]] for j in branch_jobsets}
+        alive = {name: [p for p in found if p["status"].get("phase") not in ("Succeeded", "Failed")]
+                 for name, found in own.items()}
+        for jobset in branch_jobsets:
+            name, teacher = jobset["metadata"]["name"], jobset["metadata"]["labels"]["mot.dev/teacher"]
+            gang = gangs.setdefault(teacher, {"jobset": name, "created": now, "waiting": None,
+                                              "waited_while_other_ran": False})
+            if jobset["spec"].get("suspend"):
+                if own[name]:
+                    violations.append(f"{name} suspended with Pods {[p['metadata']['name'] for p in own[name]]}")
+                waiting = (branches.get(teacher) or {}).get("waiting")
+                if waiting and waiting.get("reason") == "WaitingForAdmission":
+                    gang["waiting"] = waiting
+                    if any(running for other, running in alive.items() if other != name):
+                        gang["waited_while_other_ran"] = True
+                continue
+            if "admitted" not in gang:
+                gang["admitted"] = now
+                workload = kueue.workload_for(ns, jobset["metadata"]["uid"]) or {}
+                gang["podsets"] = [p["count"] for p in (workload.get("spec") or {}).get("podSets") or []]
+                gang["workload"] = workload.get("metadata", {}).get("name")
+            if own[name] and "first_pod" not in gang:
+                gang["first_pod"] = now
+            if finished(jobset) and "finished" not in gang:
+                gang["finished"] = now
+        if sum(1 for running in alive.values() if running) > 1:
+            violations.append(f"Pods of several gangs alive at once: {sorted(t for t, r in alive.items() if r)}")
+        if status.get("phase") in ("Succeeded", "Failed"):
+            return {"gangs": gangs, "violations": violations, "phase": status.get("phase"),
+                    "message": status.get("message")}
+        time.sleep(0.3)
+    raise AssertionError(f"MoTRun {ns}/{run} did not end within {timeout:.0f}s; seen {gangs}; "
+                         f"operator log:\n{mot_e2e.operator.log_tail()}\nKueue:\n{kueue.logs()}")
+
+
+def test_kueue_admits_each_branch_jobset_whole_one_gang_at_a_time(backend, kueue, mot_e2e):
+    if backend != "jobset":
+        pytest.skip("Kueue admits a JobSet whole; a plain Job's gang is one Job anyway")
+    ns = mot_e2e.namespace()
+    records = arithmetic_records(32, seed=41, style="steps")
+    data = mot_e2e.upload_text("data/kueue-jobset.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    manifest = mot_e2e.motrun("gangs", dict.fromkeys(TEACHERS, data), steps=QUEUED_STEPS, queueName="gpus",
+                              preflight={"enabled": False},
+                              resources={"branch": {"nodes": 2, "gpus": 1, "cpu": RANK_CPU, "backend": "jobset"}})
+    with kueue.gpu_queue(ns, gpus=2):   # one 2-Pod gang of 1 GPU each at a time
+        started = time.monotonic()
+        mot_e2e.apply(ns, manifest)
+        seen = watch_gangs(kueue, mot_e2e, ns, "gangs", timeout=480)
+    gangs = seen["gangs"]
+    first, second = sorted(gangs, key=lambda t: gangs[t].get("admitted", float("inf")))
+    for teacher in (first, second):
+        gang = gangs[teacher]
+        print(f"\nbranch {teacher}: JobSet {gang['jobset']} Workload {gang.get('workload')} podSets "
+              f"{gang.get('podsets')}; created +{gang['created'] - started:.1f}s, admitted "
+              f"+{gang.get('admitted', float('nan')) - started:.1f}s, first Pod "
+              f"+{gang.get('first_pod', float('nan')) - started:.1f}s, finished "
+              f"+{gang.get('finished', float('nan')) - started:.1f}s; waiting {gang['waiting']}")
+    gap = gangs[second]["admitted"] - gangs[first]["finished"]
+    print(f"{gangs[second]['jobset']} admitted {gap:.1f}s after {gangs[first]['jobset']} finished; "
+          f"run {seen['phase']} +{time.monotonic() - started:.1f}s")
+
+    assert seen["phase"] == "Succeeded", seen["message"]
+    assert not seen["violations"], seen["violations"]
+    for teacher in TEACHERS:   # one Workload for the JobSet, its PodSet counting both Pods
+        assert gangs[teacher].get("podsets") == [2], gangs[teacher]
+    waited = gangs[second]
+    assert waited["waiting"] and waited.get("waited_while_other_ran"), waited
+    assert waited["waiting"]["message"].startswith("LocalQueue 'gpus'"), waited["waiting"]
+    assert gap >= 0, "the second gang was admitted before the first finished"
