@@ -29,7 +29,7 @@ REQUIRED_PANELS = {
     r"tokens/s per branch": "mot_branch_tokens_per_second",
     r"run progress and eta": ("mot_run_progress_ratio", "mot_run_eta_seconds"),
     r"stuck stages by reason": "mot_stage_pending_since_timestamp_seconds",
-    r"disruptions": "mot_stage_disruptions_total",
+    r"disruptions and gang restarts": ("mot_stage_disruptions_total", "mot_stage_restarts_total"),
 }
 
 # Grafana's variables, replaced by something PromQL accepts for the syntax check.
