@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -204,6 +205,14 @@ def watch_run(api, namespace: str, name: str, output: str, run: dict) -> None:
                 _write(separator + render(run, output))
 
 
+def _stop_streaming(_signum, _frame) -> None:
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        pass
+    os._exit(0)
+
+
 def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -392,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     from urllib3.exceptions import HTTPError
 
     streaming = getattr(args, "watch", False) or getattr(args, "follow", False)
+    if streaming:
+        # Ctrl-C ends a watch or a follow at once, as kubectl's: what was printed is flushed (_write),
+        # and nothing waits on the open watch connection (a KeyboardInterrupt raised inside the
+        # client's read once left the process hanging).
+        signal.signal(signal.SIGINT, _stop_streaming)
     try:
         api, namespace = connect(args)
         with api:
