@@ -116,10 +116,10 @@ async def observed_jobs(namespace: str, run_name: str, job_index, pod_index, sta
     disrupted = state.disrupted.get((namespace, run_label), {})
     progress = state.progress.setdefault((namespace, run_name), {})
     found = []
-    for job in jobsets + jobs:
+    for kind, job in [("JobSet", js) for js in jobsets] + [("Job", j) for j in jobs]:
         name = job["metadata"]["name"]
         pods = pods_by_job.get(name, [])
-        if job in jobsets:
+        if kind == "JobSet":
             obs = observe_jobset(job, pods)
         else:
             if job_finished(job) and not any(podstate.termination(p) for p in pods) and \
