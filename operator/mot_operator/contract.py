@@ -186,6 +186,8 @@ def preflight_args(spec: MoTRunSpec, run_root: str, out: str, *, gpu_memory: int
                  "--precision", training.precision]
         if training.gradient_checkpointing:
             args.append("--gradient-checkpointing")
+        if training.packing:
+            args.append("--packing")
     return args
 
 

@@ -34,6 +34,12 @@ the operator launches it (jobs.launcher: one process per GPU, P = gpus x nodes):
   their fp32 copy and the bf16 gradient cast (C x V x (a + 4 + a) bytes), the fp32 lm_head gradient
   accumulator (V x H x 4) and the matmul result added into it (as much again), and the gradient of
   the hidden states (T x H x a).
+- packed rows (spec.training.packing): the trainer passes per-document position ids and transformers
+  turns them into a block-diagonal S x S mask for SDPA. Each layer then saves a float copy of it in
+  the compute dtype (a S^2 bytes per row) and k, v repeated to every query head (2 (q - kv) a bytes
+  per token): measured against autograd's saved tensors on CPU (tests/local/test_local_estimate.py),
+  not yet on a GPU, whose SDPA kernels may save less. L layers hold them without checkpointing, the
+  one recomputed layer with it; plus the boolean mask itself (S^2 bytes per row).
 
 Not modelled, hence the margin: the CUDA context and cuBLAS/NCCL workspaces (MARGIN_FIXED_BYTES) and
 the caching allocator's fragmentation (MARGIN_FRACTION of the estimate).
@@ -194,6 +200,7 @@ class Estimate:
     tokens_per_forward: int
     gradient_checkpointing: bool
     terms: tuple[Term, ...]
+    packing: bool = False
 
     @property
     def total(self) -> int:
@@ -267,7 +274,7 @@ def activation_bytes_per_token(shape: ModelShape, index: int, a: int) -> int:
 
 
 def estimate(config: dict, *, gpus: int, nodes: int = 1, micro_batch_size: int = 1, max_seq_length: int = 4096,
-             gradient_checkpointing: bool = False, precision: str = "auto",
+             gradient_checkpointing: bool = False, precision: str = "auto", packing: bool = False,
              loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS) -> Estimate:
     """The per-process (per-GPU) memory of one SFT branch: gpus per node x nodes processes."""
     shape = ModelShape.from_config(config)
@@ -313,6 +320,12 @@ def estimate(config: dict, *, gpus: int, nodes: int = 1, micro_batch_size: int =
         formula = "L layers x T x per-token saved tensors (no checkpointing)"
     act += 2 * tokens * shape.hidden * r  # embedding output and final norm input
     terms.append(Term("activations", act, f"T = {tokens} tokens; " + formula))
+    if packing:
+        held = 1 if gradient_checkpointing else shape.layers
+        square = micro_batch_size * max_seq_length ** 2
+        per_layer_mask = square * a + tokens * 2 * (shape.q - shape.kv) * a
+        terms.append(Term("packed-rows mask", held * per_layer_mask + square,
+                          f"{held} layer(s) x (B x S^2 x {a} B float mask + repeated k, v) + B x S^2 bool mask"))
 
     chunk = min(loss_chunk_tokens, max(tokens - 1, 1)) if loss_chunk_tokens else tokens
     loss = chunk * shape.vocab * (a + 4 + a) + 2 * shape.vocab * shape.hidden * 4 + tokens * shape.hidden * a
@@ -322,6 +335,7 @@ def estimate(config: dict, *, gpus: int, nodes: int = 1, micro_batch_size: int =
         parameters=shape.parameters(), active_parameters=shape.active_parameters(),
         gpus_per_node=gpus, nodes=nodes, processes=processes, strategy=strategy, precision=compute,
         tokens_per_forward=tokens, gradient_checkpointing=gradient_checkpointing, terms=tuple(terms),
+        packing=packing,
     )
 
 
@@ -330,7 +344,7 @@ def estimate_spec(config: dict, spec) -> Estimate:
     t, branch = spec.training, spec.resources.branch
     return estimate(config, gpus=branch.gpus, nodes=branch.nodes, micro_batch_size=t.micro_batch_size,
                     max_seq_length=t.max_seq_length, gradient_checkpointing=t.gradient_checkpointing,
-                    precision=t.precision)
+                    precision=t.precision, packing=t.packing)
 
 
 def tokens_per_round(spec, processes: int) -> int:

@@ -102,9 +102,10 @@ SMALL_MOE = {**SMALL_QWEN3, "model_type": "qwen3_moe", "moe_intermediate_size": 
              "num_experts_per_tok": 4}
 
 
-def saved_activation_bytes(config: dict, tokens: int, dtype) -> int:
+def saved_activation_bytes(config: dict, tokens: int, dtype, packed: bool = False) -> int:
     """Bytes of the tensors autograd saves for the backward in a forward of the decoder (parameters
-    excluded), each storage once: what the activation term estimates without checkpointing."""
+    excluded), each storage once: what the activation term estimates without checkpointing. `packed`:
+    two documents in the row, told apart by position ids as the trainer's packed rows are."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -120,8 +121,12 @@ def saved_activation_bytes(config: dict, tokens: int, dtype) -> int:
             saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
         return t
 
+    extra = {}
+    if packed:
+        half = tokens // 2
+        extra["position_ids"] = torch.cat([torch.arange(half), torch.arange(tokens - half)]).unsqueeze(0)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.model(input_ids=torch.randint(0, config["vocab_size"], (1, tokens)), use_cache=False)
+        model.model(input_ids=torch.randint(0, config["vocab_size"], (1, tokens)), use_cache=False, **extra)
     return sum(saved.values())
 
 
@@ -134,6 +139,22 @@ def test_activation_term_matches_what_autograd_saves(config, dtype):
     predicted = estimate(config, gpus=gpus, max_seq_length=seq).term("activations")
     measured = saved_activation_bytes(config, seq, dtype)
     assert 0.95 <= measured / predicted <= 1.10, (measured, predicted)
+
+
+@pytest.mark.parametrize("config", [SMALL_QWEN3, SMALL_MOE], ids=["qwen3", "qwen3-moe"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_packed_rows_mask_term_matches_what_autograd_saves(config, dtype):
+    """Packed rows (position ids restarting per document) make every layer save an S x S float mask
+    and repeated k, v: the packed-rows term is what they add to the unpacked row's saved tensors,
+    within 10 % (the boolean mask is built once, held by the forward, not saved by autograd)."""
+    gpus, seq = (2 if dtype == torch.bfloat16 else 0), 512
+    est = estimate(config, gpus=gpus, max_seq_length=seq, packing=True)
+    added = saved_activation_bytes(config, seq, dtype, packed=True) - saved_activation_bytes(config, seq, dtype)
+    predicted = est.term("packed-rows mask") - seq * seq  # the boolean mask: alive, not saved
+    assert 0.90 <= added / predicted <= 1.10, (added, predicted)
+    assert estimate(config, gpus=gpus, max_seq_length=seq).total == est.total - est.term("packed-rows mask")
+    checkpointed = estimate(config, gpus=gpus, max_seq_length=seq, packing=True, gradient_checkpointing=True)
+    assert checkpointed.term("packed-rows mask") == predicted // config["num_hidden_layers"] + seq * seq
 
 
 # --- against the trainer's measurement ---------------------------------------------------------

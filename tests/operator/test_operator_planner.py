@@ -581,6 +581,9 @@ GIB = 1024 ** 3
     ({"gpus": 2, "nodes": 3}, {"microBatchSize": 2, "precision": "bf16", "gradientCheckpointing": True}, 80 * GIB,
      ["--gpu-memory", str(80 * GIB), "--gpus", "2", "--nodes", "3", "--micro-batch-size", "2",
       "--precision", "bf16", "--gradient-checkpointing"]),
+    ({"gpus": 8}, {"packing": True}, 80 * GIB,
+     ["--gpu-memory", str(80 * GIB), "--gpus", "8", "--nodes", "1", "--micro-batch-size", "1",
+      "--precision", "auto", "--packing"]),
     ({"gpus": 1}, {}, 24 * GIB, ["--gpu-memory", str(24 * GIB), "--gpus", "1", "--nodes", "1",
                                  "--micro-batch-size", "1", "--precision", "auto"]),
     ({"gpus": 1}, {}, None, []),  # the GPU memory unknown: nothing to check

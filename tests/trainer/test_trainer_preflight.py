@@ -203,6 +203,21 @@ def test_without_gpu_memory_nothing_is_estimated(tiny_model, tiny_data, tmp_path
     assert "memory" not in json.loads(out.read_text())
 
 
+def test_packing_is_estimated_as_sft_will_run_it(tiny_model, tiny_data, tmp_path):
+    """--packing (the operator passes spec.training.packing) adds the packed rows' S x S masks."""
+    from mot_operator.estimate import estimate
+
+    config = json.loads((tiny_model / "config.json").read_text())
+    needed = {}
+    for packing in (False, True):
+        out = tmp_path / f"summary-{packing}.json"
+        assert run_preflight(tiny_model, {"a": tiny_data}, "--gpu-memory", 80 * 1024 ** 3, *BRANCH,
+                             *(["--packing"] if packing else []), "--out", out) == 0
+        needed[packing] = json.loads(out.read_text())["memory"]["needed"]
+    est = estimate(config, gpus=1, micro_batch_size=4, max_seq_length=128, precision="bf16", packing=True)
+    assert needed[True] == est.total + est.margin > needed[False]
+
+
 def test_a_config_the_estimate_cannot_read_is_not_refused(tiny_model, tiny_data, tmp_path, caplog):
     from mot_trainer.preflight import MemoryCheck, check_memory
 

@@ -67,6 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="with --gpu-memory: as sft's (default auto)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="with --gpu-memory: as sft's")
+    p.add_argument("--packing", action="store_true", help="with --gpu-memory: as sft's")
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class MemoryCheck:
     micro_batch_size: int = 1
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    packing: bool = False
 
 
 @dataclass
@@ -294,7 +296,7 @@ def check_memory(config: dict, check: MemoryCheck, max_seq_length: int) -> dict 
     try:
         est = estimate.estimate(config, gpus=check.gpus, nodes=check.nodes, micro_batch_size=check.micro_batch_size,
                                 max_seq_length=max_seq_length, gradient_checkpointing=check.gradient_checkpointing,
-                                precision=check.precision)
+                                precision=check.precision, packing=check.packing)
     except (estimate.ConfigError, ValueError, TypeError) as exc:
         log.warning("GPU memory not checked: no estimate for this student (%s)", exc)
         return None
@@ -414,7 +416,7 @@ def run(args) -> dict:
                 raise InvalidInput(f"{flag} must be at least 1, got {value}")
         memory = MemoryCheck(gpu_memory=args.gpu_memory, gpus=args.gpus, nodes=args.nodes,
                              micro_batch_size=args.micro_batch_size, precision=args.precision,
-                             gradient_checkpointing=args.gradient_checkpointing)
+                             gradient_checkpointing=args.gradient_checkpointing, packing=args.packing)
     try:
         report = preflight(args.student, parse_teachers(args.teachers), max_seq_length=args.max_seq_length,
                            max_truncated_fraction=args.max_truncated_fraction, eval_data=args.eval_data,

@@ -68,7 +68,7 @@ def table(est, name: str) -> str:
         f"MoTRun {name}: one SFT branch, {est.parameters / 1e9:.2f}B parameters{moe}",
         f"  processes: {est.gpus_per_node} GPU(s) x {est.nodes} node(s) = {est.processes}; strategy {est.strategy}; "
         f"precision {est.precision}; {est.tokens_per_forward} tokens per forward; gradient checkpointing "
-        f"{'on' if est.gradient_checkpointing else 'off'}",
+        f"{'on' if est.gradient_checkpointing else 'off'}; packing {'on' if est.packing else 'off'}",
         "",
         f"  {'term':<17} {'GiB':>8}  formula",
     ]
