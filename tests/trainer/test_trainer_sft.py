@@ -60,6 +60,7 @@ def test_loss_falls_and_checkpoint_is_complete(first_sft, tiny_model, tiny_data)
     assert metrics["final_loss"] == pytest.approx(losses[-1], abs=1e-5)
     assert metrics["tokens_seen"] > 0 and metrics["tokens_per_second"] > 0 and metrics["wall_seconds"] > 0
     assert metrics["examples_truncated"] == 0 and metrics["examples_dropped"] == 0
+    assert "peak_gpu_memory_bytes" not in metrics and "peak_gpu_reserved_bytes" not in metrics  # CPU
 
     # A Hugging Face folder: transformers loads it and it generates.
     tokenizer = AutoTokenizer.from_pretrained(first_sft)
@@ -68,6 +69,20 @@ def test_loss_falls_and_checkpoint_is_complete(first_sft, tiny_model, tiny_data)
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > ids.shape[1]
     before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
     assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], model.state_dict()["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_gpu_peak_is_counted_only_on_cuda_and_reported_per_rank(monkeypatch):
+    """The seam of metrics.peak_gpu_memory_bytes (torch.cuda's counters faked: no GPU here)."""
+    from mot_trainer import sft as sft_module
+
+    cpu = torch.device("cpu")
+    sft_module.reset_gpu_peak(cpu)  # a no-op without CUDA
+    assert sft_module.gpu_peak(cpu) is None
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 5 * 2 ** 30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 6 * 2 ** 30)
+    assert sft_module.gpu_peak(torch.device("cuda", 0)) == [5 * 2 ** 30, 6 * 2 ** 30]
+    assert sft_module.gpu_peak_metrics([[5, 6], [7, 8]]) == {"peak_gpu_memory_bytes": [5, 7],
+                                                             "peak_gpu_reserved_bytes": [6, 8]}
 
 
 def test_second_sft_starts_from_first_output(first_sft, tiny_data, tmp_path, termination_log):

@@ -186,6 +186,31 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def reset_gpu_peak(device) -> None:
+    """Start this process's peak GPU memory count afresh (a no-op off CUDA)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def gpu_peak(device) -> list[int] | None:
+    """[peak allocated, peak reserved] bytes of this process's GPU since reset_gpu_peak; None off CUDA.
+    Allocated is what the tensors held (what `mot estimate` models); reserved adds the caching
+    allocator's unused blocks (fragmentation: part of the estimate's margin, as the CUDA context is)."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    return [int(torch.cuda.max_memory_allocated(device)), int(torch.cuda.max_memory_reserved(device))]
+
+
+def gpu_peak_metrics(table: list[list[int]]) -> dict:
+    """The manifest's per-rank GPU figures from per_rank's table of gpu_peak values."""
+    return {"peak_gpu_memory_bytes": [row[0] for row in table],
+            "peak_gpu_reserved_bytes": [row[1] for row in table]}
+
+
 def per_rank(accelerator, values: list[int]) -> list[list[int]]:
     """Every process's `values` (a collective), indexed by rank: [[v0, v1, ...] of rank 0, ...]."""
     import torch
@@ -276,6 +301,11 @@ def train(args, accelerator, model, tokenizer, rows: list[data.Example], shard_m
     )
     if not fsdp:
         model, optimizer = accelerator.prepare(model, optimizer)
+    # The GPU's peak is counted from here, the weights (or shards) on the device and loaded: over the
+    # whole training it holds what `mot estimate` models per GPU (weights, gradients, optimizer states,
+    # activations, a loss chunk, FSDP/autocast transients), not the loading's own transients (FSDP's
+    # broadcast of rank 0's weights). Resetting keeps the weights already there in the count.
+    reset_gpu_peak(accelerator.device)
     model.train()
     state_bytes = 0
     stream = micro_batches(len(rows), args.micro_batch_size, args.seed)
@@ -341,6 +371,7 @@ def train(args, accelerator, model, tokenizer, rows: list[data.Example], shard_m
         # Parameters + optimizer states held by the process holding most (shards under FSDP).
         "sharded_state_bytes": state_bytes,
         "peak_rss_after_load": rss_loaded,  # run() takes it out again
+        "gpu_peak": gpu_peak(accelerator.device),  # run() takes it out again; None off CUDA
     }, model
 
 
@@ -505,6 +536,9 @@ def run(args) -> dict | None:
                  stats.truncated, stats.dropped)
         metrics, model = train(args, accelerator, model, tokenizer, rows, shard_mode)
         rss_loaded = metrics.pop("peak_rss_after_load", 0)
+        peak_gpu = metrics.pop("gpu_peak", None)
+        if peak_gpu is not None:  # on CUDA, every rank: per_rank is a collective
+            peak_gpu = per_rank(accelerator, peak_gpu)
         if fsdp_load:  # per rank: weight bytes the load materialised; peak-RSS growth until sharded
             loaded = per_rank(accelerator, [load_stats["weight_bytes"], rss_loaded - load_stats["peak_rss_before"]])
         out_dir = workdir / "out"
@@ -517,6 +551,8 @@ def run(args) -> dict | None:
         if fsdp_load:
             metrics.update(loaded_weight_bytes=[row[0] for row in loaded],
                            load_peak_rss_growth_bytes=[row[1] for row in loaded])
+        if peak_gpu is not None:  # absent on CPU
+            metrics.update(gpu_peak_metrics(peak_gpu))
         write_manifest(out_dir, kind="sft", inputs=inputs, params=params, metrics=metrics, hashes=weight_hashes)
         storage.upload_checkpoint(out_dir, args.out)
         log.info("wrote %s: final loss %.4f, %.0f tokens/s", args.out, metrics["final_loss"],
